@@ -1,0 +1,159 @@
+"""The reward registry: recipe names -> reward callables, and batched scoring with error policy.
+
+Contract of a reward function::
+
+    fn(prompts: list[str], completions: list[str], **columns: list) -> list[float | None]
+
+``columns`` are the dataset's columns for the same rows (e.g. ``answer``, ``tests``, ``source``) plus
+the trainer's extras (``completion_lengths``); keyword arguments from the recipe are passed too.
+``None`` means "does not apply to this sample": it is excluded from that reward's group baseline.
+A reward may also be a class; it is then built once with the recipe's kwargs and called per batch.
+
+A recipe names a built-in (``accuracy``, ``code``, ``format``, ...) or any ``package.module:function``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from grpo.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+BUILTINS: dict[str, str] = {
+    "accuracy": "rewards.math:accuracy",
+    "code": "rewards.code:code_reward",
+    "format": "rewards.format:format_reward",
+    "language": "rewards.language:language_consistency",
+    "overlong": "rewards.length:overlong_penalty",
+    "cosine_length": "rewards.length:cosine_length",
+    "repetition": "rewards.length:repetition_penalty",
+    "reward_model": "rewards.reward_model:RewardModelReward",
+}
+
+
+@dataclass(kw_only=True)
+class RewardSpec:
+    """One reward in a recipe: ``{name: accuracy, weight: 1.0, kwargs: {...}}``."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in BUILTINS and ":" not in self.name:
+            raise ConfigError("name", f"unknown reward {self.name!r}; built-ins: {', '.join(BUILTINS)}, or 'package.module:function'")
+
+
+class RewardError(RuntimeError):
+    """A reward function raised or returned something outside its contract."""
+
+
+def resolve(name: str) -> Callable:
+    """The callable a recipe name stands for (imported on first use)."""
+    target = BUILTINS.get(name, name)
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise RewardError(f"reward {name!r}: expected a built-in ({', '.join(BUILTINS)}) or 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward {name!r}: cannot import module {module_name!r}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise RewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+@dataclass
+class RewardScores:
+    """Scores of one batch of N completions.
+
+    per_reward: name -> [N] float | None;  weights: name -> weight;  failures: name -> samples scored 0 after raising.
+    """
+
+    per_reward: dict[str, list[float | None]]
+    weights: dict[str, float]
+    failures: dict[str, int]
+
+    def total(self) -> list[float]:
+        """[N] sum over rewards of weight * value, with ``None`` counting 0."""
+        n = len(next(iter(self.per_reward.values()), []))
+        return [sum(self.weights[k] * (v[i] or 0.0) for k, v in self.per_reward.items()) for i in range(n)]
+
+
+class RewardSet:
+    """The rewards of a recipe, resolved and ready to score batches."""
+
+    def __init__(self, specs: list[RewardSpec], on_error: Literal["raise", "zero"] = "raise"):
+        self.specs, self.on_error = specs, on_error
+        self.fns: dict[str, Callable] = {}
+        for spec in specs:
+            target = resolve(spec.name)
+            # Classes (e.g. a reward model) are built once with their kwargs; functions get kwargs per call.
+            self.fns[spec.name] = target(**spec.kwargs) if isinstance(target, type) else _bind(target, spec.kwargs)
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> RewardScores:
+        per_reward, failures = {}, {}
+        for spec in self.specs:
+            per_reward[spec.name], failures[spec.name] = self._score_one(spec.name, prompts, completions, columns)
+            if failures[spec.name]:
+                log.warning("reward %s raised on %d of %d samples; scored 0", spec.name, failures[spec.name], len(prompts))
+        return RewardScores(per_reward, {s.name: s.weight for s in self.specs}, failures)
+
+    def _score_one(self, name, prompts, completions, columns) -> tuple[list[float | None], int]:
+        fn = self.fns[name]
+        try:
+            return _checked(name, fn(prompts, completions, **columns), len(prompts)), 0
+        except RewardError:
+            raise
+        except Exception:
+            pass
+        # Find the samples that make it raise, one at a time.
+        values, failed = [], 0
+        for i in range(len(prompts)):
+            row = {k: v[i : i + 1] for k, v in columns.items()}
+            try:
+                values += _checked(name, fn(prompts[i : i + 1], completions[i : i + 1], **row), 1)
+            except RewardError:
+                raise
+            except Exception as e:
+                if self.on_error == "raise":
+                    raise RewardError(
+                        f"reward {name!r} raised {type(e).__name__}: {e} on sample {i}: "
+                        f"prompt={_clip(prompts[i])!r} completion={_clip(completions[i])!r} "
+                        "(set rewards_on_error: zero to score such samples 0)"
+                    ) from e
+                values.append(0.0)
+                failed += 1
+        return values, failed
+
+
+def _bind(fn: Callable, kwargs: dict) -> Callable:
+    return (lambda prompts, completions, **cols: fn(prompts, completions, **cols, **kwargs)) if kwargs else fn
+
+
+def _checked(name: str, values: Any, n: int) -> list[float | None]:
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+        raise RewardError(f"reward {name!r} must return a list of {n} float|None, got {got}")
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward {name!r} returned {v!r} for sample {i}; expected float or None") from None
+        if not math.isfinite(f):
+            raise RewardError(f"reward {name!r} returned {f} for sample {i}; rewards must be finite")
+        out.append(f)
+    return out
+
+
+def _clip(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "..."

@@ -1,0 +1,86 @@
+import math
+
+import pytest
+
+from grpo.config import ConfigError, load_config
+from rewards.registry import RewardError, RewardSet, RewardSpec, resolve
+
+
+def length_reward(prompts, completions, scale=1.0, **_):
+    return [scale * len(c) for c in completions]
+
+
+def picky(prompts, completions, answer, **_):
+    return [1.0 if c == a else (None if a == "-" else 0.0) for c, a in zip(completions, answer)]
+
+
+def explodes_on_bad(prompts, completions, **_):
+    if any("bad" in c for c in completions):
+        raise ValueError("cannot score")
+    return [1.0] * len(completions)
+
+
+class Counter:
+    built = 0
+
+    def __init__(self, offset=0.0):
+        Counter.built += 1
+        self.offset = offset
+
+    def __call__(self, prompts, completions, **_):
+        return [self.offset + i for i in range(len(completions))]
+
+
+HERE = __name__
+
+
+def test_weighted_total_and_none():
+    rs = RewardSet([RewardSpec(name=f"{HERE}:length_reward", weight=0.5, kwargs={"scale": 2.0}),
+                    RewardSpec(name=f"{HERE}:picky", weight=2.0)])
+    s = rs(["p"] * 3, ["ab", "x", "y"], answer=["ab", "-", "z"])
+    assert s.per_reward[f"{HERE}:length_reward"] == [4.0, 2.0, 2.0]
+    assert s.per_reward[f"{HERE}:picky"] == [1.0, None, 0.0]
+    assert s.total() == [0.5 * 4 + 2 * 1, 0.5 * 2, 0.5 * 2]
+
+
+def test_class_reward_built_once():
+    Counter.built = 0
+    rs = RewardSet([RewardSpec(name=f"{HERE}:Counter", kwargs={"offset": 10.0})])
+    assert rs(["a", "b"], ["c", "d"]).per_reward[f"{HERE}:Counter"] == [10.0, 11.0]
+    rs(["a"], ["c"])
+    assert Counter.built == 1
+
+
+def test_raise_names_reward_and_sample():
+    rs = RewardSet([RewardSpec(name=f"{HERE}:explodes_on_bad")])
+    with pytest.raises(RewardError, match=r"explodes_on_bad.*ValueError.*sample 1.*completion='bad one'"):
+        rs(["p0", "p1", "p2"], ["good", "bad one", "fine"])
+
+
+def test_zero_on_error_counts_failures():
+    rs = RewardSet([RewardSpec(name=f"{HERE}:explodes_on_bad")], on_error="zero")
+    s = rs(["p"] * 3, ["good", "bad", "bad"])
+    assert s.per_reward[f"{HERE}:explodes_on_bad"] == [1.0, 0.0, 0.0]
+    assert s.failures[f"{HERE}:explodes_on_bad"] == 2
+
+
+@pytest.mark.parametrize("ret, fragment", [([1.0], "list of 2"), ("ab", "list of 2"), ([1.0, "x"], "returned 'x'"), ([1.0, math.nan], "finite")])
+def test_contract_violations(ret, fragment):
+    rs = RewardSet([RewardSpec(name=f"{HERE}:length_reward")])
+    rs.fns[f"{HERE}:length_reward"] = lambda p, c, **_: ret
+    with pytest.raises(RewardError, match=fragment):
+        rs(["a", "b"], ["c", "d"])
+
+
+def test_resolve_errors():
+    with pytest.raises(RewardError, match="cannot import module 'no_such_mod'"):
+        resolve("no_such_mod:fn")
+    with pytest.raises(RewardError, match="has no attribute 'nope'"):
+        resolve(f"{HERE}:nope")
+
+
+def test_spec_validation_in_config():
+    with pytest.raises(ConfigError, match="unknown reward 'acuracy'"):
+        load_config(RewardSpec, None, ["name=acuracy"])
+    assert load_config(RewardSpec, None, ["name=accuracy", "weight=2"]).weight == 2.0
+
