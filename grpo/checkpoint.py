@@ -1,0 +1,280 @@
+"""Full training-state checkpoints, shared by every stage (SFT, GRPO, rejection sampling, ...).
+
+Layout of a checkpoint root (e.g. ``runs/tiny/sft/checkpoints``)::
+
+    latest                  text file holding the name of the newest complete checkpoint
+    step-00000040/          one checkpoint, a directory that `from_pretrained` loads directly
+        config.json, model.safetensors, generation_config.json   <- model.save_pretrained
+        tokenizer.json, tokenizer_config.json, ...               <- tokenizer.save_pretrained
+        optimizer.pt        optimizer + LR-scheduler state_dicts
+        rng_<rank>.pt       python / numpy / torch CPU / CUDA / named torch.Generator states of each process
+        state.json          {"step", "data_state", "extra"}  (plain JSON: inspectable, diffable)
+        run_config.yaml     the resolved stage config (`grpo.config.save_config`)
+
+Writes are atomic: everything goes to ``.tmp-step-XXXXXXXX`` and is renamed into place only when
+complete, then ``latest`` is replaced (also by rename), then checkpoints beyond ``keep_last`` are removed.
+A crash at any point leaves ``latest`` pointing at a complete checkpoint.
+
+Under accelerate, every process calls `save_checkpoint` / `load_checkpoint` (each saves/restores its own
+RNG state); only the main process writes the model, tokenizer, optimizer and bookkeeping files.
+Optimizer state is the state of the main process's (replicated, DDP) optimizer; sharded optimizers
+(DeepSpeed ZeRO, FSDP) are not handled here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from grpo.config import save_config
+
+LATEST = "latest"
+STEP_PREFIX = "step-"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+CONFIG_FILE = "run_config.yaml"
+DONE_FILE = "DONE"
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """What `load_checkpoint` hands back besides the objects it restores in place."""
+
+    step: int  # optimizer steps completed when the checkpoint was written
+    data_state: dict[str, Any] = field(default_factory=dict)  # e.g. {"epoch": 1, "index": 96}
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific JSON state (counters, ref-model path)
+    config: dict[str, Any] | None = None  # the resolved config saved with the checkpoint (plain YAML data)
+    path: Path  # the step directory it was read from
+
+
+def _is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def _barrier(accelerator) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def _rank(accelerator) -> int:
+    return 0 if accelerator is None else accelerator.process_index
+
+
+def _rng_state(generators: dict[str, torch.Generator] | None) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (generators or {}).items():
+        if name not in state["generators"]:
+            raise KeyError(f"checkpoint has no RNG state for generator {name!r} (has {sorted(state['generators'])})")
+        gen.set_state(state["generators"][name])
+
+
+def _json_dumps(name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise TypeError(f"checkpoint {name} must be JSON-serializable (numbers, strings, lists, dicts): {e}") from e
+
+
+def _save_model_files(directory: Path, model, tokenizer, accelerator) -> None:
+    """save_pretrained of the unwrapped model (+ tokenizer). Call on every process; main writes."""
+    state_dict = None
+    if accelerator is not None:
+        state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; collective
+        model = accelerator.unwrap_model(model)
+    if _is_main(accelerator):
+        model.save_pretrained(directory, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint named by `root/latest`, or None when `root` holds no checkpoint yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} points at {path}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a step directory or a checkpoint root (then follow its `latest` pointer)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a step directory containing {STATE_FILE} "
+            f"or a checkpoint root containing a '{LATEST}' pointer"
+        )
+    return found
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    *,
+    model,
+    tokenizer,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    data_state: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    config=None,
+    keep_last: int | None = 3,
+    accelerator=None,
+) -> Path:
+    """Write the full training state as `root/step-XXXXXXXX` atomically, point `root/latest` at it and keep
+    the newest `keep_last` checkpoints (None keeps all). `config` is a config dataclass (saved as YAML).
+    Returns the checkpoint directory."""
+    root = Path(root)
+    name = f"{STEP_PREFIX}{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    state_json = _json_dumps("state", {"step": step, "data_state": data_state or {}, "extra": extra or {}})
+    if _is_main(accelerator):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(accelerator)
+
+    _save_model_files(tmp, model, tokenizer, accelerator)
+    torch.save(_rng_state(generators), tmp / f"rng_{_rank(accelerator)}.pt")
+    if _is_main(accelerator):
+        torch.save(
+            {
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+            },
+            tmp / OPTIMIZER_FILE,
+        )
+        if config is not None:
+            save_config(config, tmp / CONFIG_FILE)
+        (tmp / STATE_FILE).write_text(state_json)  # written last: its presence marks a complete directory
+    _barrier(accelerator)
+
+    if _is_main(accelerator):
+        if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer_tmp = root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(name)
+        pointer_tmp.replace(root / LATEST)
+        if keep_last is not None:
+            for old in checkpoint_dirs(root)[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old)
+    _barrier(accelerator)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model=None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    generators: dict[str, torch.Generator] | None = None,
+    restore_rng: bool = True,
+    accelerator=None,
+) -> TrainState:
+    """Restore in place whatever is passed (model weights, optimizer, scheduler, RNG states, named
+    generators) from a step directory or a checkpoint root (follows `latest`), and return the bookkeeping.
+
+    Model weights are read with `from_pretrained` of the model's own class (so any on-disk format
+    conversion transformers applies is undone exactly) and copied into `model`, keeping the optimizer's
+    parameter references valid."""
+    path = resolve_checkpoint(path)
+    if model is not None:
+        target = model if accelerator is None else accelerator.unwrap_model(model)
+        dtype = next(target.parameters()).dtype
+        loaded = type(target).from_pretrained(path, dtype=dtype)
+        target.load_state_dict(loaded.state_dict())
+        del loaded
+    if optimizer is not None or scheduler is not None:
+        saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
+            if obj is not None:
+                if saved[key] is None:
+                    raise KeyError(f"checkpoint {path} was saved without a {key} state")
+                obj.load_state_dict(saved[key])
+    if restore_rng:
+        rng_file = path / f"rng_{_rank(accelerator)}.pt"
+        if not rng_file.is_file():  # resumed with more processes than saved: reuse rank 0's streams
+            rng_file = path / "rng_0.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=True), generators)
+    state = json.loads((path / STATE_FILE).read_text())
+    config_file = path / CONFIG_FILE
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    return TrainState(
+        step=state["step"], data_state=state["data_state"], extra=state["extra"], config=config, path=path
+    )
+
+
+def export_model(directory: str | os.PathLike, model, tokenizer, config=None, *, accelerator=None) -> Path:
+    """Write the final model (save_pretrained + tokenizer + resolved config) atomically to `directory`:
+    loadable by `AutoModelForCausalLM.from_pretrained`, `AutoTokenizer.from_pretrained` and by
+    `load_policy(ModelConfig(init=directory), tokenizer)`."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    if _is_main(accelerator):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(accelerator)
+    _save_model_files(tmp, model, tokenizer, accelerator)
+    if _is_main(accelerator):
+        if config is not None:
+            save_config(config, tmp / CONFIG_FILE)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    _barrier(accelerator)
+    return directory
+
+
+def mark_done(output_dir: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
+    """Write `output_dir/DONE` (JSON `info`, e.g. final metrics) so a pipeline can skip the finished stage."""
+    marker = Path(output_dir) / DONE_FILE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(_json_dumps("DONE info", info or {}))
+    return marker
+
+
+def is_done(output_dir: str | os.PathLike) -> bool:
+    return (Path(output_dir) / DONE_FILE).is_file()

@@ -1,0 +1,169 @@
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    PreTrainedTokenizerFast,
+    get_scheduler,
+)
+
+from grpo.checkpoint import (
+    TrainState,
+    checkpoint_dirs,
+    export_model,
+    is_done,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_done,
+    save_checkpoint,
+)
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_v3(seed: int) -> DeepseekV3ForCausalLM:
+    """Transformers' own DeepSeek-V3 at toy size: MLA, one dense + one MoE layer (4 routed + 1 shared expert)."""
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(
+        vocab_size=len(CHARS) + 3, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return DeepseekV3ForCausalLM(cfg)
+
+
+def make_run(seed: int):
+    model = tiny_v3(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=4)
+    return model, optimizer, scheduler, {"noise": torch.Generator().manual_seed(123)}
+
+
+def train_steps(model, optimizer, scheduler, generators, n: int) -> list[float]:
+    """Each step draws from every RNG a checkpoint must restore: torch global (batch), python and numpy
+    (batch length), a named generator (router-bias update, standing in for aux-loss-free balancing)."""
+    losses = []
+    for _ in range(n):
+        length = random.randint(6, 10) + int(np.random.randint(0, 3))
+        ids = torch.randint(3, len(CHARS) + 3, (2, length))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+        bias.add_(torch.randn(bias.shape, generator=generators["noise"]))
+        losses.append(loss.item())
+    return losses
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    lr: float = 1e-2
+    name: str = "unit"
+
+
+def test_resume_continues_exactly(tmp_path):
+    model, opt, sched, gens = make_run(seed=0)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    reference = train_steps(model, opt, sched, gens, 4)
+    final_reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, opt, sched, gens = make_run(seed=0)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    first = train_steps(model, opt, sched, gens, 2)
+    save_checkpoint(tmp_path, model=model, tokenizer=tiny_tokenizer(), optimizer=opt, scheduler=sched, step=2,
+                    data_state={"epoch": 0, "index": 4}, extra={"ref_model": "x"}, generators=gens, config=RunConfig())
+    del model, opt, sched, gens
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)  # the "killed" process's RNG is gone
+
+    model, opt, sched, gens = make_run(seed=1)  # different init: everything must come from the checkpoint
+    state = load_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, generators=gens)
+    assert (state.step, state.data_state, state.extra) == (2, {"epoch": 0, "index": 4}, {"ref_model": "x"})
+    assert state.config == {"lr": 0.01, "name": "unit"}
+    resumed = first + train_steps(model, opt, sched, gens, 2)
+
+    assert resumed == pytest.approx(reference, rel=1e-6)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, final_reference[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_rng_states_restored(tmp_path):
+    model = tiny_v3(0)
+    gen = torch.Generator().manual_seed(5)
+    save_checkpoint(tmp_path, model=model, tokenizer=None, step=1, generators={"sampling": gen})
+    draws = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen))
+    for _ in range(3):
+        random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen)
+    load_checkpoint(tmp_path, generators={"sampling": gen})
+    again = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen))
+    assert draws[:2] == again[:2]
+    assert torch.equal(draws[2], again[2]) and torch.equal(draws[3], again[3])
+    with pytest.raises(KeyError, match="generator 'other'"):
+        load_checkpoint(tmp_path, generators={"other": torch.Generator()})
+
+
+def test_latest_pointer_keep_last_and_hf_loadable(tmp_path):
+    model, tokenizer = tiny_v3(0), tiny_tokenizer()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, model=model, tokenizer=tokenizer, step=step, keep_last=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000003", "step-00000004"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    assert not list(tmp_path.glob(".tmp-*"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "step-00000004")
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert AutoTokenizer.from_pretrained(tmp_path / "step-00000004")("ab1")["input_ids"] == [3, 4, 30]
+    assert isinstance(load_checkpoint(tmp_path / "step-00000003"), TrainState)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path):
+    model = tiny_v3(0)
+    save_checkpoint(tmp_path, model=model, tokenizer=None, step=1)
+
+    class Broken(torch.optim.SGD):
+        def state_dict(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, model=model, tokenizer=None, step=2, optimizer=Broken(model.parameters(), lr=1))
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000001"]
+    assert load_checkpoint(tmp_path).step == 1
+
+
+def test_clear_errors(tmp_path):
+    model = tiny_v3(0)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        save_checkpoint(tmp_path, model=model, tokenizer=None, step=1, extra={"t": torch.zeros(1)})
+    save_checkpoint(tmp_path, model=model, tokenizer=None, step=1)
+    with pytest.raises(KeyError, match="without a optimizer state"):
+        load_checkpoint(tmp_path, optimizer=torch.optim.SGD(model.parameters(), lr=1))
+
+
+def test_export_model_and_done_marker(tmp_path):
+    model, tokenizer = tiny_v3(0), tiny_tokenizer()
+    out = export_model(tmp_path / "final", model, tokenizer, RunConfig())
+    assert (out / "run_config.yaml").is_file() and (out / "config.json").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_routed_experts == 4
+    assert not is_done(tmp_path)
+    mark_done(tmp_path, {"accuracy": 0.5})
+    assert is_done(tmp_path)
