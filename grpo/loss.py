@@ -1,0 +1,181 @@
+"""The GRPO policy loss and its variants (GRPO, BNPO, Dr. GRPO, DAPO, GSPO), as small pure functions.
+
+Objective (minimised: L = -J). For completions o_1..o_N (G per prompt) of lengths |o_i|, mask m_it,
+per-sequence advantages A_i (grpo.advantages), rollout-time log-probs log pi_old, reference log-probs
+log pi_ref:
+
+    J = AGG_{i,t} [ min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) - beta D_it + alpha H_it ]
+
+    token level (GRPO, DeepSeekMath eq. 3):   r_it = pi(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)
+    sequence level (GSPO):                    s_i  = exp( (1/|o_i|) sum_t log r_it )
+        used in the per-token stop-gradient form r_it = sg[s_i] * pi(o_it) / sg[pi(o_it)]: its value is
+        s_i for every token and its gradient is GSPO's s_i A_i (1/|o_i|) sum_t grad log pi(o_it).
+    k3 KL (Schulman's unbiased estimator):    D_it = pi_ref/pi - log(pi_ref/pi) - 1
+    entropy bonus:                            H_it = -sum_v pi(v | q, o_i,<t) log pi(v | q, o_i,<t)
+    two-sided clip (``delta``, INTELLECT-2): the unclipped term uses min(r_it, delta).
+
+    AGG (``loss_type``, TRL's names):
+        grpo:    (1/N) sum_i (1/|o_i|) sum_t           per-sequence token mean, then mean (original GRPO)
+        bnpo:    (1/sum_{i,t} m_it) sum_{i,t}           token mean of each micro-batch, averaged over them
+        dapo:    (1/T) sum_{i,t}                        token mean over the whole optimizer-step batch, T its tokens
+        dr_grpo: (1/(N * L_max)) sum_{i,t}              token sum over a constant length (Dr. GRPO)
+
+For gradient accumulation the normalisers N, T are those of the whole optimizer step (`LossNorm`), so
+summing the micro-batch losses gives exactly the loss of the full batch.
+
+Departures from the papers: pi_old is the rollout engine's log-prob under the sampling distribution
+(logits / temperature), not a recomputation, so rollout/training numerical mismatch enters the ratio
+(as in TRL with vLLM); the trainer recomputes pi with the same temperature. The KL term sits inside the
+per-token objective (DeepSeekMath), not in the reward (PPO/InstructGPT). Truncated completions
+(``mask_truncated_completions``) keep their advantages in the group statistics but get no loss tokens
+(DAPO's overlong filtering).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from grpo.config import ConfigError
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The policy loss (formulas in the module docstring)."""
+
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
+    epsilon: float = 0.2  # eps_low
+    epsilon_high: float | None = None  # clip-higher (DAPO uses 0.28); None = epsilon
+    delta: float | None = None  # two-sided clipping cap on the unclipped ratio (> 1 + epsilon_high)
+    beta: float = 0.0  # k3 KL coefficient; 0 = no reference model is loaded
+    entropy_coef: float = 0.0  # alpha, entropy bonus
+    mask_truncated_completions: bool = False  # completions cut at max_new_tokens get no loss tokens
+
+    def __post_init__(self):
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError("epsilon", f"must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high < 0:
+            raise ConfigError("epsilon_high", f"must be >= 0, got {self.epsilon_high}")
+        if self.delta is not None and self.delta <= 1 + self.epsilon_high:
+            raise ConfigError("delta", f"must be > 1 + epsilon_high = {1 + self.epsilon_high}, got {self.delta}")
+        if self.beta < 0:
+            raise ConfigError("beta", f"must be >= 0, got {self.beta}")
+
+
+@dataclass(kw_only=True)
+class LossNorm:
+    """Normalisers of one optimizer step's batch, over all its micro-batches (on this process)."""
+
+    sequences: float  # N: completions in the optimizer step's batch
+    tokens: float  # T: completion tokens (mask sum) in it
+    max_completion_length: int  # L_max for dr_grpo
+    micro_batches: int = 1  # bnpo: local token means are averaged over this many micro-batches
+
+    @classmethod
+    def of(cls, mask: Tensor, max_completion_length: int | None = None) -> "LossNorm":
+        """Normalisers when ``mask`` [N, L] is the whole optimizer step's batch."""
+        return cls(sequences=mask.shape[0], tokens=float(mask.sum()),
+                   max_completion_length=max_completion_length or mask.shape[1])
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # [] this micro-batch's share of the optimizer step's loss
+    metrics: dict[str, Tensor]  # [] detached token means over the micro-batch: kl, entropy, clip_low/high, clip, ratio
+    tokens: float  # mask sum of the micro-batch (weight of ``metrics`` when averaging micro-batches)
+
+
+def logprobs_and_entropy(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """log softmax(z / T)[ids] and the entropy of softmax(z / T). logits [N, L, V], ids [N, L] -> ([N, L], [N, L])."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def log_importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> Tensor:
+    """log r_it [N, L]: token level log pi - log pi_old; sequence level (GSPO) sg[log s_i] + log pi - sg[log pi]."""
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    seq = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return seq.detach() + logp - logp.detach()
+
+
+def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, cfg: LossConfig) -> Tensor:
+    """Per-token -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with r capped at delta when set. [N, L], [N] -> [N, L]."""
+    ratio = log_ratio.exp()
+    clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_high)
+    if cfg.delta is not None:
+        ratio = ratio.clamp(max=cfg.delta)
+    adv = advantages[:, None]
+    return -torch.min(ratio * adv, clipped * adv)
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """D = pi_ref/pi - log(pi_ref/pi) - 1 per token (>= 0, unbiased for KL(pi || pi_ref)). [N, L] -> [N, L]."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def loss_mask(completion_mask: Tensor, truncated: Tensor, cfg: LossConfig) -> Tensor:
+    """Tokens that enter the loss: completion_mask [N, L], minus whole truncated rows (truncated [N] bool) if asked."""
+    if not cfg.mask_truncated_completions:
+        return completion_mask
+    return completion_mask * (~truncated.bool())[:, None].to(completion_mask.dtype)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, norm: LossNorm) -> Tensor:
+    """Reduce per-token losses [N, L] to this micro-batch's share of the step loss (AGG in the module docstring)."""
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / norm.sequences
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1) / norm.micro_batches
+    if loss_type == "dapo":
+        return masked.sum() / max(norm.tokens, 1.0)
+    if loss_type == "dr_grpo":
+        return masked.sum() / (norm.sequences * norm.max_completion_length)
+    raise ValueError(f"unknown loss_type {loss_type!r}; allowed: grpo, bnpo, dapo, dr_grpo")
+
+
+def grpo_loss(*, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: LossConfig, norm: LossNorm,
+              ref_logp: Tensor | None = None, entropy: Tensor | None = None) -> LossOutput:
+    """The policy loss of one micro-batch.
+
+    logp [N, L] (with grad), old_logp [N, L] (rollout), advantages [N], mask [N, L] (1 = completion token
+    that counts), ref_logp [N, L] (required when beta > 0), entropy [N, L] (required when entropy_coef > 0;
+    with grad)."""
+    mask = mask.to(logp.dtype)
+    log_ratio = log_importance_ratio(logp, old_logp, mask, cfg.importance_sampling_level)
+    per_token = clipped_surrogate(log_ratio, advantages, cfg)
+    metrics: dict[str, Tensor] = {}
+    if cfg.beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + cfg.beta * kl
+        metrics["kl"] = kl
+    if cfg.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs entropy")
+        per_token = per_token - cfg.entropy_coef * entropy
+    if entropy is not None:
+        metrics["entropy"] = entropy
+    ratio = log_ratio.detach().exp()
+    adv = advantages[:, None]
+    low = ((ratio < 1 - cfg.epsilon) & (adv < 0)).float()
+    high = ((ratio > 1 + cfg.epsilon_high) & (adv > 0)).float()
+    metrics.update(clip_low=low, clip_high=high, clip=low + high, ratio=ratio)
+    tokens = mask.sum().clamp(min=1)
+    return LossOutput(
+        loss=aggregate(per_token, mask, cfg.loss_type, norm),
+        metrics={k: (v.detach() * mask).sum() / tokens for k, v in metrics.items()},
+        tokens=float(mask.sum()),
+    )

@@ -1,0 +1,176 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grpo.config import ConfigError
+from grpo.loss import (LossConfig, LossNorm, aggregate, clipped_surrogate, grpo_loss, k3_kl, log_importance_ratio,
+                       logprobs_and_entropy, loss_mask)
+
+
+def close(t, expected, **kw):
+    torch.testing.assert_close(t, torch.as_tensor(expected, dtype=torch.float32), atol=1e-5, rtol=1e-5, **kw)
+
+
+def test_token_clip_symmetric():
+    log_ratio = torch.tensor([[1.5, 0.5, 1.0]]).log()
+    cfg = LossConfig(epsilon=0.2)
+    # A = +1: -min(r, clip(r)) ; A = -1: -min(-r, -clip(r)) = max(r, clip(r))
+    close(clipped_surrogate(log_ratio, torch.tensor([1.0]), cfg), [[-1.2, -0.5, -1.0]])
+    close(clipped_surrogate(log_ratio, torch.tensor([-1.0]), cfg), [[1.5, 0.8, 1.0]])
+
+
+def test_clip_higher_and_delta():
+    log_ratio = torch.tensor([[1.5, 0.5]]).log()
+    close(clipped_surrogate(log_ratio, torch.tensor([1.0]), LossConfig(epsilon=0.2, epsilon_high=0.28)), [[-1.28, -0.5]])
+    # two-sided: the unclipped ratio is capped at delta = 1.4 for negative advantages
+    close(clipped_surrogate(log_ratio, torch.tensor([-1.0]), LossConfig(epsilon=0.2, delta=1.4)), [[1.4, 0.8]])
+
+
+def test_gspo_sequence_ratio_value():
+    logp = torch.tensor([[math.log(0.4), math.log(0.3), 0.0]])
+    old = torch.tensor([[math.log(0.2), math.log(0.3), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # s = exp((log 2 + 0) / 2) = sqrt(2) for every token
+    close(log_importance_ratio(logp, old, mask, "sequence").exp(), [[math.sqrt(2)] * 3])
+    close(log_importance_ratio(logp, old, mask, "token").exp(), [[2.0, 1.0, 1.0]])
+
+
+def test_k3_kl():
+    # pi = .5, pi_ref = .25: .5 - log .5 - 1
+    close(k3_kl(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])), [0.5 + math.log(2) - 1])
+    close(k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])), [0.0])
+
+
+def test_aggregations():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    norm = LossNorm(sequences=2, tokens=4, max_completion_length=3, micro_batches=2)
+    close(aggregate(per_token, mask, "grpo", norm), (2.0 + 4.0) / 2)
+    close(aggregate(per_token, mask, "dapo", norm), 10.0 / 4)
+    close(aggregate(per_token, mask, "dr_grpo", norm), 10.0 / (2 * 3))
+    close(aggregate(per_token, mask, "bnpo", norm), 10.0 / 4 / 2)
+
+
+def test_micro_batches_sum_to_full_batch():
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(4, 5, generator=g)
+    mask = (torch.rand(4, 5, generator=g) > 0.3).float()
+    for loss_type in ("grpo", "dapo", "dr_grpo"):
+        norm = LossNorm.of(mask, 5)
+        full = aggregate(per_token, mask, loss_type, norm)
+        parts = aggregate(per_token[:2], mask[:2], loss_type, norm) + aggregate(per_token[2:], mask[2:], loss_type, norm)
+        close(parts, full)
+
+
+def test_loss_mask_truncated():
+    m = torch.ones(3, 2)
+    truncated = torch.tensor([False, True, False])
+    close(loss_mask(m, truncated, LossConfig(mask_truncated_completions=True)), [[1, 1], [0, 0], [1, 1]])
+    close(loss_mask(m, truncated, LossConfig()), m)
+
+
+def test_logprobs_and_entropy_temperature():
+    logits = torch.tensor([[[2.0, 0.0, 0.0]]])
+    logp, ent = logprobs_and_entropy(logits, torch.tensor([[0]]), temperature=2.0)
+    p = torch.tensor([math.e, 1.0, 1.0]) / (math.e + 2)  # softmax([1, 0, 0])
+    close(logp, [[math.log(p[0])]])
+    close(ent, [[float(-(p * p.log()).sum())]])
+
+
+def _policy(n=3, length=4, vocab=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(n, length, vocab, generator=g, requires_grad=True)
+    ids = torch.randint(vocab, (n, length), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float32)[:n]
+    adv = torch.randn(n, generator=g)
+    return theta, ids, mask, adv
+
+
+def _score(theta, ids):
+    """d log softmax(theta)[id] / d theta = onehot(id) - softmax(theta): [N, L, V]."""
+    return F.one_hot(ids, theta.shape[-1]).float() - theta.detach().softmax(-1)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_gradient_is_policy_gradient_at_rollout_policy(level):
+    """With pi = pi_old (ratio 1, no clipping), grad L = -(1/N) sum_i A_i (1/|o_i|) sum_t grad log pi(o_it)."""
+    theta, ids, mask, adv = _policy()
+    logp, _ = logprobs_and_entropy(theta, ids)
+    cfg = LossConfig(importance_sampling_level=level)
+    out = grpo_loss(logp=logp, old_logp=logp.detach(), advantages=adv, mask=mask, cfg=cfg, norm=LossNorm.of(mask))
+    out.loss.backward()
+    n, lengths = mask.shape[0], mask.sum(-1)
+    expected = -(adv / lengths / n)[:, None, None] * mask[..., None] * _score(theta, ids)
+    close(theta.grad, expected)
+    close(out.loss, -(adv.sum() / n))
+
+
+def test_gradient_dapo_and_dr_grpo():
+    for loss_type, denom in (("dapo", 9.0), ("dr_grpo", 3 * 4.0)):
+        theta, ids, mask, adv = _policy()
+        logp, _ = logprobs_and_entropy(theta, ids)
+        out = grpo_loss(logp=logp, old_logp=logp.detach(), advantages=adv, mask=mask,
+                        cfg=LossConfig(loss_type=loss_type), norm=LossNorm.of(mask))
+        out.loss.backward()
+        close(theta.grad, -(adv / denom)[:, None, None] * mask[..., None] * _score(theta, ids))
+
+
+def test_gspo_gradient_off_policy():
+    """Unclipped GSPO: grad L = -(1/N) sum_i s_i A_i (1/|o_i|) sum_t grad log pi(o_it)."""
+    theta, ids, mask, adv = _policy(seed=1)
+    logp, _ = logprobs_and_entropy(theta, ids)
+    old = logp.detach() + 0.01 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
+    out = grpo_loss(logp=logp, old_logp=old, advantages=adv, mask=mask,
+                    cfg=LossConfig(importance_sampling_level="sequence", epsilon=0.5), norm=LossNorm.of(mask))
+    out.loss.backward()
+    lengths = mask.sum(-1)
+    s = (((logp.detach() - old) * mask).sum(-1) / lengths).exp()
+    close(theta.grad, -(s * adv / lengths / 3)[:, None, None] * mask[..., None] * _score(theta, ids))
+
+
+def test_clipped_tokens_get_no_gradient():
+    theta, ids, mask, _ = _policy()
+    logp, _ = logprobs_and_entropy(theta, ids)
+    adv = torch.ones(3)
+    old = logp.detach() - 1.0  # ratio e > 1.2 with A > 0: clipped everywhere
+    out = grpo_loss(logp=logp, old_logp=old, advantages=adv, mask=mask, cfg=LossConfig(), norm=LossNorm.of(mask))
+    out.loss.backward()
+    close(theta.grad, torch.zeros_like(theta))
+    close(out.metrics["clip_high"], 1.0)
+    close(out.metrics["clip_low"], 0.0)
+
+
+def test_kl_and_entropy_terms():
+    theta, ids, mask, adv = _policy()
+    logp, ent = logprobs_and_entropy(theta, ids)
+    ref = logp.detach() - 0.5
+    beta, alpha = 0.1, 0.01
+    out = grpo_loss(logp=logp, old_logp=logp.detach(), advantages=adv, mask=mask, ref_logp=ref, entropy=ent,
+                    cfg=LossConfig(beta=beta, entropy_coef=alpha, loss_type="dapo"), norm=LossNorm.of(mask))
+    kl = math.exp(-0.5) + 0.5 - 1  # pi_ref / pi = e^-.5 on every token
+    expected = (-(adv[:, None]) + beta * kl - alpha * ent.detach()) * mask
+    close(out.loss, expected.sum() / mask.sum())
+    close(out.metrics["kl"], kl)
+    out.loss.backward()
+    # KL part of the gradient: beta * (1 - pi_ref/pi) grad log pi, per token / T
+    theta2 = theta.detach().clone().requires_grad_(True)
+    logp2, ent2 = logprobs_and_entropy(theta2, ids)
+    ((-(adv[:, None]) * logp2 - alpha * ent2) * mask).sum().div(mask.sum()).backward()
+    kl_grad = beta * (1 - math.exp(-0.5)) * mask[..., None] * _score(theta, ids) / mask.sum()
+    close(theta.grad, theta2.grad + kl_grad)
+
+
+def test_missing_inputs_and_bad_config():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp=x, old_logp=x, advantages=torch.zeros(1), mask=x + 1, cfg=LossConfig(beta=0.1), norm=LossNorm.of(x))
+    with pytest.raises(ValueError, match="entropy"):
+        grpo_loss(logp=x, old_logp=x, advantages=torch.zeros(1), mask=x + 1, cfg=LossConfig(entropy_coef=0.1),
+                  norm=LossNorm.of(x))
+    with pytest.raises(ConfigError, match="delta"):
+        LossConfig(delta=1.1)
+    with pytest.raises(ConfigError, match="epsilon"):
+        LossConfig(epsilon=1.5)
+    assert LossConfig(epsilon=0.3).epsilon_high == 0.3
