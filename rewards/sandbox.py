@@ -1,0 +1,623 @@
+"""A local sandbox for untrusted Python: namespaces + unprivileged uid + rlimits, and a verdict the program cannot forge.
+
+Threat model
+------------
+The program is arbitrary, possibly adversarial Python written by the policy under RL, which is rewarded for
+passing tests and will exploit any shortcut. It must not be able to (a) harm the host (files, processes, network,
+memory/CPU beyond its limits), (b) outlive its run, or (c) make failing code score as passing. We trust the kernel,
+util-linux ``unshare``, the Python interpreter and the dataset's tests (tests still run sandboxed, so a broken or
+hostile test can only fail). We do not try to stop kernel exploits: no seccomp filter is installed.
+
+Isolation (strong mode, the default; needs root on Linux and util-linux ``unshare``, nothing else)
+  * ``unshare --pid --fork --kill-child --net --mount --ipc --uts``: own pid space (it cannot see or signal any
+    host process; ``kill -9 -1`` only reaches its own children), no network (a fresh net namespace with only a
+    downed loopback), private mounts, SysV IPC and hostname;
+  * ``rewards/sandbox_child.py`` (trusted, runs before any untrusted byte is read) builds a new root holding
+    only read-only, nosuid bind mounts of /usr and the interpreter's prefix, four /dev nodes, a fresh /proc and
+    a private size-capped /tmp (the working directory), and chroots into it. The project tree, /root, /home,
+    the host's /tmp and the datasets do not exist in there;
+  * the program runs as uid ``base_uid + slot`` (a distinct unprivileged uid per pool slot, so per-uid limits of
+    parallel runs are independent), no groups, no capabilities, no_new_privs, a minimal environment (no host
+    variables, so no tokens leak);
+  * rlimits: CPU seconds, address space, file size, open files, processes/threads (per uid), no core dumps;
+  * wall clock: the parent kills the namespace's init on timeout; the kernel then kills every process of the
+    namespace, double-forked daemons included, before the run is reported done. Any run (timeout or not) ends
+    with the namespace torn down: nothing it started survives it;
+  * stdout/stderr are read up to ``max_output_bytes`` each; a run that writes more is killed and fails.
+Weak mode (``allow_weak_isolation=True``, used only when strong isolation is unavailable, with a loud warning
+every time a pool starts): a separate process in its own session with the same rlimits, timeout and output caps,
+and the uid drop when running as root; no namespaces, so it sees the host filesystem and network. It is NOT
+secure against hostile code; use it only to develop on machines without root.
+
+Verdict (``run_tests``): the tests never enter the program's process
+  * the program is loaded in a *candidate* sandbox; the tests run in a separate *checker* sandbox where every
+    name the tests take from the program (``plan_tests``) is a stub. A call ``f(x)`` sends ``("f", x)`` over a
+    pipe; the candidate runs ``f(x)`` and sends back the result. Only plain values cross, as tagged JSON decoded
+    by the checker into exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple, dict, set,
+    frozenset); anything else is an error in that test;
+  * so the candidate cannot read or change the tests or the checker (different process, pid and mount
+    namespace; no test file exists in its filesystem); an object whose ``__eq__`` always returns True never
+    reaches the comparison (it cannot be encoded; a builtin subclass arrives as its plain base value);
+    patching builtins, ``AssertionError``, ``__import__`` or the harness only changes the candidate's own
+    process; exiting early (``sys.exit``, ``os._exit``, ``SystemExit``, ``KeyboardInterrupt``) just leaves calls
+    unanswered, i.e. failed; the pass/fail lines come from the checker only, and units without one failed.
+  * test units are the top-level test statements that check something: those holding an ``assert`` or a
+    ``raise`` (an assert, a loop of asserts, ``if f(x) != y: raise ...``) and calls of functions the tests define
+    (HumanEval's ``check(candidate)``, one unit). Everything else (imports, definitions, assignments, bare calls)
+    is setup: it runs in order, and a failure there shows in the units that depend on it.
+Limits of this protocol: arguments and results must be plain values (tests passing lambdas or test-defined
+objects, or expecting program-defined class instances back, fail); in-place changes to list/dict/set arguments are
+mirrored back, deeper aliasing is not; a program's module-level names that shadow builtins are not seen by the
+tests (unlike plain ``exec``, where a program could redefine ``sorted`` for the tests); the program runs as
+module ``candidate``, so its ``if __name__ == "__main__":`` block does not run.
+
+stdin/stdout (``run_script``): one sandboxed run per case; the parent feeds the input and reads the output, so
+there is nothing to forge; comparison is the caller's (``rewards.code``).
+Limit not covered: memory is capped per process (RLIMIT_AS), so a run may use up to ``memory_mb *
+max_processes`` (a memory cgroup would cap the sum; it is not used, to stay independent of the host's cgroup
+setup).
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import contextlib
+import functools
+import itertools
+import marshal
+import logging
+import math
+import os
+import queue
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from grpo.config import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+NEW_ROOT = "/tmp"  # where sandbox_child.py mounts the new root inside its private mount namespace
+NAMESPACES = ["--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--uts", "--propagation", "private"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class SandboxConfig:
+    """Limits of one sandboxed run and the size of the pool that runs them."""
+
+    timeout: float = 5.0  # wall-clock seconds per run (for run_tests: the program plus all of its tests)
+    memory_mb: int = 512  # RLIMIT_AS per process
+    max_processes: int = 8  # RLIMIT_NPROC for the slot's uid (processes + threads, checker included)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    max_file_mb: int = 16  # RLIMIT_FSIZE
+    tmpfs_mb: int = 64  # size of the private writable /tmp
+    max_output_bytes: int = 1 << 20  # per stream; a run writing more is killed
+    workers: int = 0  # concurrent runs; 0 = os.cpu_count()
+    base_uid: int = 60000  # slot i runs as uid base_uid + i
+    allow_weak_isolation: bool = False  # fall back to rlimits + timeout only when namespaces are unavailable
+
+    def __post_init__(self):
+        if not self.timeout > 0:
+            raise ConfigError("timeout", f"must be > 0 seconds, got {self.timeout}")
+        for name in ("memory_mb", "max_processes", "max_open_files", "max_file_mb", "tmpfs_mb", "max_output_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_open_files < 8:
+            raise ConfigError("max_open_files", f"must be >= 8 (the interpreter needs a few), got {self.max_open_files}")
+        if self.memory_mb < 64:
+            raise ConfigError("memory_mb", f"must be >= 64 (the interpreter alone needs ~20 MB), got {self.memory_mb}")
+        if self.workers < 0:
+            raise ConfigError("workers", f"must be >= 0 (0 = one per CPU), got {self.workers}")
+        if not 1000 <= self.base_uid <= 2**31 - 100000:
+            raise ConfigError("base_uid", f"must be an unprivileged uid in [1000, 2**31 - 100000], got {self.base_uid}")
+
+
+class SandboxUnavailable(RuntimeError):
+    """Strong isolation is not possible on this machine and weak isolation was not allowed."""
+
+
+@dataclass
+class RunResult:
+    """One ``run_script``: exit status (``-signal`` or ``128+signal`` when killed), captured output, what went wrong."""
+
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+    output_exceeded: bool = False
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.output_exceeded
+
+
+@dataclass
+class TestPlan:
+    """Tests split into top-level statements; ``n_units`` of them are scored.
+
+    statements: [(source, is_unit)]; candidate_names: names the tests take from the program (stubbed);
+    modules: stdlib modules the tests use without importing them (MBPP tests lean on the program's imports).
+    """
+
+    statements: list[tuple[str, bool]]
+    candidate_names: list[str]
+    modules: list[str]
+
+    @property
+    def n_units(self) -> int:
+        return sum(is_unit for _, is_unit in self.statements)
+
+
+@dataclass
+class TestResult:
+    """One ``run_tests``: per-unit pass/fail [n_units], the error type of failed units ('not run' when the checker
+    never reported them), and the tails of both processes' stderr for diagnosis."""
+
+    passed: list[bool]
+    errors: list[str]
+    timed_out: bool = False
+    output_exceeded: bool = False
+    wall_s: float = 0.0
+    stderr: bytes = b""
+    checker_stderr: bytes = b""
+
+    @property
+    def pass_rate(self) -> float:
+        return sum(self.passed) / len(self.passed)
+
+
+# --------------------------------------------------------------------------------------------- test plans
+NOT_UNITS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+             ast.AnnAssign, ast.AugAssign, ast.Pass)
+
+
+def plan_tests(tests: str | list[str], entry_point: str | None = None) -> TestPlan:
+    """Split assert-style tests (a source string, or MBPP-style list of assert lines) into scored units.
+
+    A HumanEval-style ``def check(candidate)`` that the tests never call is called as ``check(<entry_point>)``.
+    Raises ValueError on tests that do not parse or contain nothing to score.
+    """
+    if isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
+        tests = "\n".join(tests)
+    if not isinstance(tests, str):
+        raise ValueError(f"tests must be a string of Python test code or a list of such lines, got {type(tests).__name__}")
+    if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
+        raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
+    try:
+        tree = ast.parse(tests)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise ValueError(f"tests do not parse: {type(e).__name__}: {e}") from None
+    body = list(tree.body)
+    defines_check = any(isinstance(n, ast.FunctionDef) and n.name == "check" and n.args.args for n in body)
+    calls_check = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "check"
+                      for n in ast.walk(tree))
+    if defines_check and not calls_check:
+        if entry_point is None:
+            raise ValueError("tests define check(candidate) but never call it, and no entry_point names the function")
+        body.append(ast.parse(f"check({entry_point})").body[0])
+    test_functions = {n.name for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    statements = [(ast.unparse(node), _is_unit(node, test_functions)) for node in body]
+    if not any(is_unit for _, is_unit in statements):
+        raise ValueError("tests contain no test statement (an assert or raise, or a call of a function the tests define)")
+    loads, bound, attribute_bases = set(), set(), set()
+    for node in itertools.chain.from_iterable(ast.walk(n) for n in body):
+        if isinstance(node, ast.Name):
+            (loads if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            bound.add(node.rest)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            attribute_bases.add(node.value.id)
+    free = loads - bound - set(dir(builtins))
+    modules = {n for n in free & attribute_bases if n in sys.stdlib_module_names}
+    names = (free - modules) | ({entry_point} if entry_point else set())
+    return TestPlan(statements, sorted(names), sorted(modules))
+
+
+def _is_unit(node: ast.stmt, test_functions: set[str]) -> bool:
+    """A statement that checks something: it holds an assert or a raise, or calls a function the tests define."""
+    if isinstance(node, NOT_UNITS):
+        return False
+    return any(isinstance(n, (ast.Assert, ast.Raise)) or (
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in test_functions) for n in ast.walk(node))
+
+
+# ------------------------------------------------------------------------------------------- one process
+class _Capture:
+    """Bytes read from a pipe: the first ``cap`` are kept, the rest read and dropped (``over`` set)."""
+
+    def __init__(self, fd: int, cap: int):
+        self.fd, self.cap, self.data, self.over = fd, cap, bytearray(), False
+        os.set_blocking(fd, False)
+
+    def read(self) -> bool | None:
+        """Read what is there: True if something came, None if nothing yet, False at end of stream."""
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return None
+        room = self.cap - len(self.data)
+        self.data += chunk[:room]
+        self.over = self.over or len(chunk) > room
+        return bool(chunk)
+
+    def drain(self) -> None:
+        """What is left in the pipe once its writers are dead."""
+        while self.read():
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Launcher:
+    """Builds the command line and environment of one sandboxed process; probes nothing."""
+
+    def __init__(self, cfg: SandboxConfig, isolated: bool):
+        self.cfg, self.isolated = cfg, isolated
+        self.python = os.path.realpath(sys.executable)
+        self.unshare = shutil.which("unshare") or "unshare"
+        self.ro_binds, self.symlinks = _root_view(self.python)
+        self.rlimits = {
+            "RLIMIT_AS": cfg.memory_mb << 20,
+            "RLIMIT_CPU": math.ceil(cfg.timeout) + 1,
+            "RLIMIT_FSIZE": cfg.max_file_mb << 20,
+            "RLIMIT_NOFILE": cfg.max_open_files,
+            "RLIMIT_NPROC": cfg.max_processes,
+            "RLIMIT_CORE": 0,
+        }
+        if not isolated and os.geteuid() != 0:
+            # Without the uid drop, RLIMIT_NPROC counts every process this user already has.
+            self.rlimits["RLIMIT_NPROC"] = _tasks_of_uid(os.getuid()) + cfg.max_processes
+
+    def start(self, role: str, uid: int, stdin: bytes, fds: dict[str, int]) -> _Process:
+        spec = {"role": role, "isolate": self.isolated, "uid": uid, "rlimits": self.rlimits, "fds": fds,
+                "ro_binds": self.ro_binds, "symlinks": self.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb}
+        argv = [self.python, "-I", "-S", "-B", "-X", "utf8", CHILD, marshal.dumps(spec).hex()]
+        workdir = None
+        if self.isolated:
+            argv = [self.unshare, *NAMESPACES, "--", *argv]
+        else:
+            workdir = tempfile.mkdtemp(prefix="sandbox-")
+            if os.geteuid() == 0:
+                os.chown(workdir, uid, uid)
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir or "/tmp", "TMPDIR": workdir or "/tmp", "LANG": "C.UTF-8"}
+        return _Process(argv, env, workdir, stdin, fds, self.cfg.max_output_bytes, uid, self.isolated)
+
+
+class _Process:
+    """A started sandboxed process: its stdin feed, capped stdout/stderr, and how to kill its whole tree."""
+
+    def __init__(self, argv, env, workdir, stdin: bytes, fds: dict[str, int], cap: int, uid: int, isolated: bool):
+        self.workdir, self.uid, self.isolated = workdir, uid, isolated
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            self.popen = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, pass_fds=tuple(fds.values()),
+                                          env=env, cwd=workdir or "/", start_new_session=True)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        os.set_blocking(in_w, False)
+        self.stdin_fd, self.stdin_left = in_w, memoryview(stdin)
+        self.stdout, self.stderr = _Capture(out_r, cap), _Capture(err_r, cap)
+
+    def feed(self) -> bool:
+        """Write what the pipe takes; False once everything is written or the reader is gone."""
+        try:
+            self.stdin_left = self.stdin_left[os.write(self.stdin_fd, self.stdin_left[: 1 << 16]):]
+        except BlockingIOError:
+            return True
+        except BrokenPipeError:
+            self.stdin_left = self.stdin_left[:0]
+        return bool(self.stdin_left)
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+    def signal_kill(self) -> None:
+        """SIGKILL the tree: the namespace's init (the kernel then kills the whole namespace), or the session."""
+        if self.popen.poll() is not None:
+            return
+        if self.isolated:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children") as f:
+                    for pid in f.read().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+
+    def reap(self) -> None:
+        """Wait until nothing of the tree is left (unshare returns only once its namespace is empty)."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        if not self.isolated and os.geteuid() == 0:
+            _kill_uid(self.uid)
+
+    def close(self) -> None:
+        self.close_stdin()
+        self.stdout.close()
+        self.stderr.close()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _pump(procs: list[_Process], captures: list[_Capture], until: _Process, deadline: float) -> str:
+    """Feed stdins and drain outputs until ``until`` exits ('exit'), the deadline ('timeout'), or a cap ('output')."""
+    with selectors.DefaultSelector() as sel:
+        pidfd = os.pidfd_open(until.popen.pid)
+        try:
+            sel.register(pidfd, selectors.EVENT_READ, None)
+            for c in captures:
+                sel.register(c.fd, selectors.EVENT_READ, c)
+            for p in procs:
+                sel.register(p.stdin_fd, selectors.EVENT_WRITE, p)
+            while (left := deadline - time.monotonic()) > 0:
+                for key, _ in sel.select(left):
+                    if key.data is None:
+                        return "exit"
+                    if isinstance(key.data, _Capture):
+                        if key.data.read() is False:
+                            sel.unregister(key.fd)
+                        elif key.data.over:
+                            return "output"
+                    elif not key.data.feed():
+                        sel.unregister(key.fd)
+                        key.data.close_stdin()
+            return "timeout"
+        finally:
+            os.close(pidfd)
+
+
+def _finish(procs: list[_Process], captures: list[_Capture], grace: float = 5.0) -> None:
+    """Kill every tree and keep draining its pipes until it is gone (a writer blocked on a full pipe never exits)."""
+    for p in procs:
+        p.signal_kill()
+    end = time.monotonic() + grace
+    with selectors.DefaultSelector() as sel:
+        for c in captures:
+            sel.register(c.fd, selectors.EVENT_READ, c)
+        while any(p.popen.poll() is None for p in procs) and time.monotonic() < end:
+            for key, _ in sel.select(0.01):
+                if key.data.read() is False:
+                    sel.unregister(key.fd)
+    for p in procs:
+        p.reap()
+    for c in captures:
+        c.drain()
+
+
+# ----------------------------------------------------------------------------------------------- the pool
+_uid_lock = threading.Lock()
+_uid_next = itertools.count()
+
+
+class Sandbox:
+    """A pool running sandboxed programs concurrently, ``workers`` at a time, one uid per slot.
+
+    ``run_script`` and ``run_tests`` block until their run is over; ``map`` runs many of them on the pool and logs
+    throughput. Construction probes the isolation once per process and raises SandboxUnavailable when it is
+    missing, unless ``allow_weak_isolation``.
+    """
+
+    def __init__(self, cfg: SandboxConfig | None = None):
+        self.cfg = cfg = cfg or SandboxConfig()
+        self.workers = cfg.workers or os.cpu_count() or 1
+        problem = isolation_problem()
+        if problem and not cfg.allow_weak_isolation:
+            raise SandboxUnavailable(
+                f"the code sandbox needs strong isolation and it is unavailable: {problem}. Strong isolation needs "
+                "root on Linux with util-linux `unshare` (pid/net/mount/ipc/uts namespaces). To run untrusted code "
+                "with rlimits and a timeout only (NOT safe against hostile code), set allow_weak_isolation=True."
+            )
+        self.isolated = problem is None
+        if problem:
+            log.warning("!!! CODE SANDBOX IN WEAK ISOLATION MODE: %s. Programs run with rlimits and a timeout only; "
+                        "they can read the host filesystem and use the network. NOT safe for untrusted code. !!!",
+                        problem)
+        self.launcher = _Launcher(cfg, self.isolated)
+        with _uid_lock:  # disjoint uids for every pool in this process
+            first = next(_uid_next)
+            for _ in range(self.workers - 1):
+                next(_uid_next)
+        self._uids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(self.workers):
+            self._uids.put(cfg.base_uid + first + i)
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
+
+    @contextlib.contextmanager
+    def _slot(self):
+        uid = self._uids.get()
+        try:
+            yield uid
+        finally:
+            self._uids.put(uid)
+
+    def run_script(self, program: str, stdin: str = "") -> RunResult:
+        """Run ``program`` as ``__main__`` with ``stdin``; stdout/stderr captured."""
+        with self._slot() as uid:
+            return _run_script(self.launcher, uid, program, stdin)
+
+    def run_tests(self, program: str, plan: TestPlan) -> TestResult:
+        """Load ``program`` in one sandbox and run ``plan`` against it from another (see the module docstring)."""
+        with self._slot() as uid:
+            return _run_tests(self.launcher, uid, program, plan)
+
+    def map(self, calls: list[Callable[[], T]], label: str = "runs") -> list[T]:
+        """Run the calls on the pool, in order; logs programs/s."""
+        start = time.perf_counter()
+        results = list(self._executor.map(lambda call: call(), calls))
+        elapsed = time.perf_counter() - start
+        log.info("code sandbox: %d %s in %.2fs (%.1f/s, %d workers, isolation=%s)", len(calls), label, elapsed,
+                 len(calls) / max(elapsed, 1e-9), self.workers, "strong" if self.isolated else "WEAK")
+        return results
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _payload(program: str) -> bytes:
+    data = program.encode("utf-8", "surrogatepass")
+    return b"%d\n" % len(data) + data
+
+
+def _run_script(launcher: _Launcher, uid: int, program: str, stdin: str) -> RunResult:
+    start = time.monotonic()
+    proc = launcher.start("script", uid, _payload(program) + stdin.encode("utf-8", "surrogatepass"), {})
+    captures = [proc.stdout, proc.stderr]
+    try:
+        reason = _pump([proc], captures, proc, start + launcher.cfg.timeout)
+        _finish([proc], captures)
+    finally:
+        proc.close()
+    timed_out = reason == "timeout"
+    exceeded = reason == "output" or any(c.over for c in captures)
+    return RunResult(proc.popen.returncode, bytes(proc.stdout.data), bytes(proc.stderr.data), timed_out, exceeded,
+                     time.monotonic() - start)
+
+
+def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> TestResult:
+    start = time.monotonic()
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    res_r, res_w = os.pipe()
+    procs = []
+    try:
+        procs.append(launcher.start("candidate", uid, _payload(program), {"requests": req_r, "replies": rep_w}))
+        plan_data = marshal.dumps({"statements": plan.statements, "candidate_names": plan.candidate_names,
+                                   "modules": plan.modules})
+        procs.append(launcher.start("checker", uid, plan_data, {"requests": req_w, "replies": rep_r, "results": res_w}))
+    except BaseException:
+        for p in procs:
+            p.signal_kill()
+            p.reap()
+            p.close()
+        os.close(res_r)
+        raise
+    finally:
+        for fd in (req_r, req_w, rep_r, rep_w, res_w):
+            os.close(fd)
+    candidate, checker = procs
+    results = _Capture(res_r, 1 << 20)
+    captures = [results, candidate.stdout, candidate.stderr, checker.stdout, checker.stderr]
+    try:
+        reason = _pump(procs, captures, checker, start + launcher.cfg.timeout)
+        _finish(procs, captures)
+    finally:
+        for p in procs:
+            p.close()
+        results.close()
+    exceeded = reason == "output" or any(c.over for c in captures[1:])
+    units = [i for i, (_, is_unit) in enumerate(plan.statements) if is_unit]
+    reported: dict[int, tuple[bool, str]] = {}
+    if not exceeded:
+        for line in results.data.decode(errors="replace").splitlines():
+            index, ok, *error = line.split(" ", 2)
+            reported.setdefault(int(index), (ok == "1", "".join(error)))
+    passed = [reported.get(i, (False, ""))[0] for i in units]
+    errors = ["" if ok else (reported[i][1] if i in reported else "not run") for i, ok in zip(units, passed)]
+    return TestResult(passed, errors, reason == "timeout", exceeded, time.monotonic() - start,
+                      bytes(candidate.stderr.data[-4096:]), bytes(checker.stderr.data[-4096:]))
+
+
+# ------------------------------------------------------------------------------------------- host checks
+def _root_view(python: str) -> tuple[list[str], dict[str, str]]:
+    """What the sandbox's root holds: read-only binds (/usr, the interpreter) and the merged-/usr symlinks."""
+    binds = ["/usr", os.path.realpath(sys.base_prefix), os.path.dirname(python)]
+    symlinks = {}
+    for name in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(name):
+            symlinks[name] = os.readlink(name)
+        elif os.path.isdir(name):
+            binds.append(name)
+    if os.path.exists("/etc/ld.so.cache"):
+        binds.append("/etc/ld.so.cache")
+    kept = []
+    for path in sorted(set(binds), key=len):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept, symlinks
+
+
+def _tasks_of_uid(uid: int) -> int:
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(status["Uid"].split()[0]) == uid:
+                count += int(status.get("Threads", "1"))
+    return count
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of ``uid`` until none is left (weak mode as root: catches escaped daemons)."""
+    for _ in range(20):
+        found = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError, ValueError):
+                with open(f"/proc/{pid}/status") as f:
+                    uid_line = next(line for line in f if line.startswith("Uid:"))
+                if int(uid_line.split()[1]) == uid:
+                    found = True
+                    os.kill(int(pid), signal.SIGKILL)
+        if not found:
+            return
+        time.sleep(0.01)
+
+
+@functools.lru_cache(maxsize=1)
+def isolation_problem() -> str | None:
+    """Why strong isolation cannot run here (None when it can); probed once per process with a real run."""
+    if not sys.platform.startswith("linux"):
+        return f"platform {sys.platform} is not Linux"
+    if os.geteuid() != 0:
+        return f"not running as root (euid {os.geteuid()}); namespaces and the uid switch need root"
+    if not shutil.which("unshare"):
+        return "util-linux `unshare` is not on PATH (Debian: apt-get install util-linux)"
+    if not hasattr(os, "pidfd_open"):
+        return "os.pidfd_open is missing (needs Linux >= 5.3)"
+    launcher = _Launcher(SandboxConfig(timeout=20), isolated=True)
+    clash = [p for p in launcher.ro_binds if p == NEW_ROOT or p.startswith(NEW_ROOT + "/")]
+    if clash:
+        return f"the interpreter lives under {NEW_ROOT} ({clash[0]}), which the sandbox mounts over"
+    uid = SandboxConfig().base_uid
+    probe = f"import os, socket\nprint(os.getuid(), os.getpid(), os.path.exists({CHILD!r}), socket.if_nameindex())"
+    try:
+        result = _run_script(launcher, uid, probe, "")
+    except OSError as e:
+        return f"cannot start an isolated process: {e}"
+    expected = f"{uid} 2 False [(1, 'lo')]"
+    if not result.ok or result.stdout.decode(errors="replace").strip() != expected:
+        detail = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()[-3:]
+        return f"an isolated probe run failed (exit {result.returncode}, expected output {expected!r}): {' | '.join(detail)}"
+    return None

@@ -1,0 +1,392 @@
+"""Trusted bootstrap of one sandboxed process; the threat model is in ``rewards/sandbox.py``.
+
+``rewards/sandbox.py`` runs it as ``python -I -S -B -X utf8 sandbox_child.py SPEC`` (SPEC: a marshalled dict, hex), standard library only:
+after the chroot nothing but /usr and the interpreter's own prefix is visible. Three steps:
+
+1. Isolated runs start as root, as pid 1 of fresh pid/mount/net/ipc/uts namespaces. Build a minimal root: a tmpfs
+   holding read-only, nosuid bind mounts of /usr and the interpreter, /dev/{null,zero,random,urandom}, a fresh
+   /proc for this pid namespace and a private, size-capped, writable /tmp. chroot into it, then fork. The parent
+   stays the namespace's init (root, holding no fds, doing nothing but reaping). It exits with the child's status,
+   and the kernel then kills everything left in the namespace, daemons included.
+2. The child sets its rlimits, drops every group, switches to the unprivileged uid (all capabilities go with
+   uid 0) and sets no_new_privs.
+3. Then it plays its role:
+   * ``script`` runs the program as ``__main__`` on the rest of stdin (stdin/stdout test cases);
+   * ``candidate`` loads the program as a module and answers calls (function name, arguments) sent by the checker;
+   * ``checker`` runs the test statements in a namespace where every name the tests take from the program is a
+     stub that forwards the call to the candidate process. It reports ``<unit> <0|1> <error>`` lines on the
+     results fd. Only plain values cross the boundary (``encode``/``decode``), so the candidate's objects,
+     code and patches never reach the process that evaluates the asserts.
+"""
+import builtins
+import marshal
+import os
+import resource
+import struct
+import sys
+
+NEW_ROOT = "/tmp"  # mount point of the new root inside the private mount namespace; the host's /tmp is untouched
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS = 38
+MAX_MESSAGE = 64 << 20
+DEVICES = ("null", "zero", "random", "urandom")
+
+
+# ----------------------------------------------------------------------------------------------- isolation
+def build_root(spec: dict) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(source, target, fstype, flags, data=None):
+        enc = lambda s: None if s is None else s.encode()
+        if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+    for path in spec["ro_binds"]:
+        target = NEW_ROOT + path
+        if os.path.isdir(path):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+        mount(path, target, None, MS_BIND | MS_REC)
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for name, link in spec["symlinks"].items():
+        os.symlink(link, NEW_ROOT + name)
+    os.mkdir(NEW_ROOT + "/dev")
+    for dev in DEVICES:
+        open(f"{NEW_ROOT}/dev/{dev}", "w").close()
+        mount(f"/dev/{dev}", f"{NEW_ROOT}/dev/{dev}", None, MS_BIND)
+        mount(None, f"{NEW_ROOT}/dev/{dev}", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+    os.mkdir(NEW_ROOT + "/proc")
+    mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.mkdir(NEW_ROOT + "/tmp")
+    mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=1777")
+    mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    os.chroot(NEW_ROOT)
+    os.chdir("/tmp")
+
+
+def become_init(child: int) -> None:
+    """The namespace's init: hold nothing, reap everything, leave with the child's exit status."""
+    os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(code if code >= 0 else 128 - code)
+
+
+def confine(spec: dict) -> None:
+    """rlimits, then (when started as root) drop to the sandbox uid for good, with no way back."""
+    import ctypes  # before the uid drop: in weak mode the interpreter's files may be unreadable to the sandbox uid
+
+    for name, value in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if os.geteuid() == 0:
+        uid = spec["uid"]
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            os._exit(125)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    os.umask(0o077)
+
+
+# -------------------------------------------------------------------------------------------- plain values
+# Wire format of a value: one tag byte, then for N/T/F nothing, i/s/b a 4-byte length and the bytes (an int in
+# signed big-endian two's complement), d an 8-byte double, c two doubles, L/U/S/Z/D a 4-byte count and the items
+# (list, tuple, set, frozenset; a dict as alternating keys and values).
+CONTAINERS = {list: b"L", tuple: b"U", set: b"S", frozenset: b"Z"}
+BUILDERS = {ord("L"): list, ord("U"): tuple, ord("S"): set, ord("Z"): frozenset}
+
+
+def encode(value) -> bytes:
+    """The wire form of a plain value; any other type raises TypeError.
+
+    Subclasses of the plain types are sent as their base type (a namedtuple as a tuple, a Counter as a dict), so
+    whatever methods a subclass overrides, the receiver only ever gets a genuine builtin value.
+    """
+    out = bytearray()
+    _encode(value, out, 0)
+    return bytes(out)
+
+
+def _encode(value, out: bytearray, depth: int) -> None:
+    if depth > 100:
+        raise TypeError("value nested more than 100 levels deep")
+    if value is None or value is True or value is False:
+        out += b"N" if value is None else b"T" if value else b"F"
+    elif isinstance(value, int):
+        n = int.__index__(value)
+        _chunk(out, b"i", n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True))
+    elif isinstance(value, float):
+        out += b"d" + struct.pack(">d", value)
+    elif isinstance(value, complex):
+        out += b"c" + struct.pack(">dd", value.real, value.imag)
+    elif isinstance(value, str):
+        _chunk(out, b"s", str.encode(value, "utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        _chunk(out, b"b", bytes(value))
+    elif isinstance(value, dict):
+        out += b"D" + struct.pack(">I", len(value))
+        for k, v in dict.items(value):
+            _encode(k, out, depth + 1)
+            _encode(v, out, depth + 1)
+    else:
+        for kind, tag in CONTAINERS.items():
+            if isinstance(value, kind):
+                items = list(kind.__iter__(value))
+                out += tag + struct.pack(">I", len(items))
+                for item in items:
+                    _encode(item, out, depth + 1)
+                return
+        raise TypeError(
+            f"a {type(value).__name__} cannot cross the sandbox boundary (allowed: None, bool, int, float, complex, "
+            "str, bytes, list, tuple, dict, set, frozenset)"
+        )
+
+
+def _chunk(out: bytearray, tag: bytes, data: bytes) -> None:
+    out += tag + struct.pack(">I", len(data)) + data
+
+
+def decode(data: bytes):
+    """The value ``encode`` wrote, built from exact builtin types only; malformed input raises ValueError."""
+    try:
+        value, end = _decode(data, 0, 0)
+    except (IndexError, TypeError, OverflowError, RecursionError, struct.error) as e:
+        raise ValueError(f"malformed value: {type(e).__name__}") from None
+    if end != len(data):
+        raise ValueError("malformed value: trailing bytes")
+    return value
+
+
+def _decode(data: bytes, pos: int, depth: int):
+    if depth > 100:
+        raise ValueError("malformed value: nested more than 100 levels deep")
+    tag, pos = data[pos], pos + 1
+    if tag in b"NTF":
+        return {78: None, 84: True, 70: False}[tag], pos
+    if tag in b"isb":
+        (n,), pos = struct.unpack_from(">I", data, pos), pos + 4
+        chunk, pos = data[pos : pos + n], pos + n
+        if len(chunk) != n:
+            raise ValueError("malformed value: truncated")
+        if tag == ord("i"):
+            return int.from_bytes(chunk, "big", signed=True), pos
+        return (chunk.decode("utf-8", "surrogatepass") if tag == ord("s") else chunk), pos
+    if tag == ord("d"):
+        return struct.unpack_from(">d", data, pos)[0], pos + 8
+    if tag == ord("c"):
+        return complex(*struct.unpack_from(">dd", data, pos)), pos + 16
+    if tag in b"LUSZD":
+        (n,), pos = struct.unpack_from(">I", data, pos), pos + 4
+        if n > len(data) - pos:
+            raise ValueError("malformed value: count exceeds the data")
+        items = []
+        for _ in range(2 * n if tag == ord("D") else n):
+            item, pos = _decode(data, pos, depth + 1)
+            items.append(item)
+        if tag == ord("D"):
+            return dict(zip(items[::2], items[1::2])), pos
+        return BUILDERS[tag](items), pos
+    raise ValueError(f"malformed value: unknown tag {tag}")
+
+
+def send(fd: int, message) -> None:
+    send_raw(fd, encode(message))
+
+
+def send_raw(fd: int, data: bytes) -> None:
+    view = memoryview(struct.pack(">I", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv(fd: int):
+    """The next message, or None at end of stream; ValueError when it is malformed or too large."""
+    header = read_exact(fd, 4)
+    if header is None:
+        return None
+    (n,) = struct.unpack(">I", header)
+    if n > MAX_MESSAGE:
+        raise ValueError(f"message of {n} bytes exceeds {MAX_MESSAGE}")
+    body = read_exact(fd, n)
+    return None if body is None else decode(body)
+
+
+def read_program() -> str:
+    """The program, sent on stdin after its byte length and a newline; what follows stays on stdin for it."""
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            raise EOFError("stdin closed before the program header")
+        header += byte
+    return (read_exact(0, int(header)) or b"").decode()
+
+
+# ----------------------------------------------------------------------------------------------- the roles
+def run_script(spec: dict) -> None:
+    source = read_program()
+    exec(compile(source, "<program>", "exec"), {"__name__": "__main__", "__builtins__": builtins})
+
+
+def run_candidate(spec: dict) -> None:
+    """Load the program, then answer ``(name, args, kwargs)`` calls until the checker hangs up."""
+    requests, replies = spec["fds"]["requests"], spec["fds"]["replies"]
+    source = read_program()
+    namespace = {"__name__": "candidate", "__builtins__": builtins}
+    try:
+        exec(compile(source, "<completion>", "exec"), namespace)
+    except BaseException as e:  # noqa: BLE001 - the checker must learn why loading failed, whatever it was
+        send(replies, ("load_error", f"{type(e).__name__}: {e}"[:500]))
+        return
+    send(replies, ("ready",))
+    while (request := recv(requests)) is not None:
+        name, args, kwargs = request
+        try:
+            value = namespace[name](*args, **kwargs)
+            reply = encode(("value", value, args))
+        except BaseException as e:  # noqa: BLE001 - any failure, even SystemExit, is this call's answer
+            reply = encode(("raise", type(e).__name__, str(e)[:500]))
+        send_raw(replies, reply)
+
+
+class CandidateError(Exception):
+    """The candidate process failed to answer a call: it crashed, exited, failed to load, or broke the protocol."""
+
+
+class Bridge:
+    """The checker's end of the call channel to the candidate process."""
+
+    def __init__(self, requests: int, replies: int):
+        self.requests, self.replies = requests, replies
+        self.broken: str | None = None
+        self.loaded = False
+
+    def _receive(self) -> tuple:
+        try:
+            message = recv(self.replies)
+        except (ValueError, OSError) as e:
+            message, self.broken = None, f"unreadable reply: {e}"
+        if type(message) is not tuple or not message or type(message[0]) is not str:
+            self.broken = self.broken or ("candidate process exited" if message is None else "malformed reply")
+            raise CandidateError(self.broken)
+        return message
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        if self.broken:
+            raise CandidateError(self.broken)
+        if not self.loaded:
+            message = self._receive()
+            if message[0] != "ready":
+                self.broken = f"program failed to load: {message[1:]}"
+                raise CandidateError(self.broken)
+            self.loaded = True
+        send(self.requests, (name, list(args), kwargs))
+        message = self._receive()
+        if message[0] == "raise" and len(message) == 3:
+            raise rebuild_exception(*message[1:])
+        if message[0] != "value" or len(message) != 3:
+            self.broken = "malformed reply"
+            raise CandidateError(self.broken)
+        write_back(args, message[2])
+        return message[1]
+
+
+def rebuild_exception(name, message) -> Exception:
+    """The candidate's exception as the same builtin type, so tests expecting ``ValueError`` etc. behave."""
+    kind = getattr(builtins, name, None) if isinstance(name, str) else None
+    text = message if isinstance(message, str) else ""
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            return kind(text)
+        except TypeError:
+            pass
+    return CandidateError(f"{name}: {text}")
+
+
+def write_back(args: tuple, new_args) -> None:
+    """In-place changes the candidate made to list/dict/set arguments, mirrored onto the caller's objects."""
+    if type(new_args) is not list or len(new_args) != len(args):
+        return
+    for old, new in zip(args, new_args):
+        if type(old) is list and type(new) is list:
+            old[:] = new
+        elif type(old) in (dict, set) and type(new) is type(old):
+            old.clear()
+            old.update(new)
+
+
+def run_checker(spec: dict) -> None:
+    plan = marshal.loads(sys.stdin.buffer.read())
+    bridge = Bridge(spec["fds"]["requests"], spec["fds"]["replies"])
+    results = spec["fds"]["results"]
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    for name in plan["modules"]:
+        try:
+            namespace[name] = __import__(name)
+        except ImportError:
+            pass
+    for name in plan["candidate_names"]:
+        namespace[name] = make_stub(bridge, name)
+    for index, (source, is_unit) in enumerate(plan["statements"]):
+        try:
+            exec(compile(source, f"<test statement {index}>", "exec"), namespace)
+            ok, error = True, ""
+        except BaseException as e:  # noqa: BLE001 - a failing unit, whatever the failure
+            ok, error = False, type(e).__name__
+        if is_unit:
+            os.write(results, f"{index} {int(ok)} {error}\n".encode())
+
+
+def make_stub(bridge: Bridge, name: str):
+    def stub(*args, **kwargs):
+        return bridge.call(name, args, kwargs)
+
+    stub.__name__ = stub.__qualname__ = name
+    return stub
+
+
+ROLES = {"script": run_script, "candidate": run_candidate, "checker": run_checker}
+
+
+def main() -> None:
+    spec = marshal.loads(bytes.fromhex(sys.argv[1]))
+    if spec["isolate"]:
+        build_root(spec)
+        child = os.fork()
+        if child:
+            become_init(child)
+    confine(spec)
+    ROLES[spec["role"]](spec)
+
+
+if __name__ == "__main__":
+    main()

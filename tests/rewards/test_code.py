@@ -1,0 +1,86 @@
+"""The code reward: extraction, scoring modes, both row kinds, and its errors on malformed rows."""
+import json
+
+import pytest
+
+from rewards.code import code_reward, extract_code
+from rewards.sandbox import isolation_problem
+
+strong = pytest.mark.skipif(isolation_problem() is not None, reason=f"strong isolation unavailable: {isolation_problem()}")
+
+TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(10, 5) == 15\nassert add(0, 0) == 0\n"
+RIGHT = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+HALF = "```python\ndef add(a, b):\n    return a + b if a > 0 else 1\n```"  # passes units 1 and 3 only
+
+
+def reward(completions, **columns):
+    return code_reward([""] * len(completions), completions, timeout=2.0, **columns)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("```python\nx = 1\n```\ntext\n```python\nx = 2\n```", "x = 2\n"),  # the last one
+    ("```py\na\n```\n```\nb\n```", "a\n"),  # tagged Python wins over a later untagged block
+    ("```\nplain\n```", "plain\n"),  # untagged when nothing is tagged
+    ("```Python3 title\nx\n```", "x\n"),
+    ("<think>\n```python\ndraft\n```\n</think>\n```python\nfinal\n```", "final\n"),
+    ("  ```python\n  indented\n  ```", "  indented\n"),
+    ("```bash\nls\n```", None),  # other languages are not Python
+    ("```python\nnever closed", None),
+    ("no code at all", None),
+])
+def test_extract_code(text, expected):
+    assert extract_code(text) == expected
+
+
+@strong
+def test_pass_rate_all_or_nothing_and_missing_block():
+    completions = [RIGHT, HALF, "def add(a, b): return a + b  (no fence)", "```python\ndef add(a, b):\n    return 3\n```"]
+    rows = {"tests": [TESTS] * 4, "entry_point": ["add"] * 4}
+    assert reward(completions, **rows) == [1.0, 0.5, 0.0, 0.25]
+    assert reward(completions, **rows, scoring="all_or_nothing") == [1.0, 0.0, 0.0, 0.0]
+
+
+@strong
+def test_mixed_batch_scores_none_for_rows_without_tests():
+    stdin = [{"input": "2 3\n", "output": "5\n"}]
+    scores = reward([RIGHT, "The answer is 4.", "```python\nprint(sum(map(int, input().split())))\n```"],
+                    tests=[TESTS, None, None], test_cases=[None, None, stdin])
+    assert scores == [1.0, None, 1.0]
+
+
+@strong
+def test_mbpp_list_and_humaneval_check_formats():
+    mbpp = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+    humaneval = "METADATA = {}\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
+    assert reward([RIGHT, RIGHT], tests=[mbpp, humaneval], entry_point=[None, "add"]) == [1.0, 1.0]
+    assert reward([HALF], tests=[humaneval], entry_point=["add"]) == [0.0]  # check() is one unit
+
+
+@strong
+def test_stdin_stdout_cases():
+    program = "```python\nimport sys\nnums = list(map(int, sys.stdin.read().split()))\nprint(max(nums))   \n```"
+    cases = [{"input": "1 5 2\n", "output": "5"}, {"input": "7\n", "output": "7\n\n"}, {"input": "3 4\n", "output": "3\n"}]
+    assert reward([program], test_cases=[cases]) == [pytest.approx(2 / 3)]  # whitespace-insensitive at line ends
+    apps_style = json.dumps({"inputs": ["1 2\n", "9\n"], "outputs": ["2\n", "9\n"]})
+    assert reward([program], test_cases=[apps_style]) == [1.0]
+    crashing = "```python\nprint(5)\nraise SystemExit(1)\n```"
+    assert reward([crashing], test_cases=[[{"input": "", "output": "5\n"}]]) == [0.0]  # a non-zero exit fails
+
+
+@strong
+def test_shared_tests_are_planned_once_and_run_per_completion():
+    completions = [RIGHT, HALF] * 4
+    assert reward(completions, tests=[TESTS] * 8) == [1.0, 0.5] * 4
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"tests": ["assert f(1) == 1"], "test_cases": [[{"input": "", "output": ""}]]}, "both tests and test_cases"),
+    ({"tests": ["assert ("]}, "row 0: tests do not parse"),
+    ({"test_cases": [[{"input": 1, "output": "1"}]]}, "row 0: test_cases must be"),
+    ({"test_cases": ["{not json"]}, "not JSON"),
+    ({"tests": [TESTS, TESTS]}, "2 rows for 1 completions"),
+    ({"tests": [TESTS], "scoring": "partial"}, "scoring must be one of"),
+])
+def test_malformed_rows_raise_naming_the_problem(columns, message):
+    with pytest.raises(ValueError, match=message):
+        reward([RIGHT], **columns)
