@@ -45,6 +45,7 @@ any thread; concurrent callers are served one batch at a time.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -184,9 +185,12 @@ def normalize(answer: str) -> str:
 
 
 def _key(s: str) -> str:
-    """String-comparison key: no spaces, letters outside commands lower-cased."""
+    """String-comparison key: no spaces, ``_{8}`` -> ``_8``, letters outside commands lower-cased."""
     s = re.sub(r"(\\[A-Za-z]+)|([A-Z])", lambda m: m.group(1) or m.group(2).lower(), s)
-    return s.replace(" ", "")
+    return re.sub(r"_\{(\w+)\}", r"_\1", s.replace(" ", ""))
+
+
+_BASE_NUMBER = re.compile(r"(?<![A-Za-z\\\d])\d+_\{?\w+\}?")  # 52_8: a numeral in base 8, compared as written
 
 
 _INT = re.compile(r"^[-+]?\d+$")
@@ -232,6 +236,8 @@ def _fast(gold: str, pred: str) -> bool | None:
         pred = m.group(1).strip()
     if _key(gold) == _key(pred):
         return True
+    if _BASE_NUMBER.search(gold) or _BASE_NUMBER.search(pred):
+        return False
     g, p = _simple_number(gold), _simple_number(pred)
     if g is not None and p is not None:
         return _close(g[0], p[0], g[1] and p[1])
@@ -243,14 +249,44 @@ def _fast(gold: str, pred: str) -> bool | None:
 
 _PROBE_POINTS = [0.5377, 1.8339, -2.2588, 0.8622, 0.3188]
 _POINTS_NEEDED = 3
+_WARMUP = [(r"\frac{1}{2}", "x + 1"), ("(1, 2]", "[1, 2)"), (r"\{1, 2\}", "2, 1"), ("x < 3", r"(-\infty, 3)"),
+           (r"\sqrt{2}", "1.414214"), ("y = 2x + 1", "2x - y + 1 = 0"), (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1, 2)")]
 
 
+@functools.cache
+def _converters():
+    """(SLL-mode converter class, stock converter class) of latex2sympy2_extended, built on first use."""
+    from antlr4.atn.PredictionMode import PredictionMode
+    from latex2sympy2_extended.latex2sympy2 import _Latex2Sympy
+
+    class SLLConverter(_Latex2Sympy):
+        def create_parser(self, latex_str):
+            parser = super().create_parser(latex_str)
+            parser._interp.predictionMode = PredictionMode.SLL
+            return parser
+
+    return SLLConverter, _Latex2Sympy
+
+
+def _latex2sympy(s: str):
+    """latex2sympy2_extended's conversion with ANTLR two-stage parsing: the fast SLL prediction mode first,
+    full LL only when SLL reports a syntax error (SLL never yields a different tree; it only gives up)."""
+    from latex2sympy2_extended import NormalizationConfig, normalize_latex
+
+    s = normalize_latex(s, NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=False,
+                                               boxed="none"))
+    sll, ll = _converters()
+    try:
+        return sll().parse(s)
+    except Exception:
+        return ll().parse(s)
+
+
+@functools.lru_cache(maxsize=4096)
 def _parse(s: str):
-    from latex2sympy2_extended import NormalizationConfig, latex2sympy
     from sympy import I, MatrixBase, Symbol
 
-    expr = latex2sympy(s, normalization_config=NormalizationConfig(
-        basic_latex=True, units=False, malformed_operators=True, nits=False, boxed="none"))
+    expr = _latex2sympy(s)
     i = Symbol("i")
     if isinstance(expr, MatrixBase):
         return expr.applyfunc(lambda e: e.xreplace({i: I}))
@@ -482,7 +518,9 @@ def _worker_main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ValueError, OSError):
         pass
-    _sympy_equal("\\frac{1}{2}", "x + 1")  # warm the imports and the ANTLR parser before reporting ready
+    for gold, pred in _WARMUP:  # pay the imports and sympy's first-use costs before reporting ready
+        _sympy_equal(gold, pred)
+    _parse.cache_clear()
     out = sys.stdout
     out.write("ready\n")
     out.flush()

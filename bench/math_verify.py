@@ -1,0 +1,145 @@
+"""Math verification throughput: rewards.math.verify_batch vs math-verify's verify(parse(g), parse(p)).
+
+Workload: each gold answer of MATH-500 (/work/shared/data/math500_test.jsonl; a built-in synthetic set of
+fractions, radicals, polynomials, intervals and tuples when that file is absent) against completion-like
+predictions: the gold boxed in a sentence, a re-typeset form (dfrac, left/right, spacing), sympy's own
+LaTeX of the parsed gold, a 10-digit decimal of numeric golds (all labelled equivalent), and the gold with
+its last digit changed (labelled not equivalent). The anchor is math-verify 0.9.0 called naively, one
+pair at a time in this process (its signal-based timeouts), as RL recipes commonly do.
+
+Both see the same strings; our pool runs ``--workers`` processes (default 2, the 2-core target) with the
+in-process fast path; the cache is off so every pair is really checked. Prints checks/s for both, the
+ratio, their agreement, each one's agreement with the construction labels, and a one-line JSON summary.
+
+    .venv/bin/python bench/math_verify.py [--limit 150] [--workers 2] [--timeout 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+# This file's name shadows the math_verify package when run as a script: take bench/ off the path.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+from rewards.math import VerifierPool, verify_batch  # noqa: E402
+import rewards.math as rmath  # noqa: E402
+
+MATH500 = Path("/work/shared/data/math500_test.jsonl")
+
+
+def synthetic_golds(n: int) -> list[str]:
+    forms = [r"\frac{{{a}}}{{{b}}}", r"{a}\sqrt{{{b}}}", "x^2+{a}x+{b}", "({a}, {b}]", r"\left( {a}, \frac{{1}}{{{b}}} \right)",
+             r"\frac{{\sqrt{{{a}}}}}{{{b}}}", "{a}.{b}", r"[{a}, \infty)", r"\begin{{pmatrix}} {a} \\ {b} \end{{pmatrix}}", "{a}{b}"]
+    return [forms[i % len(forms)].format(a=2 + i % 7, b=3 + i % 11) for i in range(n)]
+
+
+def wrong(gold: str) -> str:
+    digits = list(re.finditer(r"\d", gold))
+    if not digits:
+        return gold + "+1"
+    m = digits[-1]
+    return gold[: m.start()] + str((int(m.group()) + 1) % 10) + gold[m.end():]
+
+
+def retypeset(gold: str) -> str:
+    s = gold.replace(r"\frac", r"\dfrac").replace(",", ", ").replace("(", r"\left(").replace(")", r"\right)")
+    return s.replace(r"\left\left(", r"\left(").replace(r"\right\right)", r"\right)")
+
+
+def variants(gold: str) -> list[tuple[str, bool]]:
+    import sympy
+    from latex2sympy2_extended import latex2sympy
+
+    out = [(f"So the answer is $\\boxed{{{gold}}}$.", True), (f"\\boxed{{{retypeset(gold)}}}", True)]
+    try:
+        if "_" in gold:
+            raise ValueError("sympy's LaTeX drops base subscripts such as 52_8")
+        expr = latex2sympy(gold)
+        out.append((f"\\boxed{{{sympy.latex(expr)}}}", True))
+        if isinstance(expr, sympy.Expr) and expr.is_number and expr.is_real and not expr.is_Integer:
+            out.append((f"\\boxed{{{sympy.N(expr, 10)}}}", True))
+    except Exception:
+        pass
+    out.append((f"\\boxed{{{wrong(gold)}}}", False))
+    return out
+
+
+def build(limit: int) -> tuple[list[str], list[str], list[bool], str]:
+    if MATH500.exists():
+        golds = [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()][:limit]
+        source = f"MATH-500 first {len(golds)} answers"
+    else:
+        golds = synthetic_golds(limit)
+        source = f"synthetic {len(golds)} answers (MATH-500 absent)"
+    g, p, labels = [], [], []
+    for gold in golds:
+        for pred, label in variants(gold):
+            g.append(f"\\boxed{{{gold}}}")
+            p.append(pred)
+            labels.append(label)
+    return g, p, labels, source
+
+
+def anchor(golds: list[str], preds: list[str]) -> tuple[list[bool], float]:
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    start = time.perf_counter()
+    out = [bool(verify(parse(g), parse(p))) for g, p in zip(golds, preds)]
+    return out, time.perf_counter() - start
+
+
+def ours(golds: list[str], preds: list[str], workers: int, timeout: float) -> tuple[list[bool], float, float]:
+    rmath._POOL = VerifierPool(size=workers)
+    start = time.perf_counter()
+    rmath._POOL.run([("1", "x")] * workers, timeout=60)  # start and warm every worker: not part of the timing
+    startup = time.perf_counter() - start
+    start = time.perf_counter()
+    out = verify_batch(golds, preds, timeout=timeout, cache=False)
+    elapsed = time.perf_counter() - start
+    rmath._POOL.close()
+    return out, elapsed, startup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=int, default=150, help="gold answers to use (each gives 3-5 checks)")
+    ap.add_argument("--workers", type=int, default=2, help="verifier worker processes")
+    ap.add_argument("--timeout", type=float, default=3.0, help="per-check timeout of our pool (seconds)")
+    args = ap.parse_args()
+
+    golds, preds, labels, source = build(args.limit)
+    n = len(golds)
+    print(f"workload: {source}, {n} checks ({sum(labels)} labelled equivalent); {os.cpu_count()} CPUs "
+          f"({platform.processor() or platform.machine()}); {date.today()}")
+    mine, t_mine, startup = ours(golds, preds, args.workers, args.timeout)
+    theirs, t_theirs = anchor(golds, preds)
+    ours_rate, anchor_rate = n / t_mine, n / t_theirs
+    agree = sum(a == b for a, b in zip(mine, theirs)) / n
+    ours_label = sum(a == b for a, b in zip(mine, labels)) / n
+    anchor_label = sum(a == b for a, b in zip(theirs, labels)) / n
+    print(f"ours   (verify_batch, {args.workers} workers): {ours_rate:9.1f} checks/s  ({t_mine:.2f}s; pool start {startup:.2f}s not counted)")
+    print(f"anchor (math_verify verify(parse, parse), 1 process): {anchor_rate:9.1f} checks/s  ({t_theirs:.2f}s)")
+    print(f"ratio ours/anchor: {ours_rate / anchor_rate:.2f}x   agreement: {agree:.3f}   "
+          f"label agreement: ours {ours_label:.3f}, anchor {anchor_label:.3f}")
+    for g, p, a, b, lab in list(zip(golds, preds, mine, theirs, labels))[:]:
+        if a != b:
+            print(f"  differ: gold={g!r} pred={p!r} ours={a} anchor={b} label={lab}")
+    print(json.dumps({"bench": "math_verify", "checks": n, "workers": args.workers, "ours_checks_per_s": round(ours_rate, 1),
+                      "anchor_checks_per_s": round(anchor_rate, 1), "ratio": round(ours_rate / anchor_rate, 2),
+                      "agreement": round(agree, 4), "ours_label_agreement": round(ours_label, 4),
+                      "anchor_label_agreement": round(anchor_label, 4), "date": str(date.today())}))
+
+
+if __name__ == "__main__":
+    main()
