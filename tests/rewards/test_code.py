@@ -23,7 +23,8 @@ def reward(completions, **columns):
     ("```\nplain\n```", "plain\n"),  # untagged when nothing is tagged
     ("```Python3 title\nx\n```", "x\n"),
     ("<think>\n```python\ndraft\n```\n</think>\n```python\nfinal\n```", "final\n"),
-    ("  ```python\n  indented\n  ```", "  indented\n"),
+    ("1. Code:\n   ```python\n   def f():\n       return 1\n   ```", "def f():\n    return 1\n"),  # in a list
+    ("```python\nreturn x```", "return x"),  # closing fence glued to the code
     ("```bash\nls\n```", None),  # other languages are not Python
     ("```python\nnever closed", None),
     ("no code at all", None),
