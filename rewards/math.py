@@ -11,7 +11,7 @@ else to the whole completion, in this order of precedence:
   1. every ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched); several DIFFERENT boxed values
      are a hedge: each of them must be equivalent to the gold, so ``\\boxed{3} or \\boxed{4}`` scores 0;
   2. the last ``<answer>...</answer>``;
-  3. the last "the (final) answer is X" (up to the end of its sentence or line);
+  3. the last "the (final) answer is X" / "final answer: X" (up to the end of its sentence or line);
   4. the last GSM8K-style ``#### X``.
 
 Normalisation policy (``normalize``): ``$`` and ``\\(\\)`` delimiters, ``\\left``/``\\right``/``\\big``,
@@ -83,7 +83,7 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{\\$])")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.I)
+_ANSWER_IS = re.compile(r"(?:final\s+answer(?:\s+is)?|answer\s+is)\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.I)
 _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
 
 
@@ -112,7 +112,7 @@ def extract_answers(text: str) -> list[str]:
     for pattern in (_ANSWER_TAG, _ANSWER_IS, _HASHES):
         found = pattern.findall(text)
         if found:
-            return [found[-1].strip().strip("$").strip()]
+            return [found[-1].strip(" \t*$")]  # also markdown emphasis: **Final Answer:** 12
     return []
 
 
@@ -514,6 +514,14 @@ def _worker_main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_with_parent():  # even in the middle of a runaway computation
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     try:
         resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
     except (ValueError, OSError):
@@ -599,6 +607,7 @@ class VerifierPool:
 
     def __init__(self, size: int | None = None):
         self.size = size or _default_size()
+        self.pid = os.getpid()
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
         self.timeouts = 0
@@ -610,15 +619,20 @@ class VerifierPool:
         results: list[bool | None] = [None] * len(pairs)
         with self.lock:
             pending = deque(range(len(pairs)))
-            while pending or any(w.task is not None for w in self.workers):
-                while len(self.workers) < min(self.size, max(1, len(pending) + self._busy())):
-                    self.workers.append(_Worker())
-                for w in self.workers:
-                    if w.ready and w.task is None and pending:
-                        i = pending.popleft()
-                        if not w.send(i, *pairs[i], timeout):
-                            pending.appendleft(i)
-                self._wait(results)
+            try:
+                while pending or any(w.task is not None for w in self.workers):
+                    while len(self.workers) < min(self.size, max(1, len(pending) + self._busy())):
+                        self.workers.append(_Worker())
+                    for w in self.workers:
+                        if w.ready and w.task is None and pending:
+                            i = pending.popleft()
+                            if not w.send(i, *pairs[i], timeout):
+                                pending.appendleft(i)
+                    self._wait(results)
+            except BaseException:  # e.g. KeyboardInterrupt: no worker may keep a task of this batch
+                for w in list(self.workers):
+                    self._drop(w)
+                raise
         return results  # type: ignore[return-value]
 
     def _busy(self) -> int:
@@ -629,7 +643,10 @@ class VerifierPool:
         deadlines = [w.deadline if w.task is not None else w.started + WORKER_STARTUP_TIMEOUT
                      for w in self.workers if w.task is not None or not w.ready]
         wait = max(0.0, min(deadlines) - now) if deadlines else 0.0
-        readable, _, _ = select.select([w.fd for w in self.workers], [], [], wait)
+        poller = select.poll()  # not select.select: the trainer may hold fds above FD_SETSIZE
+        for w in self.workers:
+            poller.register(w.fd, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(wait * 1000)}
         for w in list(self.workers):
             if w.fd in readable:
                 lines = w.read_lines()
@@ -670,6 +687,8 @@ class VerifierPool:
         self.workers.remove(w)
 
     def close(self) -> None:
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             for w in list(self.workers):
                 self._drop(w)
@@ -682,10 +701,12 @@ _CACHE_MAX = 200_000
 
 
 def get_pool() -> VerifierPool:
-    """The process-wide verifier pool (created on first use, sized to the usable CPU cores)."""
+    """The process-wide verifier pool (created on first use, sized to the usable CPU cores).
+
+    A forked child (e.g. a data-loader worker) gets a pool of its own; the parent's workers stay the parent's."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL.pid != os.getpid():
             _POOL = VerifierPool()
             atexit.register(_POOL.close)
         return _POOL

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ from rewards.math import (
 )
 
 DATA = Path("/work/shared/data")
+ROOT = Path(__file__).resolve().parents[2]
 
 EQUIVALENT = [
     # integers, decimals, fractions, mixed numbers
@@ -135,6 +139,8 @@ def test_tolerance_is_relative():
     ("<answer>$x=2$</answer>", "x=2"),
     ("Thus the answer is $\\frac{3}{4}$.", r"\frac{3}{4}"),
     ("The final answer is: 3.5\nok", "3.5"),
+    ("**Final Answer:** 12", "12"),
+    ("Final answer: 12", "12"),
     ("She makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
     ("#### 2,125\n", "2,125"),
     ("no answer here", None),
@@ -249,3 +255,37 @@ def test_gsm8k_final_answers():
     numbers = [f.replace(",", "") for f in finals]
     assert verify_batch(golds, numbers) == [True] * len(rows)
     assert verify_batch(golds, [str(int(n) + 1) for n in numbers]) == [False] * len(rows)
+
+
+def test_forked_child_gets_its_own_pool(monkeypatch):
+    pool = get_pool()
+    monkeypatch.setattr(pool, "pid", -1)  # as if this process were a fork of the pool's owner
+    workers = list(pool.workers)
+    pool.close()  # a foreign pool is never closed from here
+    assert pool.workers == workers
+    fresh = get_pool()
+    assert fresh is not pool and fresh.pid == os.getpid()
+    assert is_equivalent(r"\frac{x}{2}", "0.5x")
+    fresh.close()
+
+
+def test_workers_exit_with_their_parent():
+    script = (
+        "import os, sys; sys.path.insert(0, os.getcwd()); from rewards.math import VerifierPool\n"
+        "pool = VerifierPool(size=1); pool.run([('x', 'y')], timeout=60); w = pool.workers[0]\n"
+        "w.send(0, '9^{9^{9^{9}}}', '9^{9^{9^{9}}}+1', 60); print(w.proc.pid, flush=True); os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    assert not _alive(pid)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
