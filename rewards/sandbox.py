@@ -504,8 +504,8 @@ def _run_script(launcher: _Launcher, uid: int, program: str, stdin: str) -> RunR
     captures = [proc.stdout, proc.stderr]
     try:
         reason = _pump([proc], captures, proc, start + launcher.cfg.timeout)
-        _finish([proc], captures)
     finally:
+        _finish([proc], captures)
         proc.close()
     timed_out = reason == "timeout"
     exceeded = reason == "output" or any(c.over for c in captures)
@@ -542,8 +542,8 @@ def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> T
         reason = _pump(procs, captures, checker, deadline)
         if reason == "exit":  # the checker is done; the candidate leaves by itself once its request pipe closes
             _pump([], captures, candidate, min(deadline, time.monotonic() + EXIT_GRACE))
-        _finish(procs, captures)
     finally:
+        _finish(procs, captures)
         for p in procs:
             p.close()
         results.close()
@@ -552,8 +552,9 @@ def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> T
     reported: dict[int, tuple[bool, str]] = {}
     if not exceeded:
         for line in results.data.decode(errors="replace").splitlines():
-            index, ok, *error = line.split(" ", 2)
-            reported.setdefault(int(index), (ok == "1", "".join(error)))
+            index, ok, *error = line.split(" ", 2) + ["", ""]
+            if index.isdigit():
+                reported.setdefault(int(index), (ok == "1", error[0]))
     passed = [reported.get(i, (False, ""))[0] for i in units]
     errors = ["" if ok else (reported[i][1] if i in reported else "not run") for i, ok in zip(units, passed)]
     return TestResult(passed, errors, reason == "timeout", exceeded, time.monotonic() - start,

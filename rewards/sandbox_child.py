@@ -54,7 +54,7 @@ def build_root(spec: dict) -> None:
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
-        mount(path, target, None, MS_BIND | MS_REC)
+        mount(path, target, None, MS_BIND)  # not recursive: a submount would stay writable
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for name, link in spec["symlinks"].items():
         os.symlink(link, NEW_ROOT + name)
