@@ -1,0 +1,127 @@
+"""Rollout engine vs transformers' ``generate``: same random-weight DeepSeek-V3 model, same prompts, same run.
+
+    python bench/rollout.py --device cpu    # 20M config (vocab 32000, hidden 256, 4 layers), fp32,
+                                            # batch 128, 32-token prompts, 64 new tokens; goal >= 5x
+    python bench/rollout.py --device cuda   # 0.46B config, bf16, 64-token prompts, 256 new tokens,
+                                            # batch 256 (goal >= 20x) and batch 64
+
+The model configs are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py). Both sides
+sample at temperature 1 with top-k 50 (transformers' default for ``do_sample=True``) and generate exactly
+``new`` tokens (no early stop: min_new_tokens for generate, no stop tokens for the engine); best of
+``--reps`` timed runs after a warm-up. On CUDA the decode step time is (time(new) - time(1)) / (new - 1)
+and the roofline fraction is (bytes of weights + cache read per decode step) / step time / 4.8 TB/s.
+Prints one JSON line per shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+
+VOCAB = 32000
+H200_BYTES_PER_S = 4.8e12
+COMMON = dict(vocab_size=VOCAB, first_k_dense_replace=1, n_shared_experts=1, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+CPU_CONFIG = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                  topk_group=1, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                  v_head_dim=32, max_position_embeddings=1024)
+GPU_CONFIG = dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
+                  num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
+                  topk_group=2, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64,
+                  v_head_dim=64, max_position_embeddings=4096)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, reps: int, device: str) -> float:
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def hf_generate(model, ids: torch.Tensor, new: int):
+    kw = dict(do_sample=True, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=1)
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of parameters a decode step reads: everything except the embedding table (a few rows) and MTP."""
+    skip = {id(model.model.embed_tokens.weight)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: int, goal: float | None) -> dict:
+    ids = torch.randint(3, VOCAB, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    hf_generate(model, ids, 4)
+    hf_s = best_of(lambda: hf_generate(model, ids, new), reps, device)
+
+    def engine(n_new: int) -> RolloutEngine:
+        cfg = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=n_new, stop_token_ids=[], max_batch=batch)
+        return RolloutEngine(model, None, cfg)
+
+    prompts = ids.tolist()
+    full, first = engine(new), engine(1)
+    full.generate(prompts, 1)  # warm-up (captures the CUDA graphs of every length bucket)
+    ours_s = best_of(lambda: full.generate(prompts, 1), reps, device)
+    row = dict(what="rollout_vs_hf_generate", device=device, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+               batch=batch, prompt_len=prompt_len, new_tokens=new, threads=torch.get_num_threads(),
+               hf_seconds=round(hf_s, 3), hf_tokens_per_s=round(batch * new / hf_s, 1),
+               ours_seconds=round(ours_s, 3), ours_tokens_per_s=round(batch * new / ours_s, 1),
+               ratio=round(hf_s / ours_s, 2), goal=goal)
+    if device == "cuda":
+        first.generate(prompts, 1)
+        prefill_s = best_of(lambda: first.generate(prompts, 1), reps, device)
+        step_s = (ours_s - prefill_s) / (new - 1)
+        cache_per_token = full._decoder.cache.bytes_per_token
+        mean_len = prompt_len + new / 2
+        step_bytes = weight_bytes_per_step(model) + batch * mean_len * cache_per_token
+        row.update(decode_step_ms=round(step_s * 1e3, 3), bytes_per_step=int(step_bytes),
+                   roofline_fraction=round(step_bytes / step_s / H200_BYTES_PER_S, 3),
+                   gpu=torch.cuda.get_device_name())
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batch", type=int, nargs="*", help="batch sizes (default: 128 on cpu, 256 and 64 on cuda)")
+    ap.add_argument("--prompt-len", type=int)
+    ap.add_argument("--new-tokens", type=int)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    cpu = args.device == "cpu"
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**COMMON, **(CPU_CONFIG if cpu else GPU_CONFIG))
+    model = DeepseekV3ForCausalLM(config).eval()
+    if not cpu:
+        model = model.to(torch.bfloat16).cuda()
+    batches = args.batch or ([128] if cpu else [256, 64])
+    prompt_len = args.prompt_len or (32 if cpu else 64)
+    new = args.new_tokens or (64 if cpu else 256)
+    print(json.dumps(dict(what="model", params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                          torch=torch.__version__, date=time.strftime("%Y-%m-%d"))), flush=True)
+    for batch in batches:
+        goal = {("cpu", 128): 5.0, ("cuda", 256): 20.0}.get((args.device, batch))
+        print(json.dumps(run_shape(model, args.device, batch, prompt_len, new, args.reps, goal)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Rollout engine: G sampled completions per prompt, with the logprobs the trainer will recompute.
+
+For prompt x_i (i < P) and sample j < G, row r = i*G + j of the result holds a completion y_r drawn
+token by token from the policy pi at temperature T, truncated by top-k/top-p/min-p (``grpo.sampling``), and
+
+    logprobs[r, t] = log softmax(z_t / T)[y_{r,t}],  z_t = policy logits given (x_i, y_{r,<t})
+
+i.e. the log-probability under the untruncated temperature-T distribution, which is what the trainer's
+teacher-forced forward pass gives (in fp32 the two agree to ~1e-6). A completion ends at a stop token
+(kept, finish_reason 'stop'), at a token that completes a stop string (kept, 'stop') or after
+max_new_tokens tokens ('length').
+
+Two backends with the same sampler and logprob semantics:
+
+- DeepSeek-V3 policies (config.model_type == "deepseek_v3"): ``grpo.v3_decode`` (MLA latent cache,
+  absorbed-attention decode, grouped expert GEMMs) under a continuous-batching scheduler. ``max_batch``
+  slots; groups queue until G slots are free; newly admitted groups are prefilled once per prompt (latents
+  copied to the G slots) between decode steps, at most ``prefill_tokens`` (padded) prompt tokens at a time.
+  Finished sequences free their slot at once and active slots are kept contiguous (the last active slot
+  moves into the hole), so a decode step runs on exactly the active sequences. On CUDA the decode forward
+  is replayed from CUDA graphs captured per (batch bucket, length bucket); sampling runs eagerly after it.
+- any other Hugging Face causal LM: the model's own forward with a DynamicCache, in waves of
+  max_batch // G groups (left-padded prompts prefilled once, cache repeated G times, finished rows dropped
+  from the batch). No refill between waves.
+
+Expert parallelism: every rank must enter every forward (the MoE all-to-all needs all ranks). With
+``ep_group`` the V3 loop all-reduces two flags per iteration (anyone still busy / anyone prefilling); a
+rank with nothing to do runs a one-token dummy prefill or decode until all ranks are done, so every rank
+calls the same sequence of forwards. The MoE blocks themselves (e.g. DeepSpeed AutoEP's) are called as
+modules, so their collectives run inside them.
+
+Randomness: a torch.Generator seeded with ``seed`` when the engine is built; the same engine state and
+inputs give the same rollouts (per device type). One uniform per sampled token is drawn from it.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from grpo.config import ConfigError
+from grpo.sampling import StopStrings, sample
+from grpo.v3_decode import CudaGraphDecode, V3Decoder, is_v3
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: Optional[list[int]] = None  # None: the tokenizer's eos (else the model config's)
+    seed: int = 0
+    max_batch: int = 64  # decode slots (sequences decoded together)
+    prefill_tokens: int = 8192  # padded prompt tokens prefilled at once between decode steps
+    backend: Literal["auto", "v3", "generic"] = "auto"  # auto: v3 for model_type deepseek_v3
+    cuda_graphs: bool = True  # CUDA only
+
+    def __post_init__(self):
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("min_p", 0 <= self.min_p < 1, "must be in [0, 1)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("max_batch", self.max_batch >= 1, "must be >= 1"),
+            ("prefill_tokens", self.prefill_tokens >= 1, "must be >= 1"),
+        ]
+        for key, ok, message in checks:
+            if not ok:
+                raise ConfigError(key, f"{message}, got {getattr(self, key)!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ConfigError("stop_strings", f"must be non-empty strings, got {self.stop_strings!r}")
+
+
+@dataclass
+class Rollout:
+    """N = len(prompts) * G rows; rows i*G .. i*G+G-1 are the samples of prompt i. L = longest completion."""
+
+    prompt_ids: list[list[int]]  # [N] the prompt of each row
+    completion_ids: torch.Tensor  # [N, L] int64, pad id after each completion's end
+    completion_mask: torch.Tensor  # [N, L] bool, True on generated tokens (stop token included)
+    logprobs: torch.Tensor  # [N, L] fp32, log softmax(logits / T) at the token (0 where masked)
+    lengths: torch.Tensor  # [N] int64, generated tokens per row
+    finish_reason: list[str]  # [N] 'stop' | 'length'
+    group: torch.Tensor  # [N] int64, prompt index of each row (= row // G)
+    stats: dict[str, float] = field(default_factory=dict)  # prefill/decode counts and timing
+
+
+class _Outputs:
+    """Per-row generated tokens and logprobs (CPU), stop detection and finish reasons."""
+
+    def __init__(self, rows: int, cfg: SamplingConfig, pad_id: int, stop_ids: torch.Tensor, stops: StopStrings):
+        self.max_new, self.stop_ids, self.stops = cfg.max_new_tokens, stop_ids, stops
+        self.tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long)
+        self.logprobs = torch.zeros(rows, cfg.max_new_tokens)
+        self.count = torch.zeros(rows, dtype=torch.long)
+        self.reason = [""] * rows
+
+    def add(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Append one token to each of ``rows`` [m]; returns done [m] bool."""
+        tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        at = self.count[rows]
+        self.tokens[rows, at] = tokens
+        self.logprobs[rows, at] = logprobs.float()
+        self.count[rows] = at + 1
+        stop = torch.isin(tokens, self.stop_ids)
+        if self.stops:
+            for j in (~stop).nonzero().flatten().tolist():
+                r = int(rows[j])
+                stop[j] = self.stops.hit(self.tokens[r, : at[j] + 1].tolist())
+        done = stop | (at + 1 >= self.max_new)
+        for j in done.nonzero().flatten().tolist():
+            self.reason[int(rows[j])] = "stop" if stop[j] else "length"
+        return done
+
+
+def _any_rank(flags: list[bool], group) -> list[bool]:
+    """Element-wise OR of ``flags`` over the ranks of ``group`` (identity without a group)."""
+    if group is None:
+        return flags
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
+class RolloutEngine:
+    """``RolloutEngine(model, tokenizer, cfg).generate(prompts, group_size) -> Rollout``.
+
+    model: a causal LM (DeepSeek-V3 gets the fast path); tokenizer: used for eos/pad ids and stop strings
+    (may be None when cfg.stop_token_ids is given and no stop strings are used); ep_group: the expert-parallel
+    process group when the policy's experts are sharded (see module docstring).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: SamplingConfig, *, ep_group=None):
+        self.model, self.tokenizer, self.cfg, self.ep_group = model, tokenizer, cfg, ep_group
+        self.device = next(model.parameters()).device
+        if cfg.backend == "v3" and not is_v3(model):
+            raise ConfigError("backend", f"'v3' needs a model with model_type 'deepseek_v3', got {model.config.model_type!r}")
+        self.backend = "v3" if cfg.backend == "v3" or cfg.backend == "auto" and is_v3(model) else "generic"
+        if ep_group is not None and self.backend != "v3":
+            raise ValueError("ep_group (expert parallelism) is only supported by the DeepSeek-V3 backend")
+        self.stops = StopStrings(tokenizer, cfg.stop_strings)
+        self.stop_ids = torch.tensor(self._stop_ids(), dtype=torch.long)
+        self.pad_id = next(i for i in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
+                                       int(self.stop_ids[0]) if len(self.stop_ids) else None, 0) if i is not None)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self._decoder: V3Decoder | None = None
+        self._graphs: CudaGraphDecode | None = None
+        self.stats: dict[str, float] = {}
+
+    def _stop_ids(self) -> list[int]:
+        if self.cfg.stop_token_ids is not None:
+            return list(self.cfg.stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = self.model.config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    # ---- public API --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], group_size: int) -> Rollout:
+        """Sample ``group_size`` completions for each prompt (token ids). See ``Rollout`` for the layout."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if group_size > self.cfg.max_batch:
+            raise ValueError(f"group_size {group_size} exceeds max_batch {self.cfg.max_batch}: a group decodes together")
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if len(p) == 0 or min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids in [0, {vocab}), got {p[:8]}...")
+        rows = len(prompts) * group_size
+        out = _Outputs(rows, self.cfg, self.pad_id, self.stop_ids, self.stops)
+        self.stats = dict(prefill_calls=0, prefill_tokens=0, decode_steps=0, decode_tokens=0)
+        start = time.perf_counter()
+        if rows:
+            (self._run_v3 if self.backend == "v3" else self._run_generic)(prompts, group_size, out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats["seconds"] = time.perf_counter() - start
+        width = int(out.count.max()) if rows else 0
+        mask = torch.arange(width)[None] < out.count[:, None]
+        return Rollout(
+            prompt_ids=[list(p) for p in prompts for _ in range(group_size)],
+            completion_ids=out.tokens[:, :width].clone(),
+            completion_mask=mask,
+            logprobs=out.logprobs[:, :width] * mask,
+            lengths=out.count.clone(),
+            finish_reason=out.reason,
+            group=torch.arange(rows) // group_size,
+            stats=dict(self.stats),
+        )
+
+    def generate_text(self, prompts: list[str], group_size: int = 1) -> list[str]:
+        """Tokenize ``prompts`` (no special tokens added), generate, and decode the N completions."""
+        ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        ro = self.generate(ids, group_size)
+        return [self.tokenizer.decode(ro.completion_ids[r, : ro.lengths[r]].tolist(), skip_special_tokens=True)
+                for r in range(len(ro.finish_reason))]
+
+    def release(self) -> None:
+        """Free the cache and CUDA graphs (they are rebuilt on the next generate)."""
+        self._decoder = self._graphs = None
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=self.device)
+
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        return sample(logits, self._uniform(logits.shape[0]), temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
+
+    # ---- DeepSeek-V3: slots, refill, latent cache ----------------------------------------------------------
+    def _decoder_for(self, max_len: int) -> V3Decoder:
+        d = self._decoder
+        if d is None or d.cache.max_len < max_len or d.tokens.shape[0] != self.cfg.max_batch:
+            self._decoder = self._graphs = None
+            self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
+            if self.device.type == "cuda" and self.cfg.cuda_graphs:
+                self._graphs = CudaGraphDecode(self._decoder)
+        return self._decoder
+
+    def _run_v3(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
+        cfg, G = self.cfg, group_size
+        dec = self._decoder_for(max(map(len, prompts)) + cfg.max_new_tokens)
+        queue = deque(range(len(prompts)))
+        slot_row = torch.full((cfg.max_batch,), -1, dtype=torch.long)  # result row of each active slot
+        pos = torch.zeros(cfg.max_batch, dtype=torch.long)  # tokens in the cache of each slot
+        n = 0  # active slots are 0..n-1
+        while True:
+            admit, width = [], 0
+            while queue and n + (len(admit) + 1) * G <= cfg.max_batch:
+                width = max(width, len(prompts[queue[0]]))
+                if admit and width * (len(admit) + 1) > cfg.prefill_tokens:
+                    break
+                admit.append(queue.popleft())
+            busy, prefilling = _any_rank([bool(queue or admit) or n > 0, bool(admit)], self.ep_group)
+            if not busy:
+                return
+            if prefilling:
+                n = self._prefill(dec, prompts, admit, G, n, slot_row, pos, out)
+            if n > 0:
+                n = self._decode(dec, n, slot_row, pos, out)
+            elif self.ep_group is not None:  # keep the expert all-to-all matched across ranks
+                dec.positions[0] = 0
+                dec.decode(1, 1)
+
+    def _prefill(self, dec: V3Decoder, prompts, admit: list[int], G: int, n: int, slot_row, pos, out) -> int:
+        if not admit:  # expert parallelism: another rank is prefilling
+            dec.prefill([[self.pad_id]], [[]])
+            return n
+        slots = [[n + j * G + g for g in range(G)] for j in range(len(admit))]
+        logits = dec.prefill([prompts[i] for i in admit], slots)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in admit)
+        tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
+        new = slice(n, n + len(admit) * G)
+        dec.tokens[new] = tokens
+        slot_row[new] = torch.tensor([i * G + g for i in admit for g in range(G)])
+        pos[new] = torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G)
+        done = torch.zeros(new.stop, dtype=torch.bool)
+        done[new] = out.add(slot_row[new], tokens, logprobs)
+        return self._compact(dec, done, slot_row, pos)
+
+    def _decode(self, dec: V3Decoder, n: int, slot_row, pos, out) -> int:
+        dec.positions[:n].copy_(pos[:n])
+        span = int(pos[:n].max()) + 1
+        logits = self._graphs(n, span) if self._graphs is not None else dec.decode(n, span)
+        tokens, logprobs = self._sample(logits)
+        dec.tokens[:n] = tokens
+        pos[:n] += 1
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += n
+        return self._compact(dec, out.add(slot_row[:n], tokens, logprobs), slot_row, pos)
+
+    @staticmethod
+    def _compact(dec: V3Decoder, done: torch.Tensor, slot_row, pos) -> int:
+        """Free the slots with done [n] True; move the last active slots into the holes. Returns the new n."""
+        n = done.shape[0]
+        live = n - int(done.sum())
+        holes = done[:live].nonzero().flatten()
+        movers = (~done[live:]).nonzero().flatten() + live
+        if len(holes):
+            src, dst = movers.to(dec.device), holes.to(dec.device)
+            dec.cache.move(src, dst)
+            dec.tokens[dst] = dec.tokens[src]
+            slot_row[holes], pos[holes] = slot_row[movers], pos[movers]
+        slot_row[live:n], pos[live:n] = -1, 0
+        return live
+
+    # ---- any causal LM: waves with the model's own forward and cache ---------------------------------------
+    def _run_generic(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
+        from transformers import DynamicCache
+
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            per_wave = max(1, self.cfg.max_batch // group_size)
+            for start in range(0, len(prompts), per_wave):
+                wave = list(range(start, min(start + per_wave, len(prompts))))
+                self._wave(DynamicCache, cache_kw, prompts, wave, group_size, out)
+        finally:
+            self.model.train(was_training)
+
+    def _wave(self, cache_cls, cache_kw: str, prompts, wave: list[int], G: int, out: _Outputs) -> None:
+        width = max(len(prompts[i]) for i in wave)
+        ids = torch.full((len(wave), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(wave), width, dtype=torch.long)
+        for b, i in enumerate(wave):  # left padding, as transformers' generate
+            ids[b, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[b, width - len(prompts[i]):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = cache_cls(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in wave)
+        cache.batch_repeat_interleave(G)
+        mask, last = mask.repeat_interleave(G, dim=0), positions[:, -1].repeat_interleave(G)
+        rows = torch.tensor([i * G + g for i in wave for g in range(G)])
+        tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
+        done = out.add(rows, tokens, logprobs)
+        while not bool(done.all()):
+            if bool(done.any()):
+                keep = (~done).nonzero().flatten()
+                cache.batch_select_indices(keep.to(self.device))
+                keep_d = keep.to(self.device)
+                rows, mask, last, tokens = rows[keep], mask[keep_d], last[keep_d], tokens[keep_d]
+            mask = torch.cat((mask, mask.new_ones(len(rows), 1)), dim=1)
+            last = last + 1
+            logits = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                                use_cache=True, **{cache_kw: cache}).logits[:, -1]
+            tokens, logprobs = self._sample(logits)
+            self.stats["decode_steps"] += 1
+            self.stats["decode_tokens"] += len(rows)
+            done = out.add(rows, tokens, logprobs)

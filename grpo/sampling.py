@@ -1,0 +1,154 @@
+"""Token sampling for the rollout engine: temperature, top-k, top-p, min-p, and the logprob the trainer needs.
+
+For logits z of one position and temperature T > 0 the engine reports, for the sampled token y,
+
+    logprob(y) = log softmax(z / T)_y                        (the full, untruncated distribution at T)
+
+and draws y from the truncated, renormalised distribution
+
+    p_T      = softmax(z / T)
+    keep     = top-k set of p_T  (k = top_k; all tokens when top_k = 0)
+    q        = p_T restricted to keep, renormalised
+    keep    &= top-p nucleus of q: the smallest prefix of q sorted descending whose mass reaches top_p
+    keep    &= { i : p_T(i) >= min_p * max_j p_T(j) }
+    y        ~ p_T restricted to keep, renormalised
+
+The reported logprob is that of the distribution *before* truncation, because that is what the trainer's
+teacher-forced forward pass recomputes (log softmax(z / T)); truncation only shapes which tokens are drawn.
+The order top-k -> top-p -> min-p is that of transformers' logits processors. T = 0 means greedy (argmax);
+its logprob is log softmax(z)_y (temperature 1).
+
+Drawing uses one uniform number per row and the inverse CDF of the kept probabilities (no per-vocabulary
+noise: generating V random numbers per row costs more than the model on a CPU), choosing a block of the
+vocabulary from block sums and then the token inside it. Top-k searches only the blocks with the largest
+maxima. Apart from top-p without top-k (one check whether the 1024 most likely tokens suffice) it is a fixed
+sequence of tensor ops without host synchronisation.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample(
+    logits: torch.Tensor,
+    uniform: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. logits [B, V] (any float dtype), uniform [B] in [0, 1).
+
+    Returns tokens [B] int64 and logprobs [B] fp32 = log softmax(logits / temperature) at the tokens
+    (temperature 1 when greedy), i.e. the untruncated distribution at the sampling temperature.
+    """
+    z = logits.float()
+    if temperature not in (0.0, 1.0):
+        z = z / temperature
+    probs = torch.softmax(z, dim=-1)
+    if temperature == 0:
+        tokens = z.argmax(dim=-1)
+    elif 0 < top_k < z.shape[-1] or top_p < 1.0:
+        cand, idx = truncate(probs, top_k=top_k, top_p=top_p, min_p=min_p)
+        tokens = idx.gather(1, _inverse_cdf(cand, uniform)[:, None]).squeeze(1)
+    else:
+        kept = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0) if min_p > 0 else probs
+        tokens = _inverse_cdf(kept, uniform)
+    # a drawn token has probability >= ~1e-38, so the fp32 log is accurate to ~1e-7
+    return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
+
+
+def truncate(
+    probs: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates of the truncated distribution. probs [B, V] = softmax(logits / T).
+
+    Returns (weights [B, C], indices [B, C]) sorted by descending probability: the probabilities of the
+    kept tokens and 0 for the dropped ones (C = top_k, or V when top_k = 0). The most likely token is
+    always kept. Without top-k, top-p looks at the 1024 most likely tokens when they hold at least top_p of
+    the mass in every row (exact), and sorts the whole vocabulary otherwise.
+    """
+    vocab = probs.shape[-1]
+    if 0 < top_k < vocab:
+        vals, idx = _topk(probs, top_k)
+    else:
+        vals, idx = _topk(probs, min(vocab, 1024))
+        if vals.shape[-1] < vocab and bool((vals.sum(dim=-1) < top_p).any()):
+            vals, idx = probs.sort(dim=-1, descending=True)
+    if top_p < 1.0:  # nucleus of the top-k renormalised distribution (of p_T itself without top-k)
+        total = vals.sum(dim=-1, keepdim=True) if 0 < top_k < vocab else 1.0
+        mass_before = (vals.cumsum(dim=-1) - vals) / total
+        vals = vals.masked_fill(mass_before >= top_p, 0.0)
+    if min_p > 0:
+        vals = vals.masked_fill(vals < min_p * vals[:, :1], 0.0)
+    return vals, idx
+
+
+def _block(vocab: int) -> int:
+    """Largest power of two in [32, 256] dividing the vocabulary size (0: none)."""
+    return next((b for b in (256, 128, 64, 32) if vocab % b == 0), 0)
+
+
+def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk (sorted) through blocks: the k largest entries lie in the k blocks with the largest
+    maxima, so only those k * block entries are searched (exact; one pass over V for the block maxima)."""
+    batch, vocab = probs.shape
+    block = _block(vocab)
+    if not block or 4 * k * block > vocab:
+        return probs.topk(k, dim=-1)
+    blocks = probs.view(batch, vocab // block, block)
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [B, k]
+    cand = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).view(batch, k * block)
+    vals, pos = cand.topk(k, dim=-1)
+    idx = best.gather(1, pos // block) * block + pos % block
+    return vals, idx
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index drawn per row with probability proportional to ``weights`` [B, C] (>= 0; zeros never drawn)
+    using the uniforms [B]: the first index whose cumulative weight exceeds uniform * total. With a block
+    size dividing C, the block is chosen first from the block sums, then the index within it."""
+    batch, size = weights.shape
+    block = _block(size)
+    if not block or size <= 4 * block:
+        cdf = weights.cumsum(dim=-1)
+        return torch.searchsorted(cdf, _target(uniform, cdf[:, -1:]), right=True).squeeze(1).clamp_(max=size - 1)
+    blocks = weights.view(batch, size // block, block)
+    block_cdf = blocks.sum(dim=-1).cumsum_(dim=-1)  # [B, nb]
+    target = _target(uniform, block_cdf[:, -1:])
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[-1] - 1)  # [B, 1]
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, chosen[:, :, None].expand(-1, -1, block)).squeeze(1).cumsum(dim=-1)  # [B, block]
+    rest = torch.minimum(target - before, inner[:, -1:] * (1 - 1e-6)).clamp_(min=0)  # rounding stays inside
+    within = torch.searchsorted(inner, rest, right=True).clamp_(max=block - 1)
+    return (chosen * block + within).squeeze(1)
+
+
+def _target(uniform: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """uniform * total, kept below total so that fp32 rounding never lands past the last nonzero weight."""
+    return torch.minimum(uniform.to(total.dtype)[:, None] * total, total * (1 - 1e-6))
+
+
+class StopStrings:
+    """Detects stop strings in the tail of a completion by decoding only its last few tokens.
+
+    A token sequence stops when the decoded text of its last ``window`` tokens contains a stop string;
+    ``window`` = longest stop string in characters + 2 tokens, enough as long as tokens decode to at least
+    one character. The completion keeps the token that completed the stop string.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str]):
+        if stop_strings and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer to decode completions; pass one to RolloutEngine")
+        if any(not s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.window = max((len(s) for s in stop_strings), default=0) + 2
+
+    def __bool__(self) -> bool:
+        return bool(self.stop_strings)
+
+    def hit(self, tokens: list[int]) -> bool:
+        text = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=False)
+        return any(s in text for s in self.stop_strings)

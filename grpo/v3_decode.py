@@ -1,0 +1,311 @@
+"""Fast inference forward of a DeepSeek-V3 policy for the rollout engine: MLA latent cache, absorbed decode.
+
+Works directly on the weights of transformers' ``DeepseekV3ForCausalLM`` (and of ``grpo.model``'s policy, which
+keeps its module and parameter names); it holds references, never copies, so optimizer updates are seen.
+
+Multi-head latent attention (DeepSeek-V2/V3), per layer, for a token with hidden state h at position t:
+
+    c_t   = RMSNorm(W_DKV h)            [R]    latent, R = kv_lora_rank
+    k^R_t = RoPE_t(W_KR h)              [Dr]   shared roped key, Dr = qk_rope_head_dim
+    q_h   = [q^C_h ; RoPE_t(q^R_h)]     per head, from q_b_proj(RMSNorm(q_a_proj h)) (or q_proj h)
+    k_h   = [W_UK,h c ; k^R],  v_h = W_UV,h c          (kv_b_proj = [W_UK ; W_UV] per head)
+    o     = W_O concat_h softmax_s(scale * q_h . k_h,s) v_h,s
+
+Cache: only [c_t ; k^R_t] is stored, (R + Dr) values per token per layer (``LatentCache``), instead of
+H * (Dn + Dr + Dv) for full keys/values.
+Decode (absorbed): q_h . k_h,s = (W_UK,h^T q^C_h) . c_s + q^R_h . k^R_s, so the query is mapped once into latent
+space, attention runs over the cached latents directly, and the output is (softmax @ c) mapped by W_UV,h then
+W_O. Prefill runs the ordinary (non-absorbed) form with causal SDPA over the prompt and writes the latents of
+each prompt to all of its group's slots (one prefill per prompt, G cache copies).
+RoPE cos/sin come from the model's own rotary module (so YaRN and its attention factor match transformers),
+and the softmax scale is the attention module's (qk_head_dim^-1/2 times YaRN mscale^2).
+MoE: routing is ``grpo.moe.route`` (sigmoid scores, bias for selection, group-limited top-k); routed experts
+run as two grouped GEMMs over the token-expert pairs sorted by expert (``torch.nn.functional.grouped_mm``; a
+gathered-weights bmm where grouped_mm lacks a kernel), no Python loop over experts. A ``mlp`` that is not
+transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
+stays inside it.
+Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
+MTP modules are not used for generation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grpo.moe import route
+
+
+def is_v3(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "deepseek_v3"
+
+
+class LatentCache:
+    """Preallocated MLA cache. ``data`` [layers, slots, max_len, kv_lora_rank + qk_rope_head_dim]:
+    per slot and position the normalised latent c (first kv_lora_rank values) and the roped key k^R."""
+
+    def __init__(self, *, layers: int, slots: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
+        self.kv_lora_rank = kv_lora_rank
+        self.data = torch.zeros(layers, slots, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of cache per token of one sequence, all layers: layers * (R + Dr) * itemsize."""
+        return self.data.shape[0] * self.data.shape[3] * self.data.element_size()
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole slots src[i] -> dst[i] (disjoint index sets)."""
+        self.data[:, dst] = self.data[:, src]
+
+
+def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' RMSNorm: weight * (x normalised in fp32, cast back to x's dtype)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
+
+
+def _linear(module: nn.Module):
+    """A plain nn.Linear is applied through F.linear (no module-call overhead); anything else (e.g. an adapter
+    wrapper) is called as a module."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+class _Experts:
+    """Routed experts of one MoE block (transformers' fused layout: gate_up_proj [E, 2I, D], down_proj [E, D, I])."""
+
+    def __init__(self, moe: nn.Module, config):
+        self.gate, self.experts, self.shared = moe.gate, moe.experts, moe.shared_experts
+        self.n_experts = config.n_routed_experts
+        self.kw = dict(n_group=config.n_group, topk_group=config.topk_group, top_k=config.num_experts_per_tok,
+                       norm=config.norm_topk_prob, scale=config.routed_scaling_factor)
+        self.shared_mlp = _DenseMLP(moe.shared_experts)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h.float(), self.gate.weight.float())
+        weights, idx, _ = route(logits, self.gate.e_score_correction_bias, **self.kw)
+        return self.routed(h, idx, weights) + self.shared_mlp(h)
+
+    def routed(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * Expert_{idx[t, k]}(h_t), token-expert pairs sorted by expert, grouped GEMMs."""
+        n_tok, top_k = idx.shape
+        expert_sorted, perm = idx.reshape(-1).sort(stable=True)
+        rows = perm // top_k
+        x = h[rows]
+        gate_up = self.experts.gate_up_proj.transpose(1, 2)  # [E, D, 2I]
+        down = self.experts.down_proj.transpose(1, 2)  # [E, I, D]
+        if _grouped_mm_ok(h):
+            offs = torch.searchsorted(expert_sorted, torch.arange(self.n_experts, device=h.device), right=True)
+            offs = offs.to(torch.int32)
+            gu = F.grouped_mm(x, gate_up, offs=offs)
+            g, u = gu.chunk(2, dim=-1)
+            y = F.grouped_mm(self.experts.act_fn(g) * u, down, offs=offs)
+        else:
+            gu = torch.bmm(x[:, None], gate_up[expert_sorted])
+            g, u = gu.chunk(2, dim=-1)
+            y = torch.bmm(self.experts.act_fn(g) * u, down[expert_sorted]).squeeze(1)
+        y = y * weights.reshape(-1)[perm, None]  # fp32, as transformers accumulates
+        out = torch.empty_like(y)
+        out[perm] = y
+        return out.view(n_tok, top_k, -1).sum(dim=1).to(h.dtype)
+
+
+class _DenseMLP:
+    def __init__(self, mlp: nn.Module):
+        self.gate, self.up, self.down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
+        self.act = mlp.act_fn
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(h)) * self.up(h))
+
+
+def _mlp(mlp: nn.Module, config):
+    if hasattr(mlp, "experts") and hasattr(getattr(mlp, "experts"), "gate_up_proj") and hasattr(mlp, "gate"):
+        return _Experts(mlp, config)
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return _DenseMLP(mlp)
+    return lambda h: mlp(h[None])[0]  # foreign block (e.g. expert-parallel MoE): [T, D] -> [1, T, D]
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module, config):
+        a = layer.self_attn
+        self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.heads, self.nope, self.rope, self.v_dim = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.rank, self.scale = a.kv_lora_rank, a.scaling
+        if a.q_lora_rank is None:
+            self.q = _linear(a.q_proj)
+        else:
+            q_a, q_b, q_norm = _linear(a.q_a_proj), _linear(a.q_b_proj), a.q_a_layernorm
+            self.q = lambda h: q_b(_rms(q_a(h), q_norm))
+        self.kv_a, self.kv_norm, self.kv_b, self.o = _linear(a.kv_a_proj_with_mqa), a.kv_a_layernorm, a.kv_b_proj, _linear(a.o_proj)
+        if type(a.kv_b_proj) is not nn.Linear:
+            raise TypeError("the absorbed MLA decode needs kv_b_proj to be a plain nn.Linear; use backend='generic'")
+        self.mlp = _mlp(layer.mlp, config)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, Dn, R] and W_UV^T [H, R, Dv]: views of kv_b_proj.weight [H*(Dn+Dv), R]."""
+        w = self.kv_b.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
+
+
+class V3Decoder:
+    """Batched prefill and decode over ``slots`` sequences of at most ``max_len`` tokens each.
+
+    Host-side state is the caller's (positions, which slots are active); the device state here is the latent
+    cache and ``tokens`` [slots] (the next input token of each slot).
+    """
+
+    def __init__(self, model: nn.Module, *, slots: int, max_len: int):
+        config = model.config
+        self.model, self.config = model, config
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        base = model.model
+        self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(model.lm_head)
+        self.layers = [_Layer(layer, config) for layer in base.layers[: config.num_hidden_layers]]
+        self.interleave = bool(getattr(config, "rope_interleave", False))
+        first = self.layers[0]
+        self.cache = LatentCache(layers=len(self.layers), slots=slots, max_len=max_len, kv_lora_rank=first.rank,
+                                 rope_dim=first.rope, dtype=self.dtype, device=self.device)
+        positions = torch.arange(max_len, device=self.device)[None]
+        cos, sin = base.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, Dr], attention factor included
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(slots, device=self.device) * max_len  # first cache row of each slot
+        self.span_range = torch.arange(max_len, device=self.device)
+
+    # ---- rotary ------------------------------------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [..., T, heads, Dr], cos/sin [T, Dr] (broadcast over heads); transformers' formula and layout."""
+        cos, sin = cos[:, None], sin[:, None]
+        if self.interleave:
+            half = x.shape[-1] // 2
+            c, s = cos[..., :half], sin[..., :half]
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    # ---- decode ------------------------------------------------------------------------------------------
+    def decode(self, n: int, span: int) -> torch.Tensor:
+        """One token for slots 0..n-1: input ``tokens[:n]`` at ``positions[:n]`` (every position < span).
+        Writes their latents to the cache and returns logits [n, V]. Static shapes for given (n, span)."""
+        pos = self.positions[:n]
+        cos, sin = self.cos[pos], self.sin[pos]
+        visible = self.span_range[:span] <= pos[:, None]
+        mask = torch.zeros(n, 1, span, dtype=self.dtype, device=self.device).masked_fill_(~visible[:, None], float("-inf"))
+        write_rows = self.rows[:n] + pos
+        x = self.embed(self.tokens[:n])
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend_decode(layer, self.cache.data[i], _rms(x, layer.in_norm), cos, sin, mask, write_rows, span)
+            x = x + layer.mlp(_rms(x, layer.post_norm))
+        return self.lm_head(_rms(x, self.final_norm))
+
+    def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, cos, sin, mask, write_rows, span) -> torch.Tensor:
+        n, heads, rank = h.shape[0], layer.heads, layer.rank
+        q = layer.q(h).view(n, heads, layer.nope + layer.rope)
+        kv = layer.kv_a(h)
+        latent = torch.cat((_rms(kv[:, :rank], layer.kv_norm), self._rope(kv[:, None, rank:], cos, sin)[:, 0]), dim=-1)
+        cache.view(-1, cache.shape[-1]).index_copy_(0, write_rows, latent)
+        w_uk, w_uv_t = layer.absorbed_weights()
+        q_latent = torch.bmm(q[..., : layer.nope].transpose(0, 1), w_uk)  # [H, n, R]
+        q_full = torch.cat((q_latent.transpose(0, 1), self._rope(q[..., layer.nope:], cos, sin)), dim=-1)  # [n, H, R+Dr]
+        keys = cache[:n, :span]  # [n, span, R+Dr]
+        scores = torch.baddbmm(mask, q_full, keys.transpose(1, 2), alpha=layer.scale)  # [n, H, span]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
+        out_latent = torch.bmm(probs, keys[..., :rank])  # [n, H, R]
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv_t)  # [H, n, Dv]
+        return layer.o(out.transpose(0, 1).reshape(n, heads * layer.v_dim))
+
+    # ---- prefill -----------------------------------------------------------------------------------------
+    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Run each prompt once and write its latents to every slot in ``slots[i]`` (positions 0..len-1).
+        Returns the logits at each prompt's last token [len(prompts), V]."""
+        lens = [len(p) for p in prompts]
+        batch, width = len(prompts), max(lens)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        src, dst = [], []
+        for b, (p, targets) in enumerate(zip(prompts, slots)):
+            ids[b, : len(p)] = torch.tensor(p)
+            for s in targets:
+                src.extend(range(b * width, b * width + len(p)))
+                dst.extend(range(s * self.cache.max_len, s * self.cache.max_len + len(p)))
+        ids = ids.to(self.device)
+        src = torch.tensor(src, dtype=torch.long, device=self.device)
+        dst = torch.tensor(dst, dtype=torch.long, device=self.device)
+        cos, sin = self.cos[:width], self.sin[:width]
+        x = self.embed(ids).view(batch * width, -1)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, cos, sin, src, dst)
+            x = x + layer.mlp(_rms(x, layer.post_norm))
+        last = torch.tensor([b * width + n - 1 for b, n in enumerate(lens)], device=self.device)
+        return self.lm_head(_rms(x[last], self.final_norm))
+
+    def _attend_prefill(self, layer: _Layer, cache, h, batch, width, cos, sin, src, dst) -> torch.Tensor:
+        heads, rank, nope = layer.heads, layer.rank, layer.nope
+        q = layer.q(h).view(batch, width, heads, nope + layer.rope)
+        kv = layer.kv_a(h).view(batch, width, -1)
+        c = _rms(kv[..., :rank], layer.kv_norm)
+        k_rope = self._rope(kv[..., None, rank:], cos, sin)  # [B, P, 1, Dr]
+        latent = torch.cat((c, k_rope[:, :, 0]), dim=-1).view(batch * width, -1)
+        cache.view(-1, cache.shape[-1]).index_copy_(0, dst, latent[src])
+        kv_up = layer.kv_b(c).view(batch, width, heads, nope + layer.v_dim)
+        keys = torch.cat((kv_up[..., :nope], k_rope.expand(-1, -1, heads, -1)), dim=-1)
+        queries = torch.cat((q[..., :nope], self._rope(q[..., nope:], cos, sin)), dim=-1)
+        out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), kv_up[..., nope:].transpose(1, 2),
+                                             is_causal=True, scale=layer.scale)  # [B, H, P, Dv]
+        return layer.o(out.transpose(1, 2).reshape(batch * width, heads * layer.v_dim))
+
+
+class CudaGraphDecode:
+    """``V3Decoder.decode`` replayed from CUDA graphs, one per (batch bucket, span bucket).
+
+    Batch buckets are powers of two up to the slot count (and the slot count); spans are rounded up to a
+    multiple of ``span_step``. Rows n..bucket-1 are free slots: they are decoded at position 0 and ignored
+    (their cache rows are rewritten by the prefill of their next sequence before being read). Graphs share
+    one memory pool, so the returned logits are only valid until the next call. Decode is idempotent for
+    fixed inputs (it rewrites the same latents), so the warm-up run before each capture is harmless.
+    Parameters must keep their storage (in-place optimizer updates are fine); call ``V3Decoder``'s owner's
+    ``release()`` after replacing parameter tensors.
+    """
+
+    def __init__(self, decoder: V3Decoder, span_step: int = 64):
+        self.decoder, self.span_step = decoder, span_step
+        slots = decoder.tokens.shape[0]
+        self.buckets = sorted({2**i for i in range(slots.bit_length()) if 2**i < slots} | {slots})
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, n: int, span: int) -> torch.Tensor:
+        batch = next(b for b in self.buckets if b >= n)
+        span = min(self.decoder.cache.max_len, -(-span // self.span_step) * self.span_step)
+        self.decoder.positions[n:batch] = 0
+        if (batch, span) not in self.graphs:
+            self.graphs[batch, span] = self._capture(batch, span)
+        graph, logits = self.graphs[batch, span]
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, batch: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.decoder.decode(batch, span)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.decoder.decode(batch, span)
+        return graph, logits
