@@ -294,12 +294,9 @@ def _parse(s: str):
 
 
 def _sympy_equal(gold: str, pred: str) -> bool:
+    """Worker-side check of two normalised answers; an unparsable side is not equivalent."""
     try:
-        g = _parse(gold)
-    except Exception:
-        return False
-    try:
-        p = _parse(pred)
+        g, p = _parse(gold), _parse(pred)
     except Exception:
         return False
     return bool(_equal(g, p))
