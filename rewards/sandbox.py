@@ -22,7 +22,8 @@ Isolation (strong mode, the default; needs root on Linux and util-linux ``unshar
   * rlimits: CPU seconds, address space, file size, open files, processes/threads (per uid), no core dumps;
   * wall clock: the parent kills the namespace's init on timeout; the kernel then kills every process of the
     namespace, double-forked daemons included, before the run is reported done. Any run (timeout or not) ends
-    with the namespace torn down: nothing it started survives it;
+    with the namespace torn down: nothing it started survives it, not even a crash of the parent (``setpriv
+    --pdeathsig KILL`` on unshare, whose ``--kill-child`` then takes the namespace down);
   * stdout/stderr are read up to ``max_output_bytes`` each; a run that writes more is killed and fails.
 Weak mode (``allow_weak_isolation=True``, used only when strong isolation is unavailable, with a loud warning
 every time a pool starts): a separate process in its own session with the same rlimits, timeout and output caps,
@@ -281,6 +282,10 @@ class _Launcher:
         self.cfg, self.isolated = cfg, isolated
         self.python = os.path.realpath(sys.executable)
         self.unshare = shutil.which("unshare") or "unshare"
+        # If this process dies mid-run, SIGKILL reaches the run's top process (unshare, which then kills its
+        # namespace through --kill-child), so nothing outlives the trainer.
+        setpriv = shutil.which("setpriv")
+        self.prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         self.ro_binds, self.symlinks = _root_view(self.python)
         with contextlib.suppress(OSError):  # a read-only checkout just starts slower
             py_compile.compile(CHILD, doraise=True)
@@ -302,8 +307,9 @@ class _Launcher:
         argv = [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOT, marshal.dumps(spec).hex()]
         workdir = None
         if self.isolated:
-            argv = [self.unshare, *NAMESPACES, "--", *argv]
+            argv = [*self.prefix, self.unshare, *NAMESPACES, "--", *argv]
         else:
+            argv = [*self.prefix, *argv]
             workdir = tempfile.mkdtemp(prefix="sandbox-")
             if os.geteuid() == 0:
                 os.chown(workdir, uid, uid)

@@ -6,6 +6,8 @@ failed, not merely that the program crashed.
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -345,6 +347,29 @@ def add(a, b):
     assert not any(marker in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
                    for p in filter(str.isdigit, os.listdir("/proc")) if os.path.exists(f"/proc/{p}/cmdline"))
     assert not (tmp_path / "daemon-was-here").exists() and not os.path.exists("/tmp/daemon-was-here")
+
+
+@strong
+def test_nothing_outlives_a_parent_that_dies_mid_run(tmp_path):
+    marker = f"{random.randrange(10**6)}.{random.randrange(10**6)}"
+    parent = f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+from rewards.sandbox import Sandbox, SandboxConfig, plan_tests
+program = "import os\\nos.execv('/usr/bin/sleep', ['sleep', '{marker}'])\\n"
+Sandbox(SandboxConfig(timeout=60, workers=1)).run_tests(program, plan_tests(["assert add(1, 2) == 3"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 20
+    while not any(marker in cmdline for _, cmdline in sandbox_processes()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the sandboxed sleep never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while any(marker in cmdline for _, cmdline in sandbox_processes()):
+        assert time.monotonic() < deadline, sandbox_processes()
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------- attacks: the verdict
