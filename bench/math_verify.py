@@ -1,17 +1,20 @@
 """Math verification throughput: rewards.math.verify_batch vs math-verify's verify(parse(g), parse(p)).
 
-Workload: each gold answer of MATH-500 (/work/shared/data/math500_test.jsonl; a built-in synthetic set of
-fractions, radicals, polynomials, intervals and tuples when that file is absent) against completion-like
-predictions: the gold boxed in a sentence, a re-typeset form (dfrac, left/right, spacing), sympy's own
-LaTeX of the parsed gold, a 10-digit decimal of numeric golds (all labelled equivalent), and the gold with
-its last digit changed (labelled not equivalent). The anchor is math-verify 0.9.0 called naively, one
-pair at a time in this process (its signal-based timeouts), as RL recipes commonly do.
+Two workloads, each gold paired with completion-like predictions labelled by construction:
+  * MATH-500 (/work/shared/data/math500_test.jsonl; a synthetic set of fractions, radicals, polynomials,
+    intervals, tuples and matrices when absent): the gold boxed in a sentence, a re-typeset form (dfrac,
+    left/right, spacing), sympy's own LaTeX of the parsed gold, a 10-digit decimal of numeric golds
+    (all equivalent) and the gold with its last digit changed (not equivalent);
+  * the built-in generator (data.generate): the ``answer`` column's varied spellings (``\\dfrac34``,
+    ``0.75``, ``3/4``...) against the canonical CoT completion (equivalent) and against a completion
+    boxing the value + 1 (not equivalent).
+The anchor is math-verify 0.9.0 called naively, one pair at a time in this process (its signal-based
+timeouts), as RL recipes commonly do. Both see the same strings; our pool runs ``--workers`` processes
+(default 2, the 2-core target) behind the in-process fast path, with the cache off so every pair is
+really checked. Prints checks/s for both, the ratio, their agreement, each one's agreement with the
+construction labels, and a one-line JSON summary.
 
-Both see the same strings; our pool runs ``--workers`` processes (default 2, the 2-core target) with the
-in-process fast path; the cache is off so every pair is really checked. Prints checks/s for both, the
-ratio, their agreement, each one's agreement with the construction labels, and a one-line JSON summary.
-
-    .venv/bin/python bench/math_verify.py [--limit 150] [--workers 2] [--timeout 3]
+    .venv/bin/python bench/math_verify.py [--limit 150] [--gen 500] [--workers 2] [--timeout 3]
 """
 from __future__ import annotations
 
@@ -74,20 +77,36 @@ def variants(gold: str) -> list[tuple[str, bool]]:
     return out
 
 
-def build(limit: int) -> tuple[list[str], list[str], list[bool], str]:
+def math500(limit: int) -> tuple[str, list[str], list[str], list[bool]]:
     if MATH500.exists():
         golds = [json.loads(line)["answer"] for line in MATH500.read_text().splitlines()][:limit]
-        source = f"MATH-500 first {len(golds)} answers"
+        name = f"MATH-500 first {len(golds)} answers"
     else:
         golds = synthetic_golds(limit)
-        source = f"synthetic {len(golds)} answers (MATH-500 absent)"
+        name = f"synthetic {len(golds)} answers (MATH-500 absent)"
     g, p, labels = [], [], []
     for gold in golds:
         for pred, label in variants(gold):
             g.append(f"\\boxed{{{gold}}}")
             p.append(pred)
             labels.append(label)
-    return g, p, labels, source
+    return name, g, p, labels
+
+
+def generator(n: int) -> tuple[str, list[str], list[str], list[bool]]:
+    import random
+
+    from data.generate import canonical_latex, math_completion, math_row, random_math
+
+    rng = random.Random("bench-math-verify")
+    g, p, labels = [], [], []
+    for i in range(n):
+        problem = random_math(rng)
+        gold = f"\\boxed{{{math_row(problem, f'b{i}', rng)['answer']}}}"  # math-verify needs delimiters
+        g += [gold, gold]
+        p += [math_completion(problem), f"<think>guess</think>The answer is \\boxed{{{canonical_latex(problem.value + 1)}}}."]
+        labels += [True, False]
+    return f"built-in generator {n} problems", g, p, labels
 
 
 def anchor(golds: list[str], preds: list[str]) -> tuple[list[bool], float]:
@@ -111,34 +130,41 @@ def ours(golds: list[str], preds: list[str], workers: int, timeout: float) -> tu
     return out, elapsed, startup
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--limit", type=int, default=150, help="gold answers to use (each gives 3-5 checks)")
-    ap.add_argument("--workers", type=int, default=2, help="verifier worker processes")
-    ap.add_argument("--timeout", type=float, default=3.0, help="per-check timeout of our pool (seconds)")
-    args = ap.parse_args()
-
-    golds, preds, labels, source = build(args.limit)
+def measure(name: str, golds: list[str], preds: list[str], labels: list[bool], args) -> dict:
     n = len(golds)
-    print(f"workload: {source}, {n} checks ({sum(labels)} labelled equivalent); {os.cpu_count()} CPUs "
-          f"({platform.processor() or platform.machine()}); {date.today()}")
     mine, t_mine, startup = ours(golds, preds, args.workers, args.timeout)
     theirs, t_theirs = anchor(golds, preds)
     ours_rate, anchor_rate = n / t_mine, n / t_theirs
     agree = sum(a == b for a, b in zip(mine, theirs)) / n
     ours_label = sum(a == b for a, b in zip(mine, labels)) / n
     anchor_label = sum(a == b for a, b in zip(theirs, labels)) / n
-    print(f"ours   (verify_batch, {args.workers} workers): {ours_rate:9.1f} checks/s  ({t_mine:.2f}s; pool start {startup:.2f}s not counted)")
-    print(f"anchor (math_verify verify(parse, parse), 1 process): {anchor_rate:9.1f} checks/s  ({t_theirs:.2f}s)")
-    print(f"ratio ours/anchor: {ours_rate / anchor_rate:.2f}x   agreement: {agree:.3f}   "
+    print(f"\n{name}: {n} checks ({sum(labels)} labelled equivalent)")
+    print(f"  ours   (verify_batch, {args.workers} workers): {ours_rate:9.1f} checks/s  ({t_mine:.2f}s; pool start {startup:.2f}s not counted)")
+    print(f"  anchor (math_verify verify(parse, parse), 1 process): {anchor_rate:9.1f} checks/s  ({t_theirs:.2f}s)")
+    print(f"  ratio ours/anchor: {ours_rate / anchor_rate:.2f}x   agreement: {agree:.3f}   "
           f"label agreement: ours {ours_label:.3f}, anchor {anchor_label:.3f}")
-    for g, p, a, b, lab in list(zip(golds, preds, mine, theirs, labels))[:]:
+    for g, p, a, b, lab in zip(golds, preds, mine, theirs, labels):
         if a != b:
-            print(f"  differ: gold={g!r} pred={p!r} ours={a} anchor={b} label={lab}")
-    print(json.dumps({"bench": "math_verify", "checks": n, "workers": args.workers, "ours_checks_per_s": round(ours_rate, 1),
-                      "anchor_checks_per_s": round(anchor_rate, 1), "ratio": round(ours_rate / anchor_rate, 2),
-                      "agreement": round(agree, 4), "ours_label_agreement": round(ours_label, 4),
-                      "anchor_label_agreement": round(anchor_label, 4), "date": str(date.today())}))
+            print(f"    differ: gold={g!r} pred={p[-80:]!r} ours={a} anchor={b} label={lab}")
+    return {"checks": n, "ours_checks_per_s": round(ours_rate, 1), "anchor_checks_per_s": round(anchor_rate, 1),
+            "ratio": round(ours_rate / anchor_rate, 2), "agreement": round(agree, 4),
+            "ours_label_agreement": round(ours_label, 4), "anchor_label_agreement": round(anchor_label, 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=int, default=150, help="MATH-500 gold answers to use (each gives 3-5 checks)")
+    ap.add_argument("--gen", type=int, default=500, help="built-in generator problems (2 checks each)")
+    ap.add_argument("--workers", type=int, default=2, help="verifier worker processes")
+    ap.add_argument("--timeout", type=float, default=3.0, help="per-check timeout of our pool (seconds)")
+    args = ap.parse_args()
+
+    print(f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
+          f"{os.getloadavg()[0]:.1f}; {date.today()}")
+    summary = {"bench": "math_verify", "workers": args.workers, "date": str(date.today())}
+    for key, (name, golds, preds, labels) in {"math500": math500(args.limit), "generator": generator(args.gen)}.items():
+        summary[key] = measure(name, golds, preds, labels, args)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
