@@ -719,7 +719,7 @@ def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TI
         raise ValueError(f"verify_batch: {len(golds)} golds but {len(preds)} preds")
     pairs = [(normalize(_gold_answer(g)), normalize(_gold_answer(p))) for g, p in zip(golds, preds)]
     decided: dict[tuple[str, str], bool] = {}
-    todo: list[tuple[str, str]] = []
+    todo: dict[tuple[str, str], None] = {}  # insertion-ordered set
     for pair in pairs:
         if pair in decided or pair in todo:
             continue
@@ -728,13 +728,14 @@ def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TI
         elif (fast := _fast(*pair)) is not None:
             decided[pair] = fast
         else:
-            todo.append(pair)
+            todo[pair] = None
     if todo:
-        decided.update(zip(todo, get_pool().run(todo, timeout)))
+        checked = dict(zip(todo, get_pool().run(list(todo), timeout)))
+        decided.update(checked)
         if cache:
             if len(_CACHE) > _CACHE_MAX:
                 _CACHE.clear()
-            _CACHE.update((pair, decided[pair]) for pair in todo)
+            _CACHE.update(checked)
     return [decided[pair] for pair in pairs]
 
 
@@ -743,8 +744,11 @@ def is_equivalent(gold: str, pred: str, timeout: float = DEFAULT_TIMEOUT) -> boo
     return verify_batch([gold], [pred], timeout)[0]
 
 
-def correctness(completions: list[str], answer: list[str | None], timeout: float = DEFAULT_TIMEOUT) -> list[bool | None]:
+def correctness(completions: list[str], answer: list[str | None] | None,
+                timeout: float = DEFAULT_TIMEOUT) -> list[bool | None]:
     """Per completion: all its distinct final answers equal the gold (None where the gold is missing)."""
+    if answer is None:
+        raise ValueError("accuracy needs the dataset column 'answer' (gold answers; None for rows without one)")
     if len(answer) != len(completions):
         raise ValueError(f"accuracy: column 'answer' has {len(answer)} values for {len(completions)} completions")
     golds, preds, owner = [], [], []
@@ -767,7 +771,7 @@ def correctness(completions: list[str], answer: list[str | None], timeout: float
     return out
 
 
-def accuracy(prompts: list[str], completions: list[str], answer: list[str | None], timeout: float = DEFAULT_TIMEOUT,
-             **_) -> list[float | None]:
+def accuracy(prompts: list[str], completions: list[str], answer: list[str | None] | None = None,
+             timeout: float = DEFAULT_TIMEOUT, **_) -> list[float | None]:
     """1.0 if the completion's final answer is equivalent to the row's ``answer``, else 0.0; None without gold."""
     return [None if ok is None else float(ok) for ok in correctness(completions, answer, timeout)]

@@ -181,6 +181,8 @@ def test_accuracy_rows():
     assert accuracy(prompts, completions, answer=golds, source=["math"] * 5) == [1.0, 0.0, 1.0, 1.0, None]
     with pytest.raises(ValueError, match="answer"):
         accuracy(prompts, completions, answer=golds[:2])
+    with pytest.raises(ValueError, match="column 'answer'"):
+        accuracy(prompts, completions, source=["math"] * 5)
 
 
 def test_timeout_kills_worker_and_pool_recovers():
