@@ -4,9 +4,13 @@ import pytest
 
 from data.generate import Sizes, write_all
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = Sizes(math=300, math_test=120, code=60, code_test=20, cot=200, general=80, general_test=30, pref=40,
               pref_test=20)
+
+
+@pytest.fixture(scope="session")
+def sizes() -> Sizes:
+    return SMALL
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import sympy as sp
@@ -14,7 +15,7 @@ from data.generate import (MATH_KINDS, Sizes, answer_forms, assert_disjoint, bui
                            g_greet, normalize_prompt, write_all)
 from data.loaders import last_boxed
 
-from .conftest import ROOT, SMALL
+ROOT = Path(__file__).resolve().parents[2]
 
 FILES = ("math_train", "math_test", "code_train", "code_test", "cot_train", "general_train", "general_test",
          "preferences_train", "preferences_test")
@@ -48,22 +49,22 @@ def latex_value(text: str) -> sp.Rational:
     return sp.nsimplify(value, rational=True)
 
 
-def test_same_seed_identical_different_seed_differs(tmp_path, data_dir):
+def test_same_seed_identical_different_seed_differs(tmp_path, data_dir, sizes):
     again, other = tmp_path / "again", tmp_path / "other"
     subprocess.run([sys.executable, "-m", "data.generate", "--out", str(again), "--seed", "0",
-                    *[f"--n-{k.replace('_', '-')}={v}" for k, v in vars(SMALL).items()]],
+                    *[f"--n-{k.replace('_', '-')}={v}" for k, v in vars(sizes).items()]],
                    cwd=ROOT, check=True, capture_output=True, timeout=60)
-    write_all(other, seed=1, sizes=SMALL)
+    write_all(other, seed=1, sizes=sizes)
     for name in FILES:
         assert (again / f"{name}.jsonl").read_bytes() == (data_dir / f"{name}.jsonl").read_bytes(), name
         assert (other / f"{name}.jsonl").read_bytes() != (data_dir / f"{name}.jsonl").read_bytes(), name
 
 
-def test_sizes_and_schemas(data_dir):
+def test_sizes_and_schemas(data_dir, sizes):
     rows = {name: read(data_dir / f"{name}.jsonl") for name in FILES}
-    assert len(rows["math_train"]) == SMALL.math and len(rows["math_test"]) == SMALL.math_test
-    assert len(rows["cot_train"]) == SMALL.cot + SMALL.code
-    assert len(rows["preferences_test"]) == SMALL.pref_test
+    assert len(rows["math_train"]) == sizes.math and len(rows["math_test"]) == sizes.math_test
+    assert len(rows["cot_train"]) == sizes.cot + sizes.code
+    assert len(rows["preferences_test"]) == sizes.pref_test
     keys = {"math_train": {"id", "prompt", "answer", "solution", "source", "difficulty", "kind"},
             "code_train": {"id", "prompt", "tests", "entry_point", "reference", "source"},
             "cot_train": {"id", "messages", "source"}, "general_train": {"id", "prompt", "response", "source"},
@@ -73,7 +74,7 @@ def test_sizes_and_schemas(data_dir):
             assert all(set(r) == expected for r in rows[split]), split
     for r in rows["preferences_train"] + rows["preferences_test"]:
         assert r["chosen"] != r["rejected"]
-    assert Counter(r["source"] for r in rows["cot_train"]) == {"math": SMALL.cot, "code": SMALL.code}
+    assert Counter(r["source"] for r in rows["cot_train"]) == {"math": sizes.cot, "code": sizes.code}
 
 
 def test_splits_are_disjoint_and_deduplicated(data_dir):
@@ -88,11 +89,12 @@ def test_splits_are_disjoint_and_deduplicated(data_dir):
         assert len(set(prompts(name))) == len(prompts(name)), f"duplicates in {name}"
         if name.endswith("_train"):
             assert not held_out & set(prompts(name)), name
-    # Content keys too: the same sum written another way ("3 + 4" / "Compute 4 + 3.") must not leak.
-    test_values = {(r["kind"], tuple(sorted(re.findall(r"\d+", r["prompt"])))) for r in rows["math_test"]}
-    train_values = {(r["kind"], tuple(sorted(re.findall(r"\d+", r["prompt"])))) for r in rows["math_train"]
-                    if r["kind"] in ("add", "mul")}
-    assert not test_values & train_values
+    # Content too: the same sum or product written another way ("3 * 4" / "Compute 4 * 3.") must not leak.
+    def operands(name):
+        return {(r["kind"], tuple(sorted(re.findall(r"\d+(?:/\d+)?", r["prompt"])))) for r in rows[name]
+                if r["kind"] in ("add", "mul", "frac_mul")}
+
+    assert operands("math_test") and not operands("math_test") & operands("math_train")
 
 
 def test_assert_disjoint_catches_leaks():
