@@ -91,12 +91,18 @@ class LossOutput:
     tokens: float  # mask sum of the micro-batch (weight of ``metrics`` when averaging micro-batches)
 
 
-def logprobs_and_entropy(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """log softmax(z / T)[ids] and the entropy of softmax(z / T). logits [N, L, V], ids [N, L] -> ([N, L], [N, L])."""
+def logprobs_and_entropy(logits: Tensor, ids: Tensor, temperature: float = 1.0, *, entropy: bool = True,
+                         entropy_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """log softmax(z / T)[ids] and the entropy of softmax(z / T). logits [N, L, V], ids [N, L] -> ([N, L], [N, L]).
+
+    ``entropy=False`` skips the entropy (None); ``entropy_grad=False`` computes it outside the graph."""
     logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    if not entropy:
+        return logp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
 
 
 def log_importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str) -> Tensor:

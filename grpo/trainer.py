@@ -1,0 +1,536 @@
+"""The GRPO training loop: rollout -> rewards -> advantages -> mu x minibatch updates -> router bias -> log.
+
+One step (what ``max_steps`` counts) on each process:
+
+  1. take B = ``prompts_per_step`` prompts from the shuffled data stream; the engine samples G completions
+     each and returns log pi_old under its sampling distribution (logits / T).
+     DAPO dynamic sampling: groups whose combined rewards are all equal are dropped and B more prompts are
+     drawn, for at most ``max_sampling_rounds`` rounds (all processes run the same number of rounds); a
+     batch still short is filled with dropped groups (zero advantage; logged as ``sampling/shortfall``).
+  2. rewards (``rewards.registry``) -> advantages (``grpo.advantages``) over the batch of every process.
+  3. once per batch: reference log-probs (beta > 0) and, with ``routing_replay``, the experts pi_old
+     picks under teacher forcing (replayed in every update forward, GSPO's Routing Replay).
+  4. mu passes over the B*G rows, each shuffled and split into ``minibatches`` optimizer steps accumulated
+     over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; clip; step; LR
+     schedule; ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
+     ``max_bad_steps`` in a row stop the run.
+  5. reference reset every ``ref_reset_every`` steps; metrics; checkpoint every ``save_every`` steps.
+
+The policy log-probs are recomputed with the rollout temperature (logits / T) so that the ratio compares
+the same distributions. Resuming (``resume_from``) restores policy, optimizer, scheduler, reference,
+RNG states (the engine's sampler generator included), data position and counters: a resumed run continues
+exactly as the uninterrupted one. Devices and processes come from accelerate; ``prepare_training`` is the
+one place that wraps model and optimizer (DeepSpeed/EP swaps it).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+from transformers import get_scheduler
+
+from grpo import checkpoint
+from grpo.advantages import AdvantageConfig, combine_rewards, compute_advantages, group_stats, rewards_tensor
+from grpo.config import ConfigError
+from grpo.logger import MetricsLogger
+from grpo.loss import LossConfig, LossNorm, grpo_loss, logprobs_and_entropy, loss_mask
+from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
+from grpo.rollout import RolloutEngine, SamplingConfig
+from rewards.registry import RewardScores
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The RL loop. Counts are per process: a step samples prompts_per_step * group_size completions."""
+
+    output_dir: str = "runs/grpo"
+    run_name: str = "grpo"
+    max_steps: int = 100  # rollout batches
+    prompts_per_step: int = 8  # B
+    group_size: int = 8  # G (TRL num_generations)
+    mu: int = 1  # passes over each rollout batch (TRL num_iterations)
+    minibatches: int = 1  # optimizer steps per pass
+    micro_batch_size: int = 8  # completions per forward/backward
+    lr: float = 1e-6
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0  # optimizer steps
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
+    bf16: bool = False  # bf16 autocast for the forward passes
+    seed: int = 0  # data order and minibatch shuffling
+    loss: LossConfig = field(default_factory=LossConfig)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    ref_reset_every: int = 0  # steps; 0 = never (R1: 400)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
+    max_sampling_rounds: int = 4  # bound on rollout rounds per step with dynamic_sampling
+    routing_replay: bool = False  # replay pi_old's expert choices in the update forwards (V3 policies)
+    save_every: int = 50  # steps; 0 = only at the end
+    keep_last: int = 3
+    resume_from: str | None = None  # a checkpoint directory, or a checkpoint root (its latest)
+    sample_every: int = 10  # steps between logged completion samples; 0 = never
+    samples_logged: int = 4
+    max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    def __post_init__(self):
+        positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
+                    "max_sampling_rounds", "keep_last", "max_bad_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "ref_reset_every", "save_every", "sample_every", "samples_logged"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("lr", f"lr must be > 0, max_grad_norm and weight_decay >= 0 (got {self.lr}, "
+                              f"{self.max_grad_norm}, {self.weight_decay})")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.group_size < 2:
+            raise ConfigError("group_size", f"GRPO needs >= 2 completions per prompt for a baseline, got {self.group_size}")
+        n = self.prompts_per_step * self.group_size
+        if n % self.minibatches:
+            raise ConfigError("minibatches", f"the batch of prompts_per_step * group_size = {n} completions must "
+                              f"split into {self.minibatches} equal minibatches")
+        if (n // self.minibatches) % self.micro_batch_size:
+            raise ConfigError("micro_batch_size", f"a minibatch of {n // self.minibatches} completions must split "
+                              f"into micro-batches of {self.micro_batch_size}")
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class Samples:
+    """Scored rollouts of whole groups on this process; N = groups * G rows, F reward functions."""
+
+    rows: list[dict]  # [N/G] the data row of each group
+    prompts: list[str]  # [N] prompt text given to the rewards
+    prompt_ids: list[list[int]]  # [N]
+    completion_ids: list[Tensor]  # [N] each [len_i] int64
+    logprobs: list[Tensor]  # [N] each [len_i] fp32, log pi_old
+    truncated: list[bool]  # [N] stopped by max_new_tokens
+    completions: list[str]  # [N] decoded
+    rewards: Tensor  # [N, F] fp32, NaN = the function does not apply
+
+    def groups(self, idx: list[int], G: int) -> "Samples":
+        rows = [r for g in idx for r in range(g * G, g * G + G)]
+        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+        return Samples(rows=[self.rows[g] for g in idx], prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
+                       completion_ids=pick(self.completion_ids), logprobs=pick(self.logprobs),
+                       truncated=pick(self.truncated), completions=pick(self.completions),
+                       rewards=self.rewards[rows] if rows else self.rewards[:0])
+
+    @staticmethod
+    def cat(parts: list["Samples"]) -> "Samples":
+        return Samples(**{f.name: (torch.cat([getattr(p, f.name) for p in parts]) if f.name == "rewards"
+                                   else [x for p in parts for x in getattr(p, f.name)])
+                          for f in dataclasses.fields(Samples)})
+
+
+@dataclass
+class RolloutBatch:
+    """What the updates of one step consume: N rows, P = longest prompt (left-padded), L = longest completion."""
+
+    prompt_ids: Tensor  # [N, P] int64, left-padded
+    prompt_mask: Tensor  # [N, P] bool
+    completion_ids: Tensor  # [N, L] int64, right-padded
+    completion_mask: Tensor  # [N, L] bool
+    old_logprobs: Tensor  # [N, L] fp32 log pi_old (rollout)
+    loss_mask: Tensor  # [N, L] fp32: tokens in the loss
+    advantages: Tensor  # [N] fp32
+    ref_logprobs: Tensor | None = None  # [N, L] fp32
+    routing: dict[int, Tensor] | None = None  # MoE layer -> [N, P+L, K] experts chosen by pi_old
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+def pad_rows(rows: list[list[int]] | list[Tensor], value: float, *, left: bool = False, dtype=torch.long) -> tuple[Tensor, Tensor]:
+    """Stack variable-length rows into [N, max_len] (+ bool mask), padding on the right (or left)."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = len(r)
+        cols = slice(width - n, width) if left else slice(0, n)
+        out[i, cols] = torch.as_tensor(r, dtype=dtype)
+        mask[i, cols] = True
+    return out, mask
+
+
+class PromptStream:
+    """Data rows in a fresh seeded permutation each epoch; (epoch, index) is the resumable position."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("the prompt dataset is empty")
+        self.n, self.seed, self.epoch, self.index = n, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = min(k - len(out), self.n - self.index)
+            out += self._order[self.index:self.index + take]
+            self.index += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()
+
+
+def prepare_training(model, cfg: TrainerConfig, accelerator: Accelerator, total_optimizer_steps: int):
+    """Optimizer, LR schedule and device/process wrapping: returns (model, optimizer, scheduler)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule wraps the raw optimizer: accelerate's scheduler wrapper would step once per process.
+    scheduler = get_scheduler(cfg.lr_scheduler, getattr(optimizer, "optimizer", optimizer),
+                              num_warmup_steps=cfg.warmup_steps, num_training_steps=total_optimizer_steps)
+    return model, optimizer, scheduler
+
+
+RewardFn = Callable[..., RewardScores]  # (prompts, completions, **columns) -> RewardScores (a RewardSet)
+
+
+class GRPOTrainer:
+    """``GRPOTrainer(cfg, model=..., tokenizer=..., sampling=..., rewards=..., rows=..., encode=...).train()``.
+
+    rows: data rows, each with a ``prompt`` string (given to the rewards) and any reward columns (answer,
+    tests, source, ...); encode(row) -> prompt token ids (chat template applied). rewards: a
+    ``rewards.registry.RewardSet`` (or any callable returning ``RewardScores``); it also receives the column
+    ``completion_lengths``. run_config: the stage config saved with every checkpoint.
+    """
+
+    def __init__(self, cfg: TrainerConfig, *, model, tokenizer, sampling: SamplingConfig, rewards: RewardFn,
+                 rows: list[dict], encode: Callable[[dict], list[int]], run_config: Any = None):
+        if sampling.temperature <= 0:
+            raise ConfigError("sampling.temperature", "GRPO samples its groups: temperature must be > 0")
+        if cfg.group_size > sampling.max_batch:
+            raise ConfigError("sampling.max_batch", f"must be >= group_size = {cfg.group_size} (a group decodes together)")
+        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+        if bad:
+            raise ValueError(f"data row {bad[0]} has no string 'prompt' (keys: {sorted(rows[bad[0]])})")
+        self.cfg, self.sampling, self.tokenizer, self.rewards = cfg, sampling, tokenizer, rewards
+        self.rows, self.encode, self.run_config = rows, encode, run_config
+        self.accelerator = Accelerator()
+        acc = self.accelerator
+        self.updates_per_step = cfg.mu * cfg.minibatches
+        self.reference = None
+        if cfg.loss.beta > 0:  # frozen copy; not built at all when beta = 0
+            self.reference = copy.deepcopy(model).to(acc.device).eval().requires_grad_(False)
+        self.model, self.optimizer, self.scheduler = prepare_training(
+            model, cfg, acc, cfg.max_steps * self.updates_per_step)
+        self.policy = acc.unwrap_model(self.model)
+        engine_cfg = dataclasses.replace(sampling, seed=sampling.seed + acc.process_index)
+        self.engine = RolloutEngine(self.policy, tokenizer, engine_cfg)
+        self.stream = PromptStream(len(rows), cfg.seed)
+        self.step = 0
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+        self.ref_step = 0  # the reference equals the policy after this step (0 = the initial policy)
+        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
+        if cfg.resume_from:
+            self._resume(cfg.resume_from)
+
+    # ---- checkpointing ---------------------------------------------------------------------------------
+    def save(self) -> Path:
+        path = checkpoint.save_checkpoint(
+            self.ckpt_root, model=self.model, tokenizer=self.tokenizer, step=self.step, optimizer=self.optimizer,
+            scheduler=self.scheduler, data_state=self.stream.state(), generators={"rollout": self.engine.generator},
+            extra={"bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "ref_step": self.ref_step},
+            config=self.run_config, keep_last=self.cfg.keep_last, accelerator=self.accelerator)
+        if self.reference is not None and self.ref_step > 0:
+            checkpoint.export_model(path / "reference", self.reference, None, accelerator=self.accelerator)
+        return path
+
+    def _resume(self, where: str) -> None:
+        state = checkpoint.load_checkpoint(where, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                           generators={"rollout": self.engine.generator}, accelerator=self.accelerator)
+        self.step = state.step
+        self.stream.load_state(state.data_state)
+        self.bad_in_a_row = state.extra["bad_in_a_row"]
+        self.skipped_total = state.extra["skipped_total"]
+        self.ref_step = state.extra["ref_step"]
+        if self.reference is not None and self.ref_step > 0:
+            saved = state.path / "reference"
+            if not (saved / "config.json").is_file():
+                raise FileNotFoundError(f"{state.path} was saved after a reference reset but has no {saved}")
+            loaded = type(self.reference).from_pretrained(saved, dtype=next(self.reference.parameters()).dtype)
+            self.reference.load_state_dict(loaded.state_dict())
+
+    # ---- rollout ----------------------------------------------------------------------------------------
+    def _rollout(self, row_idx: list[int]) -> Samples:
+        G, rows = self.cfg.group_size, [self.rows[i] for i in row_idx]
+        ro = self.engine.generate([self.encode(r) for r in rows], G)
+        n = len(ro.finish_reason)
+        lengths = ro.lengths.tolist()
+        completion_ids = [ro.completion_ids[i, :lengths[i]] for i in range(n)]
+        completions = self.tokenizer.batch_decode([c.tolist() for c in completion_ids], skip_special_tokens=True)
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        keys = sorted({k for r in rows for k in r} - {"prompt"})
+        columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
+        scores = self.rewards(prompts, completions, completion_lengths=lengths, **columns)
+        self.reward_names, self.reward_weights = list(scores.per_reward), scores.weights
+        self._failures = {k: self._failures.get(k, 0) + v for k, v in scores.failures.items()}
+        return Samples(rows=rows, prompts=prompts, prompt_ids=ro.prompt_ids, completion_ids=completion_ids,
+                       logprobs=[ro.logprobs[i, :lengths[i]] for i in range(n)],
+                       truncated=[f == "length" for f in ro.finish_reason], completions=completions,
+                       rewards=rewards_tensor(scores.per_reward, self.reward_names))
+
+    def _weights(self) -> Tensor:
+        return torch.tensor([self.reward_weights[k] for k in self.reward_names])
+
+    def _zero_std(self, s: Samples) -> Tensor:
+        return group_stats(combine_rewards(s.rewards, self._weights()), self.cfg.group_size)[3]
+
+    def _sample(self) -> tuple[Samples, Samples, dict[str, float]]:
+        """(the batch of B groups, everything generated this step, sampling stats)."""
+        cfg, acc = self.cfg, self.accelerator
+        B, W, rank = cfg.prompts_per_step, acc.num_processes, acc.process_index
+        kept, dropped, generated = [], [], []
+        rounds = 0
+        for rounds in range(1, (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1) + 1):
+            s = self._rollout(self.stream.take(B * W)[rank * B:(rank + 1) * B])
+            generated.append(s)
+            if not cfg.dynamic_sampling:
+                kept.append(s)
+                break
+            zero = self._zero_std(s).tolist()
+            kept.append(s.groups([g for g, z in enumerate(zero) if not z], cfg.group_size))
+            dropped.append(s.groups([g for g, z in enumerate(zero) if z], cfg.group_size))
+            have = torch.tensor(sum(len(k.rows) for k in kept), device=acc.device)
+            if int(acc.reduce(have, reduction="min") if W > 1 else have) >= B:
+                break
+        pool = Samples.cat(kept + dropped)  # kept groups first, then dropped ones to fill a shortfall
+        batch = pool.groups(list(range(B)), cfg.group_size)
+        n_kept = sum(len(k.rows) for k in kept)
+        stats = {"sampling/rounds": rounds, "sampling/shortfall": max(0, B - n_kept)} if cfg.dynamic_sampling else {}
+        return batch, Samples.cat(generated), stats
+
+    # ---- batch preparation ------------------------------------------------------------------------------
+    def _advantages(self, batch: Samples):
+        """Advantages over the batch of every process (groups never straddle processes); this process's rows."""
+        acc = self.accelerator
+        rewards = batch.rewards.to(acc.device)
+        everything = acc.gather(rewards) if acc.num_processes > 1 else rewards
+        adv = compute_advantages(everything, self._weights(), self.cfg.group_size, self.cfg.advantages)
+        n = rewards.shape[0]
+        return adv.advantages[acc.process_index * n:(acc.process_index + 1) * n].cpu()
+
+    def _to_batch(self, s: Samples, advantages: Tensor) -> RolloutBatch:
+        pad = self.engine.pad_id
+        prompt_ids, prompt_mask = pad_rows(s.prompt_ids, pad, left=True)
+        completion_ids, completion_mask = pad_rows(s.completion_ids, pad)
+        old, _ = pad_rows(s.logprobs, 0.0, dtype=torch.float32)
+        truncated = torch.tensor(s.truncated)
+        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                            completion_mask=completion_mask, old_logprobs=old, advantages=advantages,
+                            loss_mask=loss_mask(completion_mask.float(), truncated, self.cfg.loss))
+
+    def _forward(self, model, batch: RolloutBatch, idx: Tensor, *, grad: bool, entropy: bool = True):
+        """log pi(o_t) [n, L] and entropy [n, L] (or None) of rows ``idx`` at the rollout temperature; the MoE
+        aux loss; with ``routing`` set, experts are forced to pi_old's choices."""
+        dev = self.accelerator.device
+        completion = batch.completion_ids[idx].to(dev)
+        ids = torch.cat([batch.prompt_ids[idx].to(dev), completion], dim=1)
+        mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask[idx]], dim=1).to(dev)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
+        L = completion.shape[1]
+        with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
+                        logits_to_keep=L + 1)
+            logp, ent = logprobs_and_entropy(out.logits[:, :-1], completion, self.sampling.temperature,
+                                             entropy=entropy, entropy_grad=self.cfg.loss.entropy_coef > 0)
+        aux = getattr(out, "aux_loss", None)
+        return logp, ent, (aux if aux is not None and grad else None)
+
+    def _autocast(self):
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    @torch.no_grad()
+    def _precompute(self, batch: RolloutBatch) -> None:
+        """Reference log-probs and the experts pi_old routes to, once per batch, in micro-batches."""
+        if self.reference is None and not self.cfg.routing_replay:
+            return
+        n_main = getattr(self.policy.config, "num_hidden_layers", 0)
+        refs, routes = [], {}
+        for idx in torch.arange(len(batch)).split(self.cfg.micro_batch_size):
+            if self.reference is not None:
+                refs.append(self._forward(self.reference, batch, idx, grad=False, entropy=False)[0].float().cpu())
+            if self.cfg.routing_replay:
+                self._forward(self.model, batch, idx, grad=False, entropy=False)
+                for layer, chosen in last_routing(self.policy).items():
+                    if layer < n_main:
+                        routes.setdefault(layer, []).append(chosen.view(len(idx), -1, chosen.shape[-1]).cpu())
+        if refs:
+            batch.ref_logprobs = torch.cat(refs)
+        if self.cfg.routing_replay:
+            if not routes:
+                raise ValueError("routing_replay needs a DeepSeek-V3 policy (grpo.model); this model has no MoE routers")
+            batch.routing = {layer: torch.cat(parts) for layer, parts in routes.items()}
+
+    # ---- updates ----------------------------------------------------------------------------------------
+    def _optimizer_step(self, batch: RolloutBatch, idx: Tensor, sums: dict[str, float]) -> None:
+        cfg, acc, dev = self.cfg, self.accelerator, self.accelerator.device
+        micro = idx.split(cfg.micro_batch_size)
+        tokens = batch.loss_mask[idx].sum().to(dev)
+        if acc.num_processes > 1:
+            tokens = acc.reduce(tokens, reduction="sum") / acc.num_processes
+        norm = LossNorm(sequences=len(idx), tokens=float(tokens), micro_batches=len(micro),
+                        max_completion_length=self.sampling.max_new_tokens)
+        step_loss = torch.zeros((), device=dev)
+        for k, m in enumerate(micro):
+            sync = contextlib.nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
+            with sync:
+                logp, ent, aux = self._forward(self.model, batch, m, grad=True)
+                out = grpo_loss(logp=logp, old_logp=batch.old_logprobs[m].to(dev), advantages=batch.advantages[m].to(dev),
+                                mask=batch.loss_mask[m].to(dev), cfg=cfg.loss, norm=norm, entropy=ent,
+                                ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[m].to(dev))
+                loss = out.loss + (aux.float() / len(micro) if aux is not None else 0.0)
+                acc.backward(loss)
+            step_loss += loss.detach()
+            for key, v in out.metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(v) * out.tokens
+            sums["tokens"] = sums.get("tokens", 0.0) + out.tokens
+            if aux is not None:
+                sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_in_a_row = 0
+            sums["loss"] = sums.get("loss", 0.0) + float(step_loss)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
+        else:
+            self.bad_in_a_row += 1
+            self.skipped_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        update_router_bias(self.model)
+        if self.bad_in_a_row >= cfg.max_bad_steps:
+            raise RuntimeError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                               f"(last loss {float(step_loss)}, grad norm {float(grad_norm)}) at step {self.step + 1}; "
+                               f"stopping (max_bad_steps={cfg.max_bad_steps}). Lower the lr or check the rewards.")
+
+    def _update(self, batch: RolloutBatch) -> dict[str, float]:
+        cfg = self.cfg
+        n, sums = len(batch), {}
+        per_minibatch = n // cfg.minibatches
+        self.model.train()
+        for epoch in range(cfg.mu):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                (cfg.seed * 1_000_003 + self.step) * 1_009 + epoch)) if self.updates_per_step > 1 else torch.arange(n)
+            for idx in order.split(per_minibatch):
+                self._optimizer_step(batch, idx, sums)
+        tokens, steps = max(sums.pop("tokens", 0.0), 1.0), max(sums.pop("optimizer_steps", 0.0), 1.0)
+        metrics = {k: sums.pop(k) / tokens for k in ("kl", "entropy", "clip_low", "clip_high", "clip", "ratio") if k in sums}
+        metrics.update({k: v / steps for k, v in sums.items()})
+        metrics["train_tokens"] = float(batch.completion_mask.sum()) * cfg.mu
+        return metrics
+
+    # ---- one step and the loop --------------------------------------------------------------------------
+    def train_step(self) -> tuple[dict[str, float], Samples, Tensor]:
+        """One RL step; returns (metrics, the batch's samples, their advantages)."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        self._failures: dict[str, int] = {}
+        self.policy.eval()
+        batch_samples, generated, metrics = self._sample()
+        rollout_s = time.perf_counter() - start
+        advantages = self._advantages(batch_samples)
+        batch = self._to_batch(batch_samples, advantages)
+        train_start = time.perf_counter()
+        self._precompute(batch)
+        metrics.update(self._update(batch))
+        self.step += 1
+        if self.reference is not None and cfg.ref_reset_every and self.step % cfg.ref_reset_every == 0:
+            self.reference.load_state_dict(self.policy.state_dict())
+            self.ref_step = self.step
+        train_s = time.perf_counter() - train_start
+        generated_tokens = sum(len(c) for c in generated.completion_ids)
+        metrics.update(self._sample_metrics(generated))
+        metrics.update(moe_metrics(self.policy))
+        metrics.update({
+            "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_total,
+            "tokens_per_s/rollout": generated_tokens / max(rollout_s, 1e-9),
+            "tokens_per_s/train": metrics.pop("train_tokens") / max(train_s, 1e-9),
+            "time/rollout_s": rollout_s, "time/train_s": train_s, "time/step_s": time.perf_counter() - start,
+        })
+        return metrics, batch_samples, advantages
+
+    def _sample_metrics(self, s: Samples) -> dict[str, float]:
+        """Reward, accuracy, length and zero-std statistics over everything generated this step."""
+        m: dict[str, float] = {}
+        for f, name in enumerate(self.reward_names):
+            col = s.rewards[:, f]
+            col = col[~col.isnan()]
+            if col.numel():
+                m[f"rewards/{name}/mean"] = float(col.mean())
+                m[f"rewards/{name}/std"] = float(col.std()) if col.numel() > 1 else 0.0
+            m[f"rewards/{name}/failures"] = float(self._failures.get(name, 0))
+        total = combine_rewards(s.rewards, self._weights())
+        m["reward"] = float(total.nanmean())
+        correct = [s.rewards[:, f] for f, n in enumerate(self.reward_names) if n in ("accuracy", "code")]
+        if correct:
+            acc = torch.stack(correct, -1)
+            known = ~acc.isnan().all(-1)
+            if known.any():
+                m["accuracy"] = float(acc[known].nan_to_num(0.0).amax(-1).mean())
+        lengths = torch.tensor([len(c) for c in s.completion_ids], dtype=torch.float32)
+        m["completions/mean_length"] = float(lengths.mean())
+        m["completions/max_length"] = float(lengths.max())
+        m["completions/clipped_ratio"] = sum(s.truncated) / len(s.truncated)
+        m["frac_reward_zero_std"] = float(self._zero_std(s).float().mean())
+        return m
+
+    def _log_samples(self, logger: MetricsLogger, s: Samples, advantages: Tensor) -> None:
+        G, table = self.cfg.group_size, []
+        for r in range(0, len(s.prompts), max(1, len(s.prompts) // max(self.cfg.samples_logged, 1)))[:self.cfg.samples_logged]:
+            row = {"prompt": s.prompts[r], "completion": s.completions[r], "advantage": float(advantages[r]),
+                   "group": r // G}
+            for f, name in enumerate(self.reward_names):
+                v = float(s.rewards[r, f])
+                row[f"reward/{name}"] = None if math.isnan(v) else v
+            table.append(row)
+        logger.log_table("completions", table, step=self.step)
+
+    def train(self) -> dict[str, float]:
+        """Run to ``max_steps`` (from the resumed step); checkpoints every ``save_every`` and at the end."""
+        cfg = self.cfg
+        metrics: dict[str, float] = {}
+        with MetricsLogger(cfg.output_dir, project="grpo", run_name=cfg.run_name, config=self.run_config,
+                           wandb_mode=cfg.wandb_mode, total_steps=cfg.max_steps, initial_step=self.step,
+                           is_main=self.accelerator.is_main_process) as logger:
+            while self.step < cfg.max_steps:
+                metrics, samples, advantages = self.train_step()
+                logger.log(metrics, step=self.step)
+                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                    self._log_samples(logger, samples, advantages)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
+                    self.save()
+        return metrics

@@ -1,0 +1,166 @@
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from grpo.config import ConfigError
+from grpo.loss import LossConfig
+from grpo.model import ModelConfig, load_policy
+from grpo.rollout import SamplingConfig
+from grpo.trainer import GRPOTrainer, PromptStream, TrainerConfig, pad_rows
+from rewards.registry import RewardScores
+
+SMALL = dict(num_hidden_layers=2, hidden_size=64, q_lora_rank=32, kv_lora_rank=16, intermediate_size=128,
+             moe_intermediate_size=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster, and much faster on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, 16)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def target_reward(prompts, completions, **columns):
+    """Fraction of the completion's tokens equal to t5; rows marked ``flat`` score 0.5 whatever they say."""
+    flat = columns.get("flat") or [False] * len(completions)
+    values = [0.5 if f else c.split().count("t5") / max(1, len(c.split())) for c, f in zip(completions, flat)]
+    return RewardScores({"target": values}, {"target": 1.0}, {"target": 0})
+
+
+def make(tmp_path, *, rows=None, sampling=None, **kw):
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=SMALL), tok)
+    rows = rows or [{"prompt": " ".join(f"t{3 + (i * 7 + j) % 13}" for j in range(4))} for i in range(16)]
+    kw = {"output_dir": str(tmp_path), "prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16,
+          "minibatches": 2, "lr": 3e-3, "wandb_mode": "disabled", "save_every": 0,
+          "loss": LossConfig(loss_type="dapo"), **kw}
+    sampling = sampling or SamplingConfig(max_new_tokens=6, max_batch=32)
+    return GRPOTrainer(TrainerConfig(**kw), model=model, tokenizer=tok, sampling=sampling, rewards=target_reward,
+                       rows=rows, encode=lambda r: tok.encode(r["prompt"]))
+
+
+def rewards_over(trainer, steps):
+    return [trainer.train_step()[0]["reward"] for _ in range(steps)]
+
+
+def test_grpo_learns_and_zero_advantages_do_not(tmp_path):
+    grpo = rewards_over(make(tmp_path / "a", max_steps=6, lr=1e-2), 6)
+    control = make(tmp_path / "b", max_steps=6, lr=1e-2)
+    control._advantages = lambda batch: torch.zeros(len(batch.prompts))
+    flat = rewards_over(control, 6)
+    assert grpo[0] < 0.15 and flat[0] < 0.15  # ~1/13 of the tokens by chance
+    assert sum(grpo[-2:]) / 2 > 0.5, grpo
+    assert sum(flat[-2:]) / 2 < 0.2, flat
+
+
+def test_first_update_ratio_is_one_at_rollout_temperature(tmp_path):
+    """The trainer's recomputed log-probs (logits / T) match the engine's: ratio 1 before any update."""
+    t = make(tmp_path, max_steps=1, minibatches=1, micro_batch_size=32,
+             sampling=SamplingConfig(max_new_tokens=6, max_batch=32, temperature=0.7))
+    m = t.train_step()[0]
+    assert abs(m["ratio"] - 1) < 1e-4 and m["clip"] == 0.0
+    for key in ("rewards/target/mean", "completions/clipped_ratio", "frac_reward_zero_std", "moe/max_vio_mean",
+                "tokens_per_s/rollout", "tokens_per_s/train", "entropy", "grad_norm", "aux_loss"):
+        assert math.isfinite(m[key]), key
+    assert t.reference is None  # beta = 0: no reference model
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    kw = dict(max_steps=3, save_every=2, mu=2, loss=LossConfig(beta=0.05), ref_reset_every=2, lr_scheduler="cosine",
+              sample_every=1)
+    full = make(tmp_path / "full", **kw)
+    full.train()
+    killed = make(tmp_path / "run", **kw)
+    real_update = killed._update
+
+    def update_then_die(batch):
+        if killed.step == 2:
+            raise KeyboardInterrupt  # killed in step 3, after its rollout (sampler RNG and data stream moved on)
+        return real_update(batch)
+
+    killed._update = update_then_die
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    resumed = make(tmp_path / "run", resume_from=str(tmp_path / "run" / "checkpoints"), **kw)
+    assert resumed.step == 2 and resumed.ref_step == 2
+    resumed.train()
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["reward"], r["kl"]) for r in rows}
+
+    a, b = losses("full"), losses("run")
+    for step in (1, 2, 3):
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-7)
+    wa, wb = weights(full), weights(resumed)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert any("e_score_correction_bias" in k for k in wa)  # the routing bias is part of what matched
+    ra, rb = full.reference.state_dict(), resumed.reference.state_dict()
+    assert all(torch.allclose(ra[k], rb[k]) for k in ra)
+    assert (tmp_path / "full" / "tables" / "completions.jsonl").is_file()
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    t = make(tmp_path, max_steps=3, max_bad_steps=3)
+    before = weights(t)
+    t._advantages = lambda batch: torch.full((len(batch.prompts),), float("nan"))
+    m = t.train_step()[0]  # two optimizer steps, both skipped
+    assert m["skipped_steps"] == 2 and t.bad_in_a_row == 2
+    after = weights(t)
+    assert all(torch.equal(before[k], after[k]) for k in before if "e_score_correction_bias" not in k)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        t.train_step()
+
+
+def test_dynamic_sampling_drops_flat_groups(tmp_path):
+    rows = [{"prompt": f"t{3 + i % 13} t4", "flat": i % 2 == 0} for i in range(16)]
+    t = make(tmp_path, rows=rows, max_steps=1, dynamic_sampling=True, max_sampling_rounds=3)
+    m, batch, adv = t.train_step()
+    assert m["sampling/rounds"] >= 2  # half of every round is flat: one round cannot fill 4 groups
+    assert not any(r["flat"] for r in batch.rows[: 4 - int(m["sampling/shortfall"])])
+    assert m["frac_reward_zero_std"] >= 0.5
+    assert t.stream.state()["index"] == 4 * m["sampling/rounds"]
+
+
+def test_routing_replay_runs_with_pi_old_experts(tmp_path):
+    t = make(tmp_path, max_steps=1, routing_replay=True, minibatches=1, micro_batch_size=32)
+    m = t.train_step()[0]
+    assert abs(m["ratio"] - 1) < 1e-4
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="minibatches"):
+        TrainerConfig(prompts_per_step=3, group_size=4, minibatches=5)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        TrainerConfig(prompts_per_step=4, group_size=4, minibatches=2, micro_batch_size=3)
+    with pytest.raises(ConfigError, match="group_size"):
+        TrainerConfig(group_size=1)
+
+
+def test_prompt_stream_and_padding():
+    s = PromptStream(3, seed=1)
+    first = s.take(5)
+    assert sorted(first[:3]) == [0, 1, 2] and s.state() == {"epoch": 1, "index": 2}
+    again = PromptStream(3, seed=1)
+    again.load_state({"epoch": 1, "index": 2})
+    assert again.take(1) == s.take(1)
+    ids, mask = pad_rows([[1, 2], [3]], 0, left=True)
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[True, True], [False, True]]
