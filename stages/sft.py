@@ -1,0 +1,302 @@
+"""Stage 1, cold-start SFT: fine-tune a causal LM on chat-formatted chain-of-thought data.
+
+    python -m stages.sft --recipe recipes/tiny/sft.yaml [key=value ...]
+    accelerate launch -m stages.sft --recipe recipes/v3-mini/sft.yaml
+
+Objective, per optimizer step over the micro-batches m = 1..M of every process (M = grad_accum):
+
+    L(theta) = 1/M * sum_m [ -1/|A_m| * sum_{(b,t) in A_m} log pi_theta(x_{b,t} | x_{b,<t})  +  aux_m ]
+
+A_m = the assistant tokens of micro-batch m (message contents and their end-of-turn token, from
+``data.chat.encode_chat``; system/user turns, template markers and padding have label -100), aux_m = the
+policy's MoE auxiliary loss (alpha * sequence-wise balance loss + lambda * MTP loss; 0 for other models),
+which ``grpo.model.DeepseekV3Policy`` already adds into ``.loss`` when labels are given. Each micro-batch
+is a token mean, weighted equally (as TRL's SFTTrainer without ``average_tokens_across_devices``).
+After every optimizer step the aux-loss-free router bias is updated (``update_router_bias``).
+
+DeepSeek-R1 trains its cold start on a few thousand long CoT samples; here the built-in generated traces
+(``data.generate``'s cot_train) stand in for them. Batching: each epoch a seeded permutation, cut into
+pools of 64 micro-batches, each pool sorted by length and cut into micro-batches (padding stays small),
+the micro-batches shuffled. Micro-batches that do not fill a last optimizer step of an epoch are
+skipped. The data position (epoch, micro-batch index) is checkpointed, so ``resume_from`` continues
+with the same batches, optimizer, schedule and RNG streams.
+
+Writes to ``output_dir``: ``checkpoints/`` (``grpo.checkpoint``), ``final/`` (the model + tokenizer, loadable
+by ``AutoModelForCausalLM.from_pretrained`` and as ``model.init`` of the next stage), ``metrics.jsonl``,
+``wandb/``, ``eval.json`` (held-out greedy accuracy, see ``stages.evaluate``) and ``DONE`` when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, get_scheduler
+
+from data.chat import encode_chat
+from data.loaders import DataConfig, DataError, load_dataset_split, load_rows
+from grpo.checkpoint import export_model, latest_checkpoint, load_checkpoint, mark_done, save_checkpoint
+from grpo.config import ConfigError, cli
+from grpo.logger import MetricsLogger
+from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
+from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
+
+POOL = 64  # micro-batches per length-sorting pool
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and the loop. Batch sizes are per process: an optimizer step sees
+    micro_batch_size * grad_accum * num_processes conversations."""
+
+    lr: float = 1e-3
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    weight_decay: float = 0.0  # on matrices only (not norms, biases, router bias)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_seq_len: int = 512  # longer conversations are truncated (rows with no assistant token left are dropped)
+    max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
+    bf16: bool = False  # accelerate mixed precision (bf16 autocast); weights stay in model.dtype
+    seed: int = 0  # model init, data order
+    log_every: int = 10  # steps
+    save_every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    resume_from: str | None = None  # "latest" (output_dir/checkpoints, fresh start if none) or a checkpoint dir
+
+    def __post_init__(self):
+        for key in ("epochs", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "save_every", "weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("max_steps", f"must be >= 1 or null (then epochs counts), got {self.max_steps}")
+        if self.max_seq_len < 2:
+            raise ConfigError("max_seq_len", f"must be >= 2, got {self.max_seq_len}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+
+
+@dataclass(kw_only=True)
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str | None = None  # tokenizer dir; null: the one saved with model.init (a checkpoint dir)
+    data: list[DataConfig] = field(
+        default_factory=lambda: [DataConfig(path="runs/tiny/data/cot_train.jsonl")]
+    )  # rows with `messages`, or `prompt` + `response` (one user and one assistant turn)
+    output_dir: str = "runs/tiny/sft"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: HeldoutConfig = field(default_factory=HeldoutConfig)
+    run_name: str = "sft"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    def __post_init__(self):
+        if self.tokenizer is None and self.model.init in presets():
+            raise ConfigError("tokenizer", f"required when model.init is the preset {self.model.init!r} (a model "
+                              "built from scratch has no tokenizer); e.g. tokenizer=runs/tiny/tokenizer")
+        if not self.data:
+            raise ConfigError("data", "needs at least one dataset")
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]  # [T] the chat-formatted conversation
+    labels: list[int]  # [T] = input_ids on assistant tokens, -100 elsewhere
+
+
+def to_messages(row: dict) -> list[dict]:
+    if "messages" in row:
+        return row["messages"]
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+
+
+def load_conversations(cfg: DataConfig) -> list[list[dict]]:
+    """Chat rows of one dataset: its `messages` column, else `prompt`/`response` as a two-turn chat."""
+    ds, source = load_dataset_split(cfg)
+    chat = "messages" in cfg.columns or "messages" in ds.column_names
+    try:
+        rows = load_rows(cfg, ["messages"] if chat else ["prompt", "response"])
+    except DataError as e:
+        raise DataError(f"{e} (SFT data needs a 'messages' column, or 'prompt' and 'response' columns)") from None
+    return [to_messages(row) for row in rows]
+
+
+def build_example(tokenizer, messages: list[dict], max_seq_len: int) -> Example | None:
+    """Tokenize one conversation; None when truncation leaves no assistant token to learn from."""
+    ids, mask = encode_chat(tokenizer, messages, max_len=max_seq_len)
+    if sum(mask[1:]) == 0:  # position 0 is never predicted
+        return None
+    return Example(input_ids=ids, labels=[t if m else -100 for t, m in zip(ids, mask)])
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids [B, T], attention_mask [B, T] (1 = token), labels [B, T] (-100 = no loss)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], attention[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches (example indices) of one epoch: a permutation seeded by (seed, epoch), length-sorted
+    within pools of POOL micro-batches, then the micro-batches shuffled. The count is the same every epoch."""
+    rng = random.Random(f"{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), POOL * batch_size):
+        pool = sorted(order[start:start + POOL * batch_size], key=lambda i: lengths[i])
+        batches += [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def step_stream(lengths: list[int], batch_size: int, seed: int, per_step: int, epoch: int,
+                index: int) -> Iterator[tuple[int, int, list[list[int]]]]:
+    """From data position (epoch, index): (epoch, index after this step, the step's per_step micro-batches)."""
+    while True:
+        batches = epoch_batches(lengths, batch_size, seed, epoch)
+        usable = len(batches) - len(batches) % per_step
+        while index < usable:
+            yield epoch, index + per_step, batches[index:index + per_step]
+            index += per_step
+        epoch, index = epoch + 1, 0
+
+
+# ---- optimisation -----------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW (weight decay on matrices only) and the warm-up + decay schedule over total_steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli(SFTConfig, description="Stage 1: cold-start chain-of-thought SFT.", argv=argv)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    tc, out = cfg.train, Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    # ---- setup
+    accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.is_main_process:
+        (out / "DONE").unlink(missing_ok=True)
+    set_seed(tc.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = [e for d in cfg.data for m in load_conversations(d) if (e := build_example(tokenizer, m, tc.max_seq_len))]
+    heldout = load_heldout(cfg.eval)
+    lengths = [len(e.input_ids) for e in examples]
+    per_step = tc.grad_accum * world
+    steps_per_epoch = len(epoch_batches(lengths, tc.micro_batch_size, tc.seed, 0)) // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError("train.micro_batch_size", f"{len(examples)} examples do not fill one optimizer step of "
+                          f"{per_step} micro-batches of {tc.micro_batch_size}")
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+
+    model = load_policy(cfg.model, tokenizer)
+    optimizer, scheduler = build_optimizer(model, tc, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the schedule stays on the raw optimizer
+    step, epoch, index = 0, 0, 0
+    resume = latest_checkpoint(ckpt_root) if tc.resume_from == "latest" else tc.resume_from
+    if resume:
+        state = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
+        step, epoch, index = state.step, state.data_state["epoch"], state.data_state["index"]
+    stream = step_stream(lengths, tc.micro_batch_size, tc.seed, per_step, epoch, index)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # ---- loop
+    logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
+                           total_steps=total_steps, initial_step=step, is_main=accelerator.is_main_process)
+    logger.write(f"sft: {len(examples)} conversations, {n_params / 1e6:.2f}M parameters, {total_steps} steps "
+                 f"({steps_per_epoch}/epoch, {per_step} micro-batches of {tc.micro_batch_size} per step)"
+                 + (f", resumed at step {step} from {resume}" if resume else ""))
+    sums, tokens, started = {}, 0, time.time()
+    while step < total_steps:
+        epoch, index, micro_batches = next(stream)
+        model.train()
+        mine = micro_batches[rank::world]
+        for k, ids in enumerate(mine):
+            batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in ids], pad_id).items()}
+            sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
+            with sync:
+                output = model(**batch, use_cache=False)
+                accelerator.backward(output.loss / len(mine))
+            parts = {"loss": output.loss, "lm_loss": getattr(output, "lm_loss", None), "aux_loss": output.aux_loss}
+            for key, value in parts.items():
+                if value is not None:
+                    sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_router_bias(model)
+        step += 1
+
+        if step % tc.log_every == 0 or step == total_steps:
+            n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
+            means = accelerator.reduce(torch.tensor([sums.get(k, 0.0) / n for k in sorted(sums)] + [tokens],
+                                                    device=accelerator.device), "sum")
+            values = dict(zip(sorted(sums), (means[:-1] / world).tolist()))
+            elapsed = time.time() - started
+            logger.log({**values, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "tokens_per_s": float(means[-1]) / elapsed, "epoch": epoch + index / (steps_per_epoch * per_step),
+                        **moe_metrics(model)}, step=step)
+            sums, tokens, started = {}, 0, time.time()
+        if (tc.save_every and step % tc.save_every == 0) or step == total_steps:
+            save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,
+                            scheduler=scheduler, data_state={"epoch": epoch, "index": index}, config=cfg,
+                            keep_last=tc.keep_last, accelerator=accelerator)
+    logger.close()
+
+    # ---- save, evaluate
+    final = export_model(out / "final", model, tokenizer, cfg, accelerator=accelerator)
+    result = {"steps": step, "final": str(final)}
+    if heldout and accelerator.is_main_process:
+        scores = heldout_accuracy(accelerator.unwrap_model(model), tokenizer, heldout,
+                                  max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        print(summary_line(scores, cfg.eval), flush=True)
+        write_results(scores, out / "eval.json")
+        result["heldout"] = scores["summary"]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        mark_done(out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
