@@ -52,7 +52,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -73,8 +73,8 @@ class ParallelConfig:
     """Multi-process layout. Field names are ``parallelize``'s keywords: ``parallelize(model, optim, **asdict(cfg))``."""
 
     ep_size: int = 1  # ranks that share one copy of the routed experts; 1 = no expert parallelism
-    zero_stage: Literal[0, 1, 2] = 1  # ZeRO stage of the DeepSpeed optimizer (used when parallelize() runs)
-    deepspeed_config: str | None = None  # base JSON (recipes/deepspeed/*.json) for the knobs the recipe leaves alone
+    zero_stage: Optional[Literal[0, 1, 2]] = None  # ZeRO stage; None: the JSON's, else 1
+    deepspeed_config: Optional[str] = None  # base JSON (recipes/deepspeed/*.json): the knobs the recipe leaves alone
     timeout_s: float = 600.0  # process-group timeout: a dead or hung rank ends the job after at most this
 
     def __post_init__(self):
@@ -95,8 +95,7 @@ def _free_port() -> int:
 def init_distributed(*, timeout_s: float = 600.0, backend: str | None = None) -> None:
     """Create the default process group (env:// as set by torchrun / ``accelerate launch``) with ``timeout_s``.
 
-    No-op when one exists (e.g. created by ``accelerate.Accelerator``: pass it ``process_group_kwargs``
-    instead). A single process without launcher variables gets a one-rank group, which DeepSpeed needs.
+    No-op when one exists (e.g. created by ``make_accelerator``, which sets the same timeout). A single process without launcher variables gets a one-rank group, which DeepSpeed needs.
     Backend: nccl with CUDA, else gloo."""
     if dist.is_initialized():
         return
@@ -110,13 +109,16 @@ def init_distributed(*, timeout_s: float = 600.0, backend: str | None = None) ->
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def process_group_kwargs(timeout_s: float):
-    """``Accelerator(kwargs_handlers=[process_group_kwargs(cfg.parallel.timeout_s)])``: the same timeout when
-    accelerate creates the process group."""
+def make_accelerator(timeout_s: float = 600.0, **kwargs):
+    """The stages' ``accelerate.Accelerator``: CPU processes (gloo) when no GPU is visible, and the recipe's
+    process-group timeout. Under ``accelerate launch`` (torchrun-style launcher) every process gets one.
+    With ``parallelize`` (ep_size > 1) do not ``prepare`` the model or optimizer with it."""
+    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    handler = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[handler], **kwargs)
 
 
 def _optimizer_params(optimizer_cfg: Any) -> tuple[dict[str, Any], float]:
@@ -150,7 +152,7 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
     node[leaf] = value
 
 
-def build_deepspeed_config(optimizer_cfg: Any, *, ep_size: int, zero_stage: int,
+def build_deepspeed_config(optimizer_cfg: Any, *, ep_size: int, zero_stage: int | None,
                            deepspeed_config: str | None = None, bf16: bool = False, grouped_mm: bool = False) -> dict:
     """The DeepSpeed config dict: the base JSON with the recipe's values filled in (``OWNED_KEYS``).
 
@@ -166,7 +168,8 @@ def build_deepspeed_config(optimizer_cfg: Any, *, ep_size: int, zero_stage: int,
     _set(config, "gradient_clipping", max_grad_norm, src)  # DeepSpeed's default would be 1.0
     _set(config, "optimizer", {"type": "AdamW", "params": {**adamw, "torch_adam": not torch.cuda.is_available()}}, src)
     _set(config, "bf16.enabled", bf16, src)
-    _set(config, "zero_optimization.stage", zero_stage, src)
+    if zero_stage is not None or config.get("zero_optimization", {}).get("stage", "auto") == "auto":
+        _set(config, "zero_optimization.stage", 1 if zero_stage is None else zero_stage, src)
     _set(config, "expert_parallel.enabled", ep_size > 1, src)
     if ep_size > 1:
         _set(config, "expert_parallel.autoep_size", ep_size, src)
@@ -230,9 +233,10 @@ def _adopt_routers(model: nn.Module, routers: dict[str, nn.Module]) -> None:
         raise RuntimeError(f"AutoEP did not replace the MoE blocks {sorted(routers)}: they would run unsharded")
 
 
-def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stage: int = 1,
+def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stage: int | None = None,
                 deepspeed_config: str | None = None, timeout_s: float = 600.0):
-    """Wrap ``model`` in a DeepSpeed engine: ZeRO ``zero_stage``, routed experts sharded over ``ep_size`` ranks.
+    """Wrap ``model`` in a DeepSpeed engine: ZeRO ``zero_stage`` (None: the JSON's, else 1), routed experts
+    sharded over ``ep_size`` ranks.
 
     Returns ``(engine, optimizer)``. Train with ``engine(...)`` as the model, ``engine.backward(loss,
     scale_wrt_gas=False)`` per micro-batch, ``engine.step()`` per optimizer step, then
@@ -304,7 +308,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             full[w] = local
         state[prefix + "gate_up_proj"] = torch.cat([full["w1"], full["w3"]], dim=1)  # [E, 2I, d]: gate then up
         state[prefix + "down_proj"] = full["w2"]  # [E, d, I]
-    return {k: v.cpu() for k, v in state.items()}
+    return {k: v.to("cpu", copy=True) for k, v in state.items()}
 
 
 @torch.no_grad()
