@@ -292,3 +292,13 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_worker_that_cannot_start_is_a_clear_error(monkeypatch):
+    import rewards.math as rmath
+
+    monkeypatch.setattr(rmath, "_BOOT", "import sys; sys.stderr.write('No module named sympy'); sys.exit(3)")
+    pool = VerifierPool(size=1)
+    with pytest.raises(RuntimeError, match="exited during start-up(.|\n)*No module named sympy"):
+        pool.run([("x", "y")])
+    assert pool.workers == []
