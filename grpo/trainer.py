@@ -52,8 +52,6 @@ from rewards.registry import RewardScores
 class TrainerConfig:
     """The RL loop. Counts are per process: a step samples prompts_per_step * group_size completions."""
 
-    output_dir: str = "runs/grpo"
-    run_name: str = "grpo"
     max_steps: int = 100  # rollout batches
     prompts_per_step: int = 8  # B
     group_size: int = 8  # G (TRL num_generations)
@@ -63,7 +61,7 @@ class TrainerConfig:
     lr: float = 1e-6
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0  # optimizer steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on matrices only (not norms, biases)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
     bf16: bool = False  # bf16 autocast for the forward passes
@@ -76,11 +74,10 @@ class TrainerConfig:
     routing_replay: bool = False  # replay pi_old's expert choices in the update forwards (V3 policies)
     save_every: int = 50  # steps; 0 = only at the end
     keep_last: int = 3
-    resume_from: str | None = None  # a checkpoint directory, or a checkpoint root (its latest)
+    resume_from: str | None = None  # "latest" (output_dir/checkpoints; fresh start if none) or a checkpoint dir
     sample_every: int = 10  # steps between logged completion samples; 0 = never
     samples_logged: int = 4
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
     def __post_init__(self):
         positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
@@ -204,7 +201,9 @@ class PromptStream:
 def prepare_training(model, cfg: TrainerConfig, accelerator: Accelerator, total_optimizer_steps: int):
     """Optimizer, LR schedule and device/process wrapping: returns (model, optimizer, scheduler)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule wraps the raw optimizer: accelerate's scheduler wrapper would step once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, getattr(optimizer, "optimizer", optimizer),
@@ -216,8 +215,10 @@ RewardFn = Callable[..., RewardScores]  # (prompts, completions, **columns) -> R
 
 
 class GRPOTrainer:
-    """``GRPOTrainer(cfg, model=..., tokenizer=..., sampling=..., rewards=..., rows=..., encode=...).train()``.
+    """``GRPOTrainer(cfg, model=..., tokenizer=..., sampling=..., rewards=..., rows=..., encode=...,
+    output_dir=...).train()``.
 
+    output_dir receives ``checkpoints/``, ``metrics.jsonl``, ``tables/completions.jsonl`` and ``wandb/``.
     rows: data rows, each with a ``prompt`` string (given to the rewards) and any reward columns (answer,
     tests, source, ...); encode(row) -> prompt token ids (chat template applied). rewards: a
     ``rewards.registry.RewardSet`` (or any callable returning ``RewardScores``); it also receives the column
@@ -225,7 +226,8 @@ class GRPOTrainer:
     """
 
     def __init__(self, cfg: TrainerConfig, *, model, tokenizer, sampling: SamplingConfig, rewards: RewardFn,
-                 rows: list[dict], encode: Callable[[dict], list[int]], run_config: Any = None):
+                 rows: list[dict], encode: Callable[[dict], list[int]], output_dir: str, run_name: str = "grpo",
+                 wandb_mode: str = "offline", run_config: Any = None):
         if sampling.temperature <= 0:
             raise ConfigError("sampling.temperature", "GRPO samples its groups: temperature must be > 0")
         if cfg.group_size > sampling.max_batch:
@@ -235,6 +237,7 @@ class GRPOTrainer:
             raise ValueError(f"data row {bad[0]} has no string 'prompt' (keys: {sorted(rows[bad[0]])})")
         self.cfg, self.sampling, self.tokenizer, self.rewards = cfg, sampling, tokenizer, rewards
         self.rows, self.encode, self.run_config = rows, encode, run_config
+        self.output_dir, self.run_name, self.wandb_mode = Path(output_dir), run_name, wandb_mode
         self.accelerator = Accelerator()
         acc = self.accelerator
         self.updates_per_step = cfg.mu * cfg.minibatches
@@ -251,9 +254,10 @@ class GRPOTrainer:
         self.bad_in_a_row = 0
         self.skipped_total = 0
         self.ref_step = 0  # the reference equals the policy after this step (0 = the initial policy)
-        self.ckpt_root = Path(cfg.output_dir) / "checkpoints"
-        if cfg.resume_from:
-            self._resume(cfg.resume_from)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        resume = checkpoint.latest_checkpoint(self.ckpt_root) if cfg.resume_from == "latest" else cfg.resume_from
+        if resume:
+            self._resume(resume)
 
     # ---- checkpointing ---------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -266,7 +270,7 @@ class GRPOTrainer:
             checkpoint.export_model(path / "reference", self.reference, None, accelerator=self.accelerator)
         return path
 
-    def _resume(self, where: str) -> None:
+    def _resume(self, where) -> None:
         state = checkpoint.load_checkpoint(where, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                            generators={"rollout": self.engine.generator}, accelerator=self.accelerator)
         self.step = state.step
@@ -523,8 +527,8 @@ class GRPOTrainer:
         """Run to ``max_steps`` (from the resumed step); checkpoints every ``save_every`` and at the end."""
         cfg = self.cfg
         metrics: dict[str, float] = {}
-        with MetricsLogger(cfg.output_dir, project="grpo", run_name=cfg.run_name, config=self.run_config,
-                           wandb_mode=cfg.wandb_mode, total_steps=cfg.max_steps, initial_step=self.step,
+        with MetricsLogger(self.output_dir, project="r1-grpo", run_name=self.run_name, config=self.run_config,
+                           wandb_mode=self.wandb_mode, total_steps=cfg.max_steps, initial_step=self.step,
                            is_main=self.accelerator.is_main_process) as logger:
             while self.step < cfg.max_steps:
                 metrics, samples, advantages = self.train_step()

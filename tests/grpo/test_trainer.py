@@ -45,12 +45,11 @@ def make(tmp_path, *, rows=None, sampling=None, **kw):
     torch.manual_seed(0)
     model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=SMALL), tok)
     rows = rows or [{"prompt": " ".join(f"t{3 + (i * 7 + j) % 13}" for j in range(4))} for i in range(16)]
-    kw = {"output_dir": str(tmp_path), "prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16,
-          "minibatches": 2, "lr": 3e-3, "wandb_mode": "disabled", "save_every": 0,
+    kw = {"prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16, "minibatches": 2, "lr": 3e-3, "save_every": 0,
           "loss": LossConfig(loss_type="dapo"), **kw}
     sampling = sampling or SamplingConfig(max_new_tokens=6, max_batch=32)
     return GRPOTrainer(TrainerConfig(**kw), model=model, tokenizer=tok, sampling=sampling, rewards=target_reward,
-                       rows=rows, encode=lambda r: tok.encode(r["prompt"]))
+                       rows=rows, encode=lambda r: tok.encode(r["prompt"]), output_dir=str(tmp_path), wandb_mode="disabled")
 
 
 def rewards_over(trainer, steps):
@@ -99,7 +98,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     killed._update = update_then_die
     with pytest.raises(KeyboardInterrupt):
         killed.train()
-    resumed = make(tmp_path / "run", resume_from=str(tmp_path / "run" / "checkpoints"), **kw)
+    resumed = make(tmp_path / "run", resume_from="latest", **kw)
     assert resumed.step == 2 and resumed.ref_step == 2
     resumed.train()
 
