@@ -51,9 +51,7 @@ def load_heldout(cfg: HeldoutConfig) -> list[dict]:
 
 @torch.no_grad()
 def heldout_accuracy(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 256, batch_size: int = 64) -> dict:
-    """Greedy-decode every row's prompt and check its answer. Returns {"summary": {accuracy, n, correct,
-    truncated, mean_tokens, by_<column>: {value: accuracy}}, "rows": [{prompt, answer, completion, correct,
-    finish_reason, ...}]}."""
+    """Greedy-decode every row's prompt (chat template, no system prompt) and score it with `score`."""
     was_training = model.training
     model.eval()
     engine = RolloutEngine(model, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens,
@@ -63,11 +61,17 @@ def heldout_accuracy(model, tokenizer, rows: list[dict], *, max_new_tokens: int 
     lengths = rollout.lengths.tolist()
     completions = tokenizer.batch_decode(
         [rollout.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)], skip_special_tokens=True)
+    return score(rows, completions, rollout.finish_reason, lengths)
+
+
+def score(rows: list[dict], completions: list[str], finish_reasons: list[str], lengths: list[int]) -> dict:
+    """{"summary": {accuracy, n, correct, truncated (share cut at the token limit), mean_tokens,
+    by_difficulty / by_source: {value: accuracy} when rows carry several values}, "rows": [per-row results]}."""
     correct = correctness(completions, [r["answer"] for r in rows])
     results = [
         {"prompt": r["prompt"], "answer": r["answer"], "completion": c, "correct": bool(ok), "finish_reason": f,
          **{k: r[k] for k in GROUP_COLUMNS if k in r}}
-        for r, c, ok, f in zip(rows, completions, correct, rollout.finish_reason)
+        for r, c, ok, f in zip(rows, completions, correct, finish_reasons)
     ]
     n = len(results)
     summary = {
