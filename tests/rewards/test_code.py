@@ -85,3 +85,21 @@ def test_shared_tests_are_planned_once_and_run_per_completion():
 def test_malformed_rows_raise_naming_the_problem(columns, message):
     with pytest.raises(ValueError, match=message):
         reward([RIGHT], **columns)
+
+
+@strong
+def test_generated_rows_through_the_registry():
+    """The data generator's code rows, scored by name through the reward registry: references pass, a stub fails."""
+    import random
+
+    from data.generate import code_completion, code_row, random_code
+    from rewards.registry import RewardSet, RewardSpec
+
+    rng = random.Random(0)
+    problems = [random_code(rng) for _ in range(6)]
+    rows = [code_row(p, f"code-{i}") for i, p in enumerate(problems)]
+    completions = [code_completion(p) for p in problems] + ["```python\ndef nothing():\n    pass\n```"] * 6
+    columns = {key: [row[key] for row in rows] * 2 for key in rows[0]}
+    rewards = RewardSet([RewardSpec(name="code", kwargs={"timeout": 2.0})])
+    scores = rewards([row["prompt"] for row in rows] * 2, completions, **columns)
+    assert scores.per_reward["code"] == [1.0] * 6 + [0.0] * 6 and scores.failures["code"] == 0
