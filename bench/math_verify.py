@@ -35,7 +35,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 from rewards.math import VerifierPool, verify_batch  # noqa: E402
-import rewards.math as rmath  # noqa: E402
 
 MATH500 = Path("/work/shared/data/math500_test.jsonl")
 
@@ -119,14 +118,14 @@ def anchor(golds: list[str], preds: list[str]) -> tuple[list[bool], float]:
 
 
 def ours(golds: list[str], preds: list[str], workers: int, timeout: float) -> tuple[list[bool], float, float]:
-    rmath._POOL = VerifierPool(size=workers)
+    pool = VerifierPool(size=workers)
     start = time.perf_counter()
-    rmath._POOL.run([("1", "x")] * workers, timeout=60)  # start and warm every worker: not part of the timing
+    pool.run([("1", "x")] * workers, timeout=60)  # start and warm every worker: not part of the timing
     startup = time.perf_counter() - start
     start = time.perf_counter()
-    out = verify_batch(golds, preds, timeout=timeout, cache=False)
+    out = verify_batch(golds, preds, timeout=timeout, cache=False, pool=pool)
     elapsed = time.perf_counter() - start
-    rmath._POOL.close()
+    pool.close()
     return out, elapsed, startup
 
 

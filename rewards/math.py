@@ -712,11 +712,12 @@ def get_pool() -> VerifierPool:
         return _POOL
 
 
-def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TIMEOUT, cache: bool = True) -> list[bool]:
+def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TIMEOUT, cache: bool = True,
+                 pool: VerifierPool | None = None) -> list[bool]:
     """Equivalence of each (gold, pred) answer pair; sympy work is spread over the worker pool.
 
     Answers may carry ``\\boxed{}`` / ``$`` / ``####``; cheap cases are decided in-process; identical
-    pairs are checked once (and remembered across calls when ``cache``).
+    pairs are checked once (and remembered across calls when ``cache``). ``pool`` defaults to ``get_pool()``.
     """
     if len(golds) != len(preds):
         raise ValueError(f"verify_batch: {len(golds)} golds but {len(preds)} preds")
@@ -733,7 +734,7 @@ def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TI
         else:
             todo[pair] = None
     if todo:
-        checked = dict(zip(todo, get_pool().run(list(todo), timeout)))
+        checked = dict(zip(todo, (pool or get_pool()).run(list(todo), timeout)))
         decided.update(checked)
         if cache:
             if len(_CACHE) > _CACHE_MAX:
