@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 SIZE ?= tiny
 RUN ?= runs/$(SIZE)
 ARGS ?=
-# Debian packages the code sandbox needs (namespaces, uid switch, rlimits).
-SYSTEM_PACKAGES := bubblewrap util-linux
+# Debian packages the code sandbox needs (unshare and setpriv: namespaces, uid switch, rlimits).
+SYSTEM_PACKAGES := util-linux
 
 .PHONY: install system-deps test demo pipeline data tokenizer sft rl_reasoning rejection_sampling reward_model rl_general evaluate bench clean
 
