@@ -84,6 +84,8 @@ def test_logits_equal_transformers_and_checkpoints_interchange(tmp_path):
     assert {"model.layers.3.eh_proj.weight", "model.layers.3.shared_head.norm.weight"} <= info["unexpected_keys"]
     logits = ours(x, attention_mask=mask).logits
     assert torch.allclose(logits, ref(x, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+    ours.set_attn_implementation("sdpa_padded")  # the CPU-fast attention of load_policy: same numbers
+    assert torch.allclose(ours(x, attention_mask=mask).logits, logits, atol=1e-5, rtol=1e-5)
     greedy = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(x, **greedy), ref.generate(x, **greedy))
     # the correction bias and the group limit are live in this test: dropping either changes the logits
