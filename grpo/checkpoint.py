@@ -15,10 +15,11 @@ Writes are atomic: everything goes to ``.tmp-step-XXXXXXXX`` and is renamed into
 complete, then ``latest`` is replaced (also by rename), then checkpoints beyond ``keep_last`` are removed.
 A crash at any point leaves ``latest`` pointing at a complete checkpoint.
 
-Under accelerate, every process calls `save_checkpoint` / `load_checkpoint` (each saves/restores its own
-RNG state); only the main process writes the model, tokenizer, optimizer and bookkeeping files.
-Optimizer state is the state of the main process's (replicated, DDP) optimizer; sharded optimizers
-(DeepSpeed ZeRO, FSDP) are not handled here.
+Multi-process (accelerate / torchrun): every process calls `save_checkpoint` / `load_checkpoint` (each
+saves/restores its own RNG state); rank 0 writes the model, tokenizer and bookkeeping files. Optimizer
+state: the main process's for a replicated (DDP) optimizer; for a DeepSpeed engine from
+`grpo.parallel.parallelize` the weights are gathered into transformers' layout (loadable at any ep_size)
+and every rank writes its ZeRO partition (`optimizer_rank<r>.pt`, resumable at the same layout).
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
+from grpo import parallel
 from grpo.config import save_config
 
 LATEST = "latest"
@@ -56,17 +60,29 @@ class TrainState:
     path: Path  # the step directory it was read from
 
 
-def _is_main(accelerator) -> bool:
-    return accelerator is None or accelerator.is_main_process
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier(accelerator) -> None:
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+def _is_main() -> bool:
+    return _rank() == 0
 
 
-def _rank(accelerator) -> int:
-    return 0 if accelerator is None else accelerator.process_index
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _is_deepspeed(model) -> bool:
+    return "deepspeed" in sys.modules and parallel.is_deepspeed(model)
+
+
+def _unwrap(model, accelerator):
+    if accelerator is not None and not _is_deepspeed(model):
+        return accelerator.unwrap_model(model)
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed engine
+        model = model.module
+    return model
 
 
 def _rng_state(generators: dict[str, torch.Generator] | None) -> dict[str, Any]:
@@ -105,11 +121,12 @@ def _json_dumps(name: str, value: Any) -> str:
 def _save_model_files(directory: Path, model, tokenizer, accelerator) -> None:
     """save_pretrained of the unwrapped model (+ tokenizer). Call on every process; main writes."""
     state_dict = None
-    if accelerator is not None:
-        state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; collective
-        model = accelerator.unwrap_model(model)
-    if _is_main(accelerator):
-        model.save_pretrained(directory, state_dict=state_dict)
+    if _is_deepspeed(model):
+        state_dict = parallel.full_state_dict(model)  # experts gathered over the EP group; collective
+    elif accelerator is not None:
+        state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP) weights; collective
+    if _is_main():
+        _unwrap(model, accelerator).save_pretrained(directory, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
@@ -169,17 +186,20 @@ def save_checkpoint(
     name = f"{STEP_PREFIX}{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     state_json = _json_dumps("state", {"step": step, "data_state": data_state or {}, "extra": extra or {}})
-    if _is_main(accelerator):
+    if _is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(accelerator)
+    _barrier()
 
     _save_model_files(tmp, model, tokenizer, accelerator)
-    torch.save(_rng_state(generators), tmp / f"rng_{_rank(accelerator)}.pt")
-    if _is_main(accelerator):
+    torch.save(_rng_state(generators), tmp / f"rng_{_rank()}.pt")
+    sharded_optimizer = optimizer is not None and _is_deepspeed(model)
+    if sharded_optimizer:
+        parallel.save_optimizer_state(model, tmp)  # every rank its ZeRO partition: optimizer_rank<r>.pt
+    if _is_main():
         torch.save(
             {
-                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "optimizer": None if optimizer is None or sharded_optimizer else optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
             },
             tmp / OPTIMIZER_FILE,
@@ -187,9 +207,9 @@ def save_checkpoint(
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
         (tmp / STATE_FILE).write_text(state_json)  # written last: its presence marks a complete directory
-    _barrier(accelerator)
+    _barrier()
 
-    if _is_main(accelerator):
+    if _is_main():
         if final.exists():  # re-saving a step (e.g. after resuming from it): replace the old copy
             shutil.rmtree(final)
         tmp.rename(final)
@@ -200,7 +220,7 @@ def save_checkpoint(
             for old in checkpoint_dirs(root)[:-keep_last]:
                 if old != final:
                     shutil.rmtree(old)
-    _barrier(accelerator)
+    _barrier()
     return final
 
 
@@ -221,12 +241,18 @@ def load_checkpoint(
     conversion transformers applies is undone exactly) and copied into `model`, keeping the optimizer's
     parameter references valid."""
     path = resolve_checkpoint(path)
+    deepspeed = model is not None and _is_deepspeed(model)
     if model is not None:
-        target = model if accelerator is None else accelerator.unwrap_model(model)
-        dtype = next(target.parameters()).dtype
-        loaded = type(target).from_pretrained(path, dtype=dtype)
-        target.load_state_dict(loaded.state_dict())
+        target = _unwrap(model, accelerator)
+        loaded = type(target).from_pretrained(path, dtype=next(target.parameters()).dtype).state_dict()
+        if deepspeed:
+            parallel.load_full_state_dict(model, loaded)  # each rank keeps its experts; refreshes fp32 masters
+        else:
+            target.load_state_dict(loaded)
         del loaded
+    if optimizer is not None and deepspeed:
+        parallel.load_optimizer_state(model, path)
+        optimizer = None
     if optimizer is not None or scheduler is not None:
         saved = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
         for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
@@ -235,7 +261,7 @@ def load_checkpoint(
                     raise KeyError(f"checkpoint {path} was saved without a {key} state")
                 obj.load_state_dict(saved[key])
     if restore_rng:
-        rng_file = path / f"rng_{_rank(accelerator)}.pt"
+        rng_file = path / f"rng_{_rank()}.pt"
         if not rng_file.is_file():  # resumed with more processes than saved: reuse rank 0's streams
             rng_file = path / "rng_0.pt"
         _set_rng_state(torch.load(rng_file, weights_only=True), generators)
@@ -253,18 +279,18 @@ def export_model(directory: str | os.PathLike, model, tokenizer, config=None, *,
     `load_policy(ModelConfig(init=directory), tokenizer)`."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}")
-    if _is_main(accelerator):
+    if _is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(accelerator)
+    _barrier()
     _save_model_files(tmp, model, tokenizer, accelerator)
-    if _is_main(accelerator):
+    if _is_main():
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
-    _barrier(accelerator)
+    _barrier()
     return directory
 
 
