@@ -85,16 +85,16 @@ def truncate(
     return vals, idx
 
 
-def _block(vocab: int) -> int:
-    """Largest power of two in [32, 256] dividing the vocabulary size (0: none)."""
-    return next((b for b in (256, 128, 64, 32) if vocab % b == 0), 0)
+def _block(vocab: int, sizes: tuple[int, ...]) -> int:
+    """The first of ``sizes`` that divides the vocabulary size (0: none)."""
+    return next((b for b in sizes if vocab % b == 0), 0)
 
 
 def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk (sorted) through blocks: the k largest entries lie in the k blocks with the largest
     maxima, so only those k * block entries are searched (exact; one pass over V for the block maxima)."""
     batch, vocab = probs.shape
-    block = _block(vocab)
+    block = _block(vocab, (64, 32, 128))
     if not block or 4 * k * block > vocab:
         return probs.topk(k, dim=-1)
     blocks = probs.view(batch, vocab // block, block)
@@ -110,7 +110,7 @@ def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     using the uniforms [B]: the first index whose cumulative weight exceeds uniform * total. With a block
     size dividing C, the block is chosen first from the block sums, then the index within it."""
     batch, size = weights.shape
-    block = _block(size)
+    block = _block(size, (256, 128, 64, 32))
     if not block or size <= 4 * block:
         cdf = weights.cumsum(dim=-1)
         return torch.searchsorted(cdf, _target(uniform, cdf[:, -1:]), right=True).squeeze(1).clamp_(max=size - 1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MLP, DeepseekV3MoE
 
 from grpo.moe import route
 
@@ -131,11 +132,16 @@ class _DenseMLP:
 
 
 def _mlp(mlp: nn.Module, config):
-    if hasattr(mlp, "experts") and hasattr(getattr(mlp, "experts"), "gate_up_proj") and hasattr(mlp, "gate"):
+    if isinstance(mlp, DeepseekV3MoE) and isinstance(mlp.experts, DeepseekV3Experts):
         return _Experts(mlp, config)
-    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    if isinstance(mlp, DeepseekV3MLP):
         return _DenseMLP(mlp)
-    return lambda h: mlp(h[None])[0]  # foreign block (e.g. expert-parallel MoE): [T, D] -> [1, T, D]
+
+    def foreign(h: torch.Tensor) -> torch.Tensor:  # e.g. an expert-parallel MoE block: [T, D] -> [1, T, D]
+        y = mlp(h[None])
+        return (y[0] if isinstance(y, tuple) else y).view_as(h)
+
+    return foreign
 
 
 class _Layer:

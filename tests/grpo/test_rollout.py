@@ -1,0 +1,224 @@
+"""Rollout engine: agreement with transformers' generate (greedy) and with a teacher-forced forward pass
+(sampled logprobs), refill, latent cache size, prefill-once, expert-parallel stepping, seeds, stop strings."""
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import grpo.rollout as rollout_mod
+from grpo.config import ConfigError
+from grpo.rollout import RolloutEngine, SamplingConfig
+from grpo.v3_decode import V3Decoder
+
+VOCAB = 128
+
+
+def v3_model(**overrides):
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+               first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+               n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+               pad_token_id=0, eos_token_id=1, bos_token_id=1),
+        **overrides})
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a non-zero correction bias, so that selection and weights differ
+        for layer in model.model.layers[cfg.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def llama_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20], [21, 22], [23, 24, 25, 26]]
+
+
+def teacher_forced_logprobs(model, ro, temperature):
+    """log softmax(logits / T) of each generated token under a full forward pass over prompt + completion."""
+    out = []
+    for r, n in enumerate(ro.lengths.tolist()):
+        prompt = ro.prompt_ids[r]
+        ids = torch.tensor([prompt + ro.completion_ids[r, :n].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1))
+    return out
+
+
+def check_layout(ro, n_prompts, group_size, max_new, stop_ids, pad_id):
+    rows = n_prompts * group_size
+    width = int(ro.lengths.max())
+    assert ro.completion_ids.shape == ro.completion_mask.shape == ro.logprobs.shape == (rows, width)
+    assert ro.group.tolist() == [r // group_size for r in range(rows)]
+    assert ro.completion_mask.sum(1).tolist() == ro.lengths.tolist()
+    for r in range(rows):
+        n = int(ro.lengths[r])
+        assert (ro.completion_ids[r, n:] == pad_id).all() and (ro.logprobs[r, n:] == 0).all()
+        ids = ro.completion_ids[r, :n].tolist()
+        if ro.finish_reason[r] == "stop":
+            assert ids[-1] in stop_ids and not set(ids[:-1]) & set(stop_ids)
+        else:
+            assert ro.finish_reason[r] == "length" and n == max_new and not set(ids) & set(stop_ids)
+
+
+@pytest.mark.parametrize("make", [v3_model, llama_model], ids=["v3", "generic"])
+def test_greedy_equals_transformers_generate(make):
+    model = make()
+    stop = [3]
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, stop_token_ids=stop, max_batch=3)  # 5 prompts, 3 slots
+    ro = RolloutEngine(model, None, cfg).generate(PROMPTS, 1)
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                             pad_token_id=0, eos_token_id=stop)[0, len(prompt):].tolist()
+        if stop[0] in ref:
+            ref = ref[: ref.index(stop[0]) + 1]
+        assert ro.completion_ids[i, : ro.lengths[i]].tolist() == ref
+
+
+@pytest.mark.parametrize("make", [v3_model, llama_model], ids=["v3", "generic"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0.7, top_k=20, top_p=0.9), dict(temperature=1.3, min_p=0.05),
+                                      dict(temperature=1.0)], ids=["topk-topp", "minp", "plain"])
+def test_sampled_logprobs_equal_teacher_forcing_with_refill(make, sampling):
+    model = make()
+    stop = list(range(40, 56))  # 1/8 of the vocabulary: lengths end up mixed between stop and length
+    cfg = SamplingConfig(**sampling, max_new_tokens=10, stop_token_ids=stop, max_batch=7, seed=3)
+    engine = RolloutEngine(model, None, cfg)
+    ro = engine.generate(PROMPTS, 3)  # 15 rows through 7 slots (2 groups at a time)
+    check_layout(ro, len(PROMPTS), 3, 10, stop, engine.pad_id)
+    assert {"stop", "length"} <= set(ro.finish_reason)
+    for r, ref in enumerate(teacher_forced_logprobs(model, ro, sampling["temperature"])):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
+def test_latent_cache_holds_only_the_mla_latent():
+    model = v3_model()
+    cfg = SamplingConfig(max_new_tokens=6, max_batch=4, stop_token_ids=[])
+    engine = RolloutEngine(model, None, cfg)
+    engine.generate(PROMPTS[:2], 2)
+    c, mc = engine._decoder.cache, model.config
+    per_token = mc.num_hidden_layers * (mc.kv_lora_rank + mc.qk_rope_head_dim) * 4
+    assert c.data.shape == (mc.num_hidden_layers, 4, c.max_len, mc.kv_lora_rank + mc.qk_rope_head_dim)
+    assert c.bytes_per_token == per_token
+    assert c.data.numel() * c.data.element_size() == per_token * 4 * c.max_len
+    full_kv = mc.num_hidden_layers * mc.num_attention_heads * (mc.qk_nope_head_dim + mc.qk_rope_head_dim + mc.v_head_dim) * 4
+    assert full_kv > 6 * per_token
+
+
+def test_each_prompt_is_prefilled_once_per_group(monkeypatch):
+    seen = []
+    original = V3Decoder.prefill
+
+    def recording(self, prompts, slots):
+        seen.extend((tuple(p), len(s)) for p, s in zip(prompts, slots))
+        return original(self, prompts, slots)
+
+    monkeypatch.setattr(V3Decoder, "prefill", recording)
+    engine = RolloutEngine(v3_model(), None, SamplingConfig(max_new_tokens=5, max_batch=8, stop_token_ids=[]))
+    ro = engine.generate(PROMPTS, 4)
+    assert sorted(seen) == sorted((tuple(p), 4) for p in PROMPTS)
+    assert engine.stats["prefill_tokens"] == sum(map(len, PROMPTS))
+    assert ro.stats["prefill_tokens"] == sum(map(len, PROMPTS))
+
+
+def test_refill_keeps_slots_busy():
+    """Short and long sequences mixed: decode steps run on all free slots' replacements, not in waves."""
+    engine = RolloutEngine(v3_model(), None, SamplingConfig(max_new_tokens=12, max_batch=4, stop_token_ids=list(range(40, 72))))
+    ro = engine.generate([[5, 6, 7]] * 12, 1)
+    generated = int(ro.lengths.sum())
+    # every decode step but the tail runs 4 slots: far fewer steps than waves of 4 would take
+    waves = sum(int(ro.lengths[i:i + 4].max()) for i in range(0, 12, 4))
+    assert engine.stats["decode_tokens"] == generated - 12  # the first token of each comes from the prefill
+    assert engine.stats["decode_steps"] < waves
+
+
+def test_seed_reproducibility():
+    model = v3_model()
+    cfg = SamplingConfig(max_new_tokens=8, max_batch=5, stop_token_ids=[], seed=11)
+    a = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
+    b = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
+    c = RolloutEngine(model, None, SamplingConfig(max_new_tokens=8, max_batch=5, stop_token_ids=[], seed=12)).generate(PROMPTS, 2)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+def letters_tokenizer():
+    """Tokens are one or two letters; decoding concatenates them, so strings span token boundaries."""
+    pieces = [c for c in "abcdefgh"] + [a + b for a in "abcd" for b in "abcd"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{p: i + 3 for i, p in enumerate(pieces)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_stop_strings_end_completions_at_the_completing_token():
+    tok = letters_tokenizer()
+    model = v3_model(vocab_size=len(tok))
+    engine = RolloutEngine(model, tok, SamplingConfig(max_new_tokens=30, max_batch=6, stop_strings=["ab", "ca"]))
+    ro = engine.generate([[3, 4, 5], [6, 7]], 6)
+    reasons = set(ro.finish_reason)
+    assert "stop" in reasons
+    for r in range(len(ro.finish_reason)):
+        ids = ro.completion_ids[r, : ro.lengths[r]].tolist()
+        text, before = tok.decode(ids), tok.decode(ids[:-1])
+        has = lambda s: "ab" in s or "ca" in s  # noqa: E731
+        if ro.finish_reason[r] == "stop":
+            assert (has(text) and not has(before)) or ids[-1] == tok.eos_token_id
+        else:
+            assert not has(text) and len(ids) == 30
+
+
+def test_expert_parallel_ranks_step_until_all_are_done(monkeypatch):
+    """A peer rank that prefills once more and stays busy longer: this rank runs dummy forwards meanwhile,
+    and its own results are unchanged."""
+    model = v3_model()
+    cfg = SamplingConfig(max_new_tokens=6, max_batch=4, stop_token_ids=list(range(40, 72)), seed=5)
+    alone = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
+
+    calls = {"iter": 0, "decode": 0, "prefill": 0}
+    def peer(flags, group):  # the other rank: busy for 40 iterations, prefilling at iteration 30
+        calls["iter"] += 1
+        return [flags[0] or calls["iter"] <= 40, flags[1] or calls["iter"] == 30]
+
+    engine = RolloutEngine(model, None, cfg, ep_group=object())
+    monkeypatch.setattr(rollout_mod, "_any_rank", peer)
+    dec = engine._decoder_for(max(map(len, PROMPTS)) + cfg.max_new_tokens)
+    for name in ("decode", "prefill"):
+        fn = getattr(dec, name)
+        monkeypatch.setattr(dec, name, lambda *a, _fn=fn, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
+    ro = engine.generate(PROMPTS, 2)
+    assert torch.equal(ro.completion_ids, alone.completion_ids) and torch.equal(ro.logprobs, alone.logprobs)
+    assert calls["iter"] == 41  # the loop ends only when the peer is done too
+    assert calls["decode"] == 40  # one forward (real or dummy) per iteration while anyone is busy
+    assert calls["prefill"] == engine.stats["prefill_calls"] + 1  # plus the dummy matching the peer's
+
+
+def test_generate_text_decodes_completions():
+    tok = letters_tokenizer()
+    engine = RolloutEngine(v3_model(vocab_size=len(tok)), tok, SamplingConfig(max_new_tokens=4, max_batch=4))
+    texts = engine.generate_text(["ab c", "d"], 2)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
+    engine = RolloutEngine(v3_model(), None, SamplingConfig(max_batch=4, stop_token_ids=[]))
+    with pytest.raises(ValueError, match="group_size 5 exceeds max_batch 4"):
+        engine.generate(PROMPTS, 5)
+    with pytest.raises(ValueError, match="prompt 1"):
+        engine.generate([[5], [VOCAB + 3]], 1)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        RolloutEngine(v3_model(), None, SamplingConfig(stop_strings=["x"]))
+    with pytest.raises(ConfigError, match="backend"):
+        RolloutEngine(llama_model(), None, SamplingConfig(backend="v3"))
