@@ -16,6 +16,22 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
+def render(tokenizer, prompt: str, completion: str) -> str:
+    """The text a reward model scores for one (prompt, completion) pair (training and scoring both use it)."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return prompt + completion
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of ``render`` for each pair, left-truncated to ``max_length`` (tokenizer.truncation_side must
+    be "left"). A chat template writes its own special tokens; plain concatenation gets the tokenizer's (BOS)."""
+    texts = [render(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    return tokenizer(texts, add_special_tokens=not tokenizer.chat_template, truncation=True,
+                     max_length=max_length)["input_ids"]
+
+
 class RewardModelReward:
     """Scores completions with a local ``AutoModelForSequenceClassification`` (``num_labels == 1``) checkpoint."""
 
@@ -43,22 +59,15 @@ class RewardModelReward:
         self.model.to(self.device).eval()
 
     def render(self, prompt: str, completion: str) -> str:
-        """The text the model scores for one (prompt, completion) pair."""
-        if self.tokenizer.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt + completion
+        return render(self.tokenizer, prompt, completion)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"reward_model: {len(prompts)} prompts for {len(completions)} completions")
-        texts = [self.render(p, c) for p, c in zip(prompts, completions)]
-        # A chat template writes its own special tokens; plain concatenation gets the tokenizer's (e.g. BOS).
-        ids = self.tokenizer(texts, add_special_tokens=not self.tokenizer.chat_template, truncation=True,
-                             max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-        scores = [0.0] * len(texts)
+        ids = encode(self.tokenizer, prompts, completions, self.max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        scores = [0.0] * len(ids)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt").to(self.device)
