@@ -21,6 +21,11 @@ the micro-batches shuffled. Micro-batches that do not fill a last optimizer step
 skipped. The data position (epoch, micro-batch index) is checkpointed, so ``resume_from`` continues
 with the same batches, optimizer, schedule and RNG streams.
 
+Processes: ``accelerate launch`` runs data parallel (DDP) over its processes, each taking its share of
+every step's micro-batches; with ``parallel.ep_size > 1`` (or ``parallel.zero_stage``) the policy is
+wrapped by ``grpo.parallel.parallelize`` (DeepSpeed AutoEP + ZeRO: routed experts sharded over ep_size
+ranks; DeepSpeed clips and steps, weight decay then applies to every parameter).
+
 Writes to ``output_dir``: ``checkpoints/`` (``grpo.checkpoint``), ``final/`` (the model + tokenizer, loadable
 by ``AutoModelForCausalLM.from_pretrained`` and as ``model.init`` of the next stage), ``metrics.jsonl``,
 ``wandb/``, ``eval.json`` (held-out greedy accuracy, see ``stages.evaluate``) and ``DONE`` when complete.
@@ -28,6 +33,7 @@ by ``AutoModelForCausalLM.from_pretrained`` and as ``model.init`` of the next st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -38,7 +44,6 @@ from typing import Iterator, Literal
 import datasets
 import torch
 import transformers
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_scheduler
 
@@ -48,6 +53,7 @@ from grpo.checkpoint import export_model, latest_checkpoint, load_checkpoint, ma
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
 from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
+from grpo.parallel import ParallelConfig, make_accelerator, parallelize
 from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
 
 POOL = 64  # micro-batches per length-sorting pool
@@ -103,6 +109,7 @@ class SFTConfig:
     output_dir: str = "runs/tiny/sft"
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: HeldoutConfig = field(default_factory=HeldoutConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
     run_name: str = "sft"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
@@ -112,6 +119,13 @@ class SFTConfig:
                               "built from scratch has no tokenizer); e.g. tokenizer=runs/tiny/tokenizer")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset")
+        if self.train.bf16 and self.deepspeed:
+            raise ConfigError("train.bf16", "autocast is accelerate's; under DeepSpeed (parallel.ep_size > 1 or "
+                              "parallel.zero_stage set) train in bf16 with model.dtype=bfloat16 instead")
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.parallel.ep_size > 1 or self.parallel.zero_stage is not None
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -189,17 +203,20 @@ def step_stream(lengths: list[int], batch_size: int, seed: int, per_step: int, e
 # ---- optimisation -----------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW (weight decay on matrices only) and the warm-up + decay schedule over total_steps."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warm-up over warmup_steps, then cosine / linear decay to 0 at total_steps, or constant."""
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
-    return optimizer, scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_root = out / "checkpoints"
 
     # ---- setup
-    accelerator = Accelerator(mixed_precision="bf16" if tc.bf16 else "no")
+    accelerator = make_accelerator(cfg.parallel.timeout_s, mixed_precision="bf16" if tc.bf16 else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.is_main_process:
         (out / "DONE").unlink(missing_ok=True)
@@ -228,15 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
 
     model = load_policy(cfg.model, tokenizer)
-    optimizer, scheduler = build_optimizer(model, tc, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the schedule stays on the raw optimizer
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg.deepspeed:  # a DeepSpeed engine (experts sharded over ep_size ranks, ZeRO) reduces, clips and steps
+        adamw = {"lr": tc.lr, "betas": tc.adam_betas, "weight_decay": tc.weight_decay, "max_grad_norm": tc.max_grad_norm}
+        model, optimizer = parallelize(model, adamw, **dataclasses.asdict(cfg.parallel))
+        scheduler = build_schedule(optimizer.optimizer, tc, total_steps)
+    else:
+        optimizer = build_optimizer(model, tc)
+        scheduler = build_schedule(optimizer, tc, total_steps)  # on the raw optimizer: stepped once per step
+        model, optimizer = accelerator.prepare(model, optimizer)
     step, epoch, index = 0, 0, 0
     resume = latest_checkpoint(ckpt_root) if tc.resume_from == "latest" else tc.resume_from
     if resume:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         step, epoch, index = state.step, state.data_state["epoch"], state.data_state["index"]
     stream = step_stream(lengths, tc.micro_batch_size, tc.seed, per_step, epoch, index)
-    n_params = sum(p.numel() for p in model.parameters())
 
     # ---- loop
     logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
@@ -251,19 +274,26 @@ def main(argv: list[str] | None = None) -> dict:
         mine = micro_batches[rank::world]
         for k, ids in enumerate(mine):
             batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in ids], pad_id).items()}
-            sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
-            with sync:
+            last = k == len(mine) - 1 or cfg.deepspeed
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 output = model(**batch, use_cache=False)
-                accelerator.backward(output.loss / len(mine))
+                if cfg.deepspeed:
+                    model.backward(output.loss / len(mine), scale_wrt_gas=False)
+                else:
+                    accelerator.backward(output.loss / len(mine))
             parts = {"loss": output.loss, "lm_loss": getattr(output, "lm_loss", None), "aux_loss": output.aux_loss}
             for key, value in parts.items():
                 if value is not None:
                     sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
             tokens += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
-        optimizer.step()
+        if cfg.deepspeed:
+            model.step()
+            grad_norm = model.get_global_grad_norm()
+        else:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         update_router_bias(model)
         step += 1
 
@@ -287,7 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     final = export_model(out / "final", model, tokenizer, cfg, accelerator=accelerator)
     result = {"steps": step, "final": str(final)}
     if heldout and accelerator.is_main_process:
-        scores = heldout_accuracy(accelerator.unwrap_model(model), tokenizer, heldout,
+        policy = accelerator.unwrap_model(model)
+        if cfg.deepspeed:  # experts may be sharded over ranks: evaluate the exported model on this process
+            policy = load_policy(dataclasses.replace(cfg.model, init=str(final)), tokenizer).to(accelerator.device)
+        scores = heldout_accuracy(policy, tokenizer, heldout,
                                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         print(summary_line(scores, cfg.eval), flush=True)
         write_results(scores, out / "eval.json")

@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,12 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(workdir):
     return AutoTokenizer.from_pretrained(workdir / "tok")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def recipe_args(workdir: Path, out: Path, *extra: str) -> list[str]:
@@ -187,3 +195,21 @@ def test_help_lists_keys():
     proc = subprocess.run([sys.executable, "-m", "stages.sft", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     assert "train.lr" in proc.stdout and "model.init" in proc.stdout and "--recipe" in proc.stdout
+
+
+def test_expert_parallel_run_under_accelerate_launch(workdir, tmp_path):
+    """Two CPU processes (gloo), routed experts sharded over both (DeepSpeed AutoEP): trains, checkpoints
+    per-rank optimizer partitions, exports a model that loads unsharded."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ep"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+           "--main_process_port", str(free_port()), "-m", "stages.sft",
+           *recipe_args(workdir, out, "parallel.ep_size=2", "train.max_steps=2", "train.grad_accum=1")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ckpt = out / "checkpoints/step-00000002"
+    assert (ckpt / "optimizer_rank0.pt").is_file() and (ckpt / "optimizer_rank1.pt").is_file()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == TOY_MODEL["n_routed_experts"]
