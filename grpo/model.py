@@ -1,9 +1,12 @@
 """The trainable DeepSeek-V3 policy: transformers' DeepseekV3 modules plus what DeepSeek trained with.
 
-A forward pass with ``labels`` (or any forward in training mode with gradients on) returns
+A forward pass returns ``.logits`` and ``.aux_loss``; with ``labels`` also ``.loss``:
 
-    loss     = L_LM + aux_loss
+    loss     = L_LM + aux_loss                                     (L_LM: mean next-token CE, -100 ignored)
     aux_loss = alpha * sum_{MoE layers l} L_Bal^l  +  (lambda / D) * sum_{k=1..D} L_MTP^k
+
+aux_loss is computed when labels are given or in training mode with gradients on (a GRPO step adds
+it to its own loss); it is 0 in inference (rollouts, reference log-probs), which also counts no loads.
 
     L_Bal^l  the sequence-wise balance loss of layer l (grpo.moe.balance_loss), mean over sequences
     MTP depth k (0-indexed positions, h^0 = the main model's final hidden states, after its final norm):
@@ -26,7 +29,8 @@ weights; the report writes [h; emb], equivalent up to a permutation of W_k's col
 modules' routers are balanced and counted like any MoE layer; the shared embedding and output
 head are not stored a second time inside the MTP layer (the release duplicates them there);
 lambda is a constant (the report uses 0.3 then 0.1: change ``mtp_loss_weight`` between runs).
-Without ``labels``, MTP targets are the input tokens (padding excluded).
+Without ``labels``, MTP targets are the input tokens; padding (attention_mask 0) is excluded from the
+balance loss, the loads and the MTP targets. In training, MTP runs only while lambda > 0.
 """
 from __future__ import annotations
 
@@ -78,7 +82,7 @@ AttentionMaskInterface.register("sdpa_padded", sdpa_mask)
 class ModelConfig:
     """Which policy to build and how its DeepSeek-V3 training extras behave."""
 
-    init: str = "tiny"  # preset name (recipes/<name>/model.yaml), a local checkpoint dir, or a hub id
+    init: str = "tiny"  # preset name (recipes/<name>/model.yaml, checked first), a checkpoint dir, or a hub id
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields, e.g. {num_hidden_layers: 2}
     dtype: Literal["float32", "bfloat16"] = "float32"
     bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
@@ -400,6 +404,18 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Deepsee
         raise ConfigError("overrides", f"invalid model config for preset {name!r}: {e}") from None
 
 
+def check_routing(config: DeepseekV3Config) -> None:
+    """Group-limited routing needs equal groups of >= 2 experts (groups are scored by their top-2 sum)."""
+    experts, groups = config.n_routed_experts, config.n_group
+    if groups < 1 or experts % groups or experts // groups < 2:
+        raise ConfigError("n_group", f"must split n_routed_experts={experts} into equal groups of >= 2 experts")
+    if not 1 <= config.topk_group <= groups:
+        raise ConfigError("topk_group", f"must be in 1..n_group={groups}, got {config.topk_group}")
+    if not 1 <= config.num_experts_per_tok <= config.topk_group * experts // groups:
+        raise ConfigError("num_experts_per_tok", f"must be in 1..{config.topk_group * experts // groups} "
+                          f"(the experts of topk_group groups), got {config.num_experts_per_tok}")
+
+
 def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """The policy: a fresh DeepseekV3Policy for a preset (vocab, pad/bos/eos from ``tokenizer``), or
     ``from_pretrained`` of a checkpoint dir / hub id (DeepseekV3Policy for model_type deepseek_v3, any
@@ -413,6 +429,7 @@ def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "num_nextn_predict_layers": cfg.mtp_layers,
         })
+        check_routing(config)
         model = DeepseekV3Policy._from_config(config, dtype=dtype, experts_implementation=cfg.experts_implementation, **impl)
     else:
         try:
@@ -427,6 +444,7 @@ def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
             setattr(config, key, value)
         if config.model_type == "deepseek_v3":
             config.num_nextn_predict_layers = cfg.mtp_layers
+            check_routing(config)
             model = DeepseekV3Policy.from_pretrained(
                 cfg.init, config=config, dtype=dtype, experts_implementation=cfg.experts_implementation, **impl
             )

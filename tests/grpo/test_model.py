@@ -341,6 +341,10 @@ def test_config_errors_name_the_key(tokenizer):
         load_policy(ModelConfig(init="/no/such/dir"), tokenizer)
     with pytest.raises(ConfigError, match="mtp_layers"):
         ModelConfig(mtp_layers=-1)
+    with pytest.raises(ConfigError, match="n_group"):
+        load_policy(ModelConfig(overrides={"n_group": 3}), tokenizer)
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        load_policy(ModelConfig(overrides={"num_experts_per_tok": 5}), tokenizer)  # 1 group of 4 experts
 
 
 def test_metrics_keys(tokenizer):
