@@ -46,7 +46,7 @@ from torch import nn
 
 from grpo.config import ConfigError
 from grpo.sampling import StopStrings, sample
-from grpo.v3_decode import CudaGraphDecode, V3Decoder, is_v3
+from grpo.v3_decode import CudaGraphStep, V3Decoder, is_v3
 
 
 @dataclass(kw_only=True)
@@ -103,11 +103,15 @@ class _Outputs:
         self.tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long)
         self.logprobs = torch.zeros(rows, cfg.max_new_tokens)
         self.count = torch.zeros(rows, dtype=torch.long)
+        self.finished = torch.zeros(rows, dtype=torch.bool)
         self.reason = [""] * rows
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        """Append one token to each of ``rows`` [m]; returns done [m] bool."""
-        tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        """Append one token to each unfinished row of ``rows`` [m] (CPU tensors); returns done [m] bool,
+        True for the rows this token finished (tokens for already finished rows are ignored)."""
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        live = (~self.finished[rows]).nonzero().flatten()
+        rows, tokens, logprobs = rows[live], tokens[live], logprobs[live]
         at = self.count[rows]
         self.tokens[rows, at] = tokens
         self.logprobs[rows, at] = logprobs.float()
@@ -115,12 +119,63 @@ class _Outputs:
         stop = torch.isin(tokens, self.stop_ids)
         if self.stops:
             for j in (~stop).nonzero().flatten().tolist():
-                r = int(rows[j])
-                stop[j] = self.stops.hit(self.tokens[r, : at[j] + 1].tolist())
-        done = stop | (at + 1 >= self.max_new)
-        for j in done.nonzero().flatten().tolist():
+                stop[j] = self.stops.hit(self.tokens[int(rows[j]), : at[j] + 1].tolist())
+        ended = stop | (at + 1 >= self.max_new)
+        for j in ended.nonzero().flatten().tolist():
             self.reason[int(rows[j])] = "stop" if stop[j] else "length"
+        self.finished[rows[ended]] = True
+        done[live[ended]] = True
         return done
+
+
+class _Slots:
+    """Host-side state of the V3 decode slots. Active slots are 0..n-1; slot s holds result row ``row[s]``
+    with ``pos[s]`` tokens in its cache; ``slot[r]`` is the slot of active row r (-1 otherwise)."""
+
+    def __init__(self, dec: V3Decoder, rows: int):
+        slots = dec.tokens.shape[0]
+        self.dec, self.n = dec, 0
+        self.row = torch.full((slots,), -1, dtype=torch.long)
+        self.pos = torch.zeros(slots, dtype=torch.long)
+        self.slot = torch.full((rows,), -1, dtype=torch.long)
+
+    def assign(self, rows: torch.Tensor, lengths: torch.Tensor) -> slice:
+        """Give ``rows`` the next free slots (their caches hold ``lengths`` tokens)."""
+        new = slice(self.n, self.n + len(rows))
+        self.row[new], self.pos[new] = rows, lengths
+        self.slot[rows] = torch.arange(new.start, new.stop)
+        self.n = new.stop
+        return new
+
+    def release(self, rows: torch.Tensor) -> None:
+        """Free the slots of ``rows``; the last active slots move into the holes (cache rows included)."""
+        if not len(rows):
+            return
+        done = torch.zeros(self.n, dtype=torch.bool)
+        done[self.slot[rows]] = True
+        live = self.n - len(rows)
+        holes = done[:live].nonzero().flatten()
+        movers = (~done[live:]).nonzero().flatten() + live
+        if len(holes):
+            src, dst = movers.to(self.dec.device), holes.to(self.dec.device)
+            self.dec.cache.move(src, dst)
+            self.dec.tokens[dst] = self.dec.tokens[src]
+            self.row[holes], self.pos[holes] = self.row[movers], self.pos[movers]
+            self.slot[self.row[holes]] = holes
+        self.slot[rows] = -1
+        self.row[live:self.n], self.pos[live:self.n] = -1, 0
+        self.n = live
+
+
+@dataclass
+class _Step:
+    """A launched decode step: result rows of slots 0..n-1 at launch, sampled tokens/logprobs on the host
+    (filled asynchronously on CUDA until ``ready``)."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    ready: Optional[torch.cuda.Event]
 
 
 def _any_rank(flags: list[bool], group) -> list[bool]:
@@ -155,7 +210,8 @@ class RolloutEngine:
                                        int(self.stop_ids[0]) if len(self.stop_ids) else None, 0) if i is not None)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._decoder: V3Decoder | None = None
-        self._graphs: CudaGraphDecode | None = None
+        self._graphs: CudaGraphStep | None = None
+        self._lag = 1 if self.device.type == "cuda" else 0  # decode steps in flight before reading results
         self.stats: dict[str, float] = {}
 
     def _stop_ids(self) -> list[int]:
@@ -211,12 +267,12 @@ class RolloutEngine:
         """Free the cache and CUDA graphs (they are rebuilt on the next generate)."""
         self._decoder = self._graphs = None
 
-    def _uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, device=self.device)
+    def _sample_with(self, logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        return sample(logits, uniform, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
 
     def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cfg
-        return sample(logits, self._uniform(logits.shape[0]), temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
+        return self._sample_with(logits, torch.rand(logits.shape[0], generator=self.generator, device=self.device))
 
     # ---- DeepSeek-V3: slots, refill, latent cache ----------------------------------------------------------
     def _decoder_for(self, max_len: int) -> V3Decoder:
@@ -225,76 +281,78 @@ class RolloutEngine:
             self._decoder = self._graphs = None
             self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
             if self.device.type == "cuda" and self.cfg.cuda_graphs:
-                self._graphs = CudaGraphDecode(self._decoder)
+                self._graphs = CudaGraphStep(self._decoder, self._sample_with, self.generator)
         return self._decoder
 
     def _run_v3(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
-        cfg, G = self.cfg, group_size
-        dec = self._decoder_for(max(map(len, prompts)) + cfg.max_new_tokens)
-        queue = deque(range(len(prompts)))
-        slot_row = torch.full((cfg.max_batch,), -1, dtype=torch.long)  # result row of each active slot
-        pos = torch.zeros(cfg.max_batch, dtype=torch.long)  # tokens in the cache of each slot
-        n = 0  # active slots are 0..n-1
+        """Continuous batching. On CUDA the results of a decode step are read while the next one runs
+        (lag 1): a finished sequence is noticed one step late and its slot decodes one ignored token."""
+        lag = self._lag
+        # + lag: a slot that finished by length may decode once more before the host notices
+        dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag)
+        slots = _Slots(dec, len(prompts) * group_size)
+        queue, pending = deque(range(len(prompts))), deque()
         while True:
-            admit, width = [], 0
-            while queue and n + (len(admit) + 1) * G <= cfg.max_batch:
-                width = max(width, len(prompts[queue[0]]))
-                if admit and width * (len(admit) + 1) > cfg.prefill_tokens:
-                    break
-                admit.append(queue.popleft())
-            busy, prefilling = _any_rank([bool(queue or admit) or n > 0, bool(admit)], self.ep_group)
+            admit = self._admissions(queue, prompts, group_size, slots.n)
+            busy, prefilling = _any_rank([bool(queue or admit or pending) or slots.n > 0, bool(admit)], self.ep_group)
             if not busy:
                 return
             if prefilling:
-                n = self._prefill(dec, prompts, admit, G, n, slot_row, pos, out)
-            if n > 0:
-                n = self._decode(dec, n, slot_row, pos, out)
+                self._prefill(dec, slots, prompts, admit, group_size, out)
+            if slots.n > 0:
+                pending.append(self._launch(dec, slots))
             elif self.ep_group is not None:  # keep the expert all-to-all matched across ranks
                 dec.positions[0] = 0
                 dec.decode(1, 1)
+            while len(pending) > (lag if slots.n > 0 else 0):
+                step = pending.popleft()
+                if step.ready is not None:
+                    step.ready.synchronize()
+                slots.release(step.rows[out.add(step.rows, step.tokens, step.logprobs)])
 
-    def _prefill(self, dec: V3Decoder, prompts, admit: list[int], G: int, n: int, slot_row, pos, out) -> int:
+    def _admissions(self, queue: deque, prompts, G: int, n: int) -> list[int]:
+        """Prompts (queue order) whose G samples fit in the free slots, within the prefill token budget."""
+        admit, width = [], 0
+        while queue and n + (len(admit) + 1) * G <= self.cfg.max_batch:
+            width = max(width, len(prompts[queue[0]]))
+            if admit and width * (len(admit) + 1) > self.cfg.prefill_tokens:
+                break
+            admit.append(queue.popleft())
+        return admit
+
+    def _prefill(self, dec: V3Decoder, slots: _Slots, prompts, admit: list[int], G: int, out: _Outputs) -> None:
         if not admit:  # expert parallelism: another rank is prefilling
             dec.prefill([[self.pad_id]], [[]])
-            return n
-        slots = [[n + j * G + g for g in range(G)] for j in range(len(admit))]
-        logits = dec.prefill([prompts[i] for i in admit], slots)
+            return
+        first = slots.n
+        logits = dec.prefill([prompts[i] for i in admit], [[first + j * G + g for g in range(G)] for j in range(len(admit))])
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in admit)
         tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
-        new = slice(n, n + len(admit) * G)
+        rows = torch.tensor([i * G + g for i in admit for g in range(G)])
+        new = slots.assign(rows, torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G))
         dec.tokens[new] = tokens
-        slot_row[new] = torch.tensor([i * G + g for i in admit for g in range(G)])
-        pos[new] = torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G)
-        done = torch.zeros(new.stop, dtype=torch.bool)
-        done[new] = out.add(slot_row[new], tokens, logprobs)
-        return self._compact(dec, done, slot_row, pos)
+        slots.release(rows[out.add(rows, tokens.cpu(), logprobs.cpu())])
 
-    def _decode(self, dec: V3Decoder, n: int, slot_row, pos, out) -> int:
-        dec.positions[:n].copy_(pos[:n])
-        span = int(pos[:n].max()) + 1
-        logits = self._graphs(n, span) if self._graphs is not None else dec.decode(n, span)
-        tokens, logprobs = self._sample(logits)
-        dec.tokens[:n] = tokens
-        pos[:n] += 1
+    def _launch(self, dec: V3Decoder, slots: _Slots) -> _Step:
+        """Decode one token for every active slot; the results are copied to the host asynchronously."""
+        n = slots.n
+        dec.positions[:n].copy_(slots.pos[:n])
+        span = int(slots.pos[:n].max()) + 1
+        if self._graphs is not None:
+            tokens, logprobs = self._graphs(n, span)
+        else:
+            tokens, logprobs = self._sample(dec.decode(n, span))
+            dec.tokens[:n] = tokens
+        slots.pos[:n] += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += n
-        return self._compact(dec, out.add(slot_row[:n], tokens, logprobs), slot_row, pos)
-
-    @staticmethod
-    def _compact(dec: V3Decoder, done: torch.Tensor, slot_row, pos) -> int:
-        """Free the slots with done [n] True; move the last active slots into the holes. Returns the new n."""
-        n = done.shape[0]
-        live = n - int(done.sum())
-        holes = done[:live].nonzero().flatten()
-        movers = (~done[live:]).nonzero().flatten() + live
-        if len(holes):
-            src, dst = movers.to(dec.device), holes.to(dec.device)
-            dec.cache.move(src, dst)
-            dec.tokens[dst] = dec.tokens[src]
-            slot_row[holes], pos[holes] = slot_row[movers], pos[movers]
-        slot_row[live:n], pos[live:n] = -1, 0
-        return live
+        if self.device.type == "cpu":
+            return _Step(slots.row[:n].clone(), tokens, logprobs, None)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in (tokens, logprobs)]
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Step(slots.row[:n].clone(), *host, ready)
 
     # ---- any causal LM: waves with the model's own forward and cache ---------------------------------------
     def _run_generic(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
@@ -329,7 +387,7 @@ class RolloutEngine:
         mask, last = mask.repeat_interleave(G, dim=0), positions[:, -1].repeat_interleave(G)
         rows = torch.tensor([i * G + g for i in wave for g in range(G)])
         tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
-        done = out.add(rows, tokens, logprobs)
+        done = out.add(rows, tokens.cpu(), logprobs.cpu())
         while not bool(done.all()):
             if bool(done.any()):
                 keep = (~done).nonzero().flatten()
@@ -343,4 +401,4 @@ class RolloutEngine:
             tokens, logprobs = self._sample(logits)
             self.stats["decode_steps"] += 1
             self.stats["decode_tokens"] += len(rows)
-            done = out.add(rows, tokens, logprobs)
+            done = out.add(rows, tokens.cpu(), logprobs.cpu())

@@ -21,8 +21,8 @@ its logprob is log softmax(z)_y (temperature 1).
 Drawing uses one uniform number per row and the inverse CDF of the kept probabilities (no per-vocabulary
 noise: generating V random numbers per row costs more than the model on a CPU), choosing a block of the
 vocabulary from block sums and then the token inside it. Top-k searches only the blocks with the largest
-maxima. Apart from top-p without top-k (one check whether the 1024 most likely tokens suffice) it is a fixed
-sequence of tensor ops without host synchronisation.
+maxima. On CUDA it is a fixed sequence of tensor ops without host synchronisation (it runs inside the decode
+step's CUDA graph).
 """
 from __future__ import annotations
 
@@ -65,17 +65,19 @@ def truncate(
     """Candidates of the truncated distribution. probs [B, V] = softmax(logits / T).
 
     Returns (weights [B, C], indices [B, C]) sorted by descending probability: the probabilities of the
-    kept tokens and 0 for the dropped ones (C = top_k, or V when top_k = 0). The most likely token is
-    always kept. Without top-k, top-p looks at the 1024 most likely tokens when they hold at least top_p of
-    the mass in every row (exact), and sorts the whole vocabulary otherwise.
+    kept tokens and 0 for the dropped ones (C = top_k; without top-k up to V). The most likely token is
+    always kept. Without top-k, top-p sorts the whole vocabulary, except on CPU where it first tries the 1024
+    most likely tokens (exact when they hold at least top_p of the mass in every row; one host sync).
     """
     vocab = probs.shape[-1]
     if 0 < top_k < vocab:
         vals, idx = _topk(probs, top_k)
-    else:
-        vals, idx = _topk(probs, min(vocab, 1024))
-        if vals.shape[-1] < vocab and bool((vals.sum(dim=-1) < top_p).any()):
+    elif probs.device.type == "cpu" and vocab > 1024:  # a CPU sort of the vocabulary costs more than the model
+        vals, idx = _topk(probs, 1024)
+        if bool((vals.sum(dim=-1) < top_p).any()):
             vals, idx = probs.sort(dim=-1, descending=True)
+    else:  # no host sync (CUDA graphs)
+        vals, idx = probs.sort(dim=-1, descending=True)
     if top_p < 1.0:  # nucleus of the top-k renormalised distribution (of p_T itself without top-k)
         total = vals.sum(dim=-1, keepdim=True) if 0 < top_k < vocab else 1.0
         mass_before = (vals.cumsum(dim=-1) - vals) / total

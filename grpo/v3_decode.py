@@ -276,42 +276,54 @@ class V3Decoder:
         return layer.o(out.transpose(1, 2).reshape(batch * width, heads * layer.v_dim))
 
 
-class CudaGraphDecode:
-    """``V3Decoder.decode`` replayed from CUDA graphs, one per (batch bucket, span bucket).
+class CudaGraphStep:
+    """One decode step (``V3Decoder.decode``, then ``sampler``, then the sampled tokens become the next inputs)
+    replayed from CUDA graphs, one per (batch bucket, span bucket); only the uniforms are drawn outside.
 
+    ``sampler(logits [b, V], uniform [b]) -> (tokens [b], logprobs [b])`` must be free of host syncs.
     Batch buckets are powers of two up to the slot count (and the slot count); spans are rounded up to a
     multiple of ``span_step``. Rows n..bucket-1 are free slots: they are decoded at position 0 and ignored
     (their cache rows are rewritten by the prefill of their next sequence before being read). Graphs share
-    one memory pool, so the returned logits are only valid until the next call. Decode is idempotent for
+    one memory pool, so the returned tensors are only valid until the next call. A step is idempotent for
     fixed inputs (it rewrites the same latents), so the warm-up run before each capture is harmless.
-    Parameters must keep their storage (in-place optimizer updates are fine); call ``V3Decoder``'s owner's
-    ``release()`` after replacing parameter tensors.
+    Parameters must keep their storage (in-place optimizer updates are fine); after replacing parameter
+    tensors, call the engine's ``release()``.
     """
 
-    def __init__(self, decoder: V3Decoder, span_step: int = 64):
-        self.decoder, self.span_step = decoder, span_step
+    def __init__(self, decoder: V3Decoder, sampler, generator: torch.Generator, span_step: int = 64):
+        self.decoder, self.sampler, self.generator, self.span_step = decoder, sampler, generator, span_step
         slots = decoder.tokens.shape[0]
         self.buckets = sorted({2**i for i in range(slots.bit_length()) if 2**i < slots} | {slots})
+        self.uniform = torch.zeros(slots, device=decoder.device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, n: int, span: int) -> torch.Tensor:
+    def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [n] and logprobs [n] sampled for slots 0..n-1 (attention over positions < span)."""
         batch = next(b for b in self.buckets if b >= n)
         span = min(self.decoder.cache.max_len, -(-span // self.span_step) * self.span_step)
         self.decoder.positions[n:batch] = 0
+        torch.rand(batch, generator=self.generator, out=self.uniform[:batch])
         if (batch, span) not in self.graphs:
             self.graphs[batch, span] = self._capture(batch, span)
-        graph, logits = self.graphs[batch, span]
+        graph, tokens, logprobs = self.graphs[batch, span]
         graph.replay()
-        return logits[:n]
+        return tokens[:n], logprobs[:n]
 
-    def _capture(self, batch: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _step(self, batch: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logprobs = self.sampler(self.decoder.decode(batch, span), self.uniform[:batch])
+        self.decoder.tokens[:batch] = tokens
+        return tokens, logprobs
+
+    def _capture(self, batch: int, span: int):
+        inputs = self.decoder.tokens[:batch].clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.decoder.decode(batch, span)
+            self._step(batch, span)
         torch.cuda.current_stream().wait_stream(stream)
+        self.decoder.tokens[:batch] = inputs  # the warm-up consumed them
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.decoder.decode(batch, span)
-        return graph, logits
+            tokens, logprobs = self._step(batch, span)
+        return graph, tokens, logprobs

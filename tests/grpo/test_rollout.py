@@ -184,9 +184,9 @@ def test_expert_parallel_ranks_step_until_all_are_done(monkeypatch):
     alone = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
 
     calls = {"iter": 0, "decode": 0, "prefill": 0}
-    def peer(flags, group):  # the other rank: busy for 40 iterations, prefilling at iteration 30
+    def peer(flags, group):  # the other rank: busy for 30 iterations, prefilling at iteration 25
         calls["iter"] += 1
-        return [flags[0] or calls["iter"] <= 40, flags[1] or calls["iter"] == 30]
+        return [flags[0] or calls["iter"] <= 30, flags[1] or calls["iter"] == 25]
 
     engine = RolloutEngine(model, None, cfg, ep_group=object())
     monkeypatch.setattr(rollout_mod, "_any_rank", peer)
@@ -196,8 +196,8 @@ def test_expert_parallel_ranks_step_until_all_are_done(monkeypatch):
         monkeypatch.setattr(dec, name, lambda *a, _fn=fn, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
     ro = engine.generate(PROMPTS, 2)
     assert torch.equal(ro.completion_ids, alone.completion_ids) and torch.equal(ro.logprobs, alone.logprobs)
-    assert calls["iter"] == 41  # the loop ends only when the peer is done too
-    assert calls["decode"] == 40  # one forward (real or dummy) per iteration while anyone is busy
+    assert calls["iter"] == 31  # the loop ends only when the peer is done too
+    assert calls["decode"] == 30  # one forward (real or dummy) per iteration while anyone is busy
     assert calls["prefill"] == engine.stats["prefill_calls"] + 1  # plus the dummy matching the peer's
 
 
@@ -222,3 +222,17 @@ def test_bad_inputs_are_named():
         RolloutEngine(v3_model(), None, SamplingConfig(stop_strings=["x"]))
     with pytest.raises(ConfigError, match="backend"):
         RolloutEngine(llama_model(), None, SamplingConfig(backend="v3"))
+
+
+def test_pipelined_bookkeeping_reads_results_one_step_late():
+    """The CUDA loop reads each step's results while the next step runs (lag 1): finished slots decode one
+    ignored token and are refilled a step later; results keep the same semantics."""
+    model = v3_model()
+    stop = list(range(40, 56))
+    engine = RolloutEngine(model, None, SamplingConfig(temperature=0.9, max_new_tokens=9, stop_token_ids=stop, max_batch=5))
+    engine._lag = 1
+    ro = engine.generate(PROMPTS, 2)
+    check_layout(ro, len(PROMPTS), 2, 9, stop, engine.pad_id)
+    assert engine.stats["decode_tokens"] > int(ro.lengths.sum()) - len(ro.lengths)  # the ignored extra tokens
+    for r, ref in enumerate(teacher_forced_logprobs(model, ro, 0.9)):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
