@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 SIZE ?= tiny
 RUN ?= runs/$(SIZE)
 ARGS ?=
+# Idle OpenMP threads spin by default, which on a small CPU costs more than the work itself.
+export OMP_WAIT_POLICY ?= PASSIVE
 # Debian packages the code sandbox needs (unshare and setpriv: namespaces, uid switch, rlimits).
 SYSTEM_PACKAGES := util-linux
 

@@ -1,7 +1,10 @@
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads spin by default; on a busy 2-core machine that costs more CPU than the work itself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
