@@ -1,0 +1,197 @@
+"""Stage 4a, reward model: a scalar head on the policy architecture trained on preference pairs.
+
+    python -m stages.reward_model --recipe recipes/tiny/reward_model.yaml [key=value ...]
+
+Model: ``AutoModelForSequenceClassification.from_pretrained(model.init, num_labels=1)``: for a DeepSeek-V3
+checkpoint (e.g. the SFT policy's ``final/``) that is transformers' ``DeepseekV3ForSequenceClassification``,
+the policy's backbone (MLA, MoE) plus a new linear score head read at the last non-padding token; any other
+HF causal-LM checkpoint gets its own sequence-classification class. MTP layers of the policy are not loaded.
+
+Objective (Bradley-Terry), for pairs (x, y_c, y_r) with y_c preferred:
+
+    L(theta) = -1/B * sum_b log sigmoid( r_theta(x_b, y_c,b) - r_theta(x_b, y_r,b) )
+
+r_theta(x, y) = the score of ``rewards.reward_model.render(tokenizer, x, y)`` (the chat template over the user
+and assistant turns), tokenized by ``rewards.reward_model.encode`` (left-truncated to ``max_length``), so
+``rewards.reward_model.RewardModelReward`` scores the saved model exactly as in training. Reported: held-out
+pairwise accuracy = share of test pairs with r(x, y_c) > r(x, y_r), before and after training.
+
+Departures: the V3 router keeps the SFT checkpoint's expert bias (transformers' router, frozen: neither
+the aux-loss-free bias update nor the sequence-wise balance loss runs here; a short RM fine-tune barely
+moves the expert load). No margin term, no reward centring (InstructGPT / Llama-2 variants).
+
+Writes to ``output_dir``: ``final/`` (save_pretrained + tokenizer: ``rewards.reward_model``'s ``path``),
+``metrics.jsonl``, ``summary.json`` and ``DONE``.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+from data.loaders import DataConfig, load_rows
+from grpo.checkpoint import export_model, mark_done
+from grpo.config import ConfigError, cli
+from grpo.logger import MetricsLogger
+from rewards.reward_model import encode
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """-mean log sigmoid(r_c - r_r) over pairs; chosen, rejected: [B] scores. Scalar."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+@dataclass(kw_only=True)
+class RMModelConfig:
+    init: str = "runs/tiny/sft_rs/final"  # a checkpoint dir (or hub id) with a tokenizer: the backbone
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclass(kw_only=True)
+class RMTrainConfig:
+    lr: float = 1e-4
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_steps: int = 100
+    batch_size: int = 16  # pairs per step
+    max_length: int = 512  # tokens per rendered (prompt, response), left-truncated
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.max_length < 2:
+            raise ConfigError("max_length", f"must be >= 2, got {self.max_length}")
+
+
+@dataclass(kw_only=True)
+class RewardModelConfig:
+    model: RMModelConfig = field(default_factory=RMModelConfig)
+    data: list[DataConfig] = field(default_factory=lambda: [DataConfig(path="runs/tiny/data/preferences_train.jsonl")])
+    test: DataConfig | None = field(
+        default_factory=lambda: DataConfig(path="runs/tiny/data/preferences_test.jsonl", split="test"))
+    train: RMTrainConfig = field(default_factory=RMTrainConfig)
+    output_dir: str = "runs/tiny/reward_model"
+    run_name: str = "reward_model"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("data", "needs at least one dataset of preference pairs (prompt, chosen, rejected)")
+        if not Path(self.model.init).exists() and "/" not in self.model.init:
+            raise ConfigError("model.init", f"{self.model.init!r} is not a checkpoint directory or hub id; the reward "
+                              "model starts from a trained policy, e.g. model.init=runs/tiny/sft_rs/final")
+
+
+def pair_batch(tokenizer, pairs: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected renderings of the pairs, padded: input_ids / attention_mask [2B, T]."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    ids = encode(tokenizer, prompts, responses, max_length)
+    return tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+
+
+def scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) for a batch from ``pair_batch``."""
+    device = next(model.parameters()).device
+    logits = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float()
+    return logits.chunk(2)
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int) -> float:
+    """Share of pairs scored r(chosen) > r(rejected)."""
+    was_training = model.training
+    model.eval()
+    wins = 0
+    for start in range(0, len(pairs), batch_size):
+        chosen, rejected = scores(model, pair_batch(tokenizer, pairs[start:start + batch_size], max_length))
+        wins += int((chosen > rejected).sum())
+    model.train(was_training)
+    return wins / max(len(pairs), 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = cli(RewardModelConfig, description="Stage 4a: Bradley-Terry reward model on preference pairs.", argv=argv)
+    tc, out = cfg.train, Path(cfg.output_dir)
+
+    # ---- setup
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)
+    set_seed(tc.seed)
+    fields = ["prompt", "chosen", "rejected"]
+    pairs = [row for d in cfg.data for row in load_rows(d, fields)]
+    test = list(load_rows(cfg.test, fields)) if cfg.test is not None else []
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.init)
+    tokenizer.truncation_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model.init, num_labels=1,
+                                                               dtype=getattr(torch, cfg.model.dtype))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=tc.lr)
+    scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
+                              num_training_steps=tc.max_steps)
+    before = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
+
+    # ---- loop: seeded passes over the pairs
+    rng = random.Random(tc.seed)
+    order: list[int] = []
+    logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
+                           total_steps=tc.max_steps)
+    logger.write(f"reward model: {len(pairs)} pairs, {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+                 f"{type(model).__name__} from {cfg.model.init}; held-out pairwise accuracy before: {before}")
+    model.train()
+    sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    for step in range(1, tc.max_steps + 1):
+        if len(order) < tc.batch_size:
+            order += rng.sample(range(len(pairs)), len(pairs))
+        idx, order = order[:tc.batch_size], order[tc.batch_size:]
+        chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        chosen, rejected = chosen.detach(), rejected.detach()
+        sums["loss"] += float(loss.detach())
+        sums["accuracy"] += float((chosen > rejected).float().mean())
+        sums["margin"] += float((chosen - rejected).mean())
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
+            logger.log({**{k: v / n for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm)}, step=step)
+            sums = dict.fromkeys(sums, 0.0)
+    logger.close()
+
+    # ---- save, evaluate
+    final = export_model(out / "final", model, tokenizer, cfg)
+    after = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
+    summary = {"steps": tc.max_steps, "final": str(final), "pairs": len(pairs), "test_pairs": len(test),
+               "heldout_pairwise_accuracy_before": before, "heldout_pairwise_accuracy": after}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if test:
+        print(f"held-out pairwise accuracy: {100 * before:.1f}% -> {100 * after:.1f}% ({len(test)} pairs)", flush=True)
+    mark_done(out, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
