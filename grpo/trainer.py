@@ -203,7 +203,7 @@ def prepare_training(model, cfg: TrainerConfig, accelerator: Accelerator, total_
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule wraps the raw optimizer: accelerate's scheduler wrapper would step once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, getattr(optimizer, "optimizer", optimizer),
@@ -222,12 +222,13 @@ class GRPOTrainer:
     rows: data rows, each with a ``prompt`` string (given to the rewards) and any reward columns (answer,
     tests, source, ...); encode(row) -> prompt token ids (chat template applied). rewards: a
     ``rewards.registry.RewardSet`` (or any callable returning ``RewardScores``); it also receives the column
-    ``completion_lengths``. run_config: the stage config saved with every checkpoint.
+    ``completion_lengths``. run_config: the stage config saved with every checkpoint. accelerator: a
+    configured ``accelerate.Accelerator`` (default: one from the launch environment).
     """
 
     def __init__(self, cfg: TrainerConfig, *, model, tokenizer, sampling: SamplingConfig, rewards: RewardFn,
                  rows: list[dict], encode: Callable[[dict], list[int]], output_dir: str, run_name: str = "grpo",
-                 wandb_mode: str = "offline", run_config: Any = None):
+                 wandb_mode: str = "offline", run_config: Any = None, accelerator: Accelerator | None = None):
         if sampling.temperature <= 0:
             raise ConfigError("sampling.temperature", "GRPO samples its groups: temperature must be > 0")
         if cfg.group_size > sampling.max_batch:
@@ -238,7 +239,7 @@ class GRPOTrainer:
         self.cfg, self.sampling, self.tokenizer, self.rewards = cfg, sampling, tokenizer, rewards
         self.rows, self.encode, self.run_config = rows, encode, run_config
         self.output_dir, self.run_name, self.wandb_mode = Path(output_dir), run_name, wandb_mode
-        self.accelerator = Accelerator()
+        self.accelerator = accelerator or Accelerator()
         acc = self.accelerator
         self.updates_per_step = cfg.mu * cfg.minibatches
         self.reference = None
@@ -363,11 +364,12 @@ class GRPOTrainer:
         mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask[idx]], dim=1).to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
-        L = completion.shape[1]
+        P, L = batch.prompt_ids.shape[1], completion.shape[1]
+        keep = torch.arange(P - 1, P + L - 1, device=dev)  # positions whose logits predict the completion
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
-                        logits_to_keep=L + 1)
-            logp, ent = logprobs_and_entropy(out.logits[:, :-1], completion, self.sampling.temperature,
+                        logits_to_keep=keep)
+            logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature,
                                              entropy=entropy, entropy_grad=self.cfg.loss.entropy_coef > 0)
         aux = getattr(out, "aux_loss", None)
         return logp, ent, (aux if aux is not None and grad else None)

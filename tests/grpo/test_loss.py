@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import ConfigError
-from grpo.loss import (LossConfig, LossNorm, aggregate, clipped_surrogate, grpo_loss, k3_kl, log_importance_ratio,
+from grpo.loss import (LossConfig, _SelectiveLogSoftmax, LossNorm, aggregate, clipped_surrogate, grpo_loss, k3_kl, log_importance_ratio,
                        logprobs_and_entropy, loss_mask)
 
 
@@ -79,6 +79,25 @@ def test_logprobs_and_entropy_temperature():
     close(ent, [[float(-(p * p.log()).sum())]])
 
 
+def test_blocked_logprobs_match_log_softmax():
+    """The blocked kernel (entropy without gradient) equals log_softmax in value and gradient, any block size."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 11, generator=g)
+    ids = torch.randint(11, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    a = logits.clone().requires_grad_(True)
+    logp, ent = logprobs_and_entropy(a, ids, 0.7, entropy_grad=True)
+    (logp * weights).sum().backward()
+    for rows in (1, 4, 15, 64):
+        b = logits.clone().requires_grad_(True)
+        logp_b, ent_b = _SelectiveLogSoftmax.apply(b, ids, 0.7, rows)
+        (logp_b * weights).sum().backward()
+        close(logp_b, logp.detach())
+        close(ent_b, ent.detach())
+        close(b.grad, a.grad)
+    assert not logprobs_and_entropy(logits.requires_grad_(True), ids)[1].requires_grad
+
+
 def _policy(n=3, length=4, vocab=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(n, length, vocab, generator=g, requires_grad=True)
@@ -144,7 +163,7 @@ def test_clipped_tokens_get_no_gradient():
 
 def test_kl_and_entropy_terms():
     theta, ids, mask, adv = _policy()
-    logp, ent = logprobs_and_entropy(theta, ids)
+    logp, ent = logprobs_and_entropy(theta, ids, entropy_grad=True)
     ref = logp.detach() - 0.5
     beta, alpha = 0.1, 0.01
     out = grpo_loss(logp=logp, old_logp=logp.detach(), advantages=adv, mask=mask, ref_logp=ref, entropy=ent,
@@ -156,7 +175,7 @@ def test_kl_and_entropy_terms():
     out.loss.backward()
     # KL part of the gradient: beta * (1 - pi_ref/pi) grad log pi, per token / T
     theta2 = theta.detach().clone().requires_grad_(True)
-    logp2, ent2 = logprobs_and_entropy(theta2, ids)
+    logp2, ent2 = logprobs_and_entropy(theta2, ids, entropy_grad=True)
     ((-(adv[:, None]) * logp2 - alpha * ent2) * mask).sum().div(mask.sum()).backward()
     kl_grad = beta * (1 - math.exp(-0.5)) * mask[..., None] * _score(theta, ids) / mask.sum()
     close(theta.grad, theta2.grad + kl_grad)

@@ -1,0 +1,169 @@
+"""One GRPO step (rollout + reward + update) of ``grpo.trainer`` vs TRL's ``GRPOTrainer``: same model weights,
+prompts, reward and settings, measured in the same run.
+
+    python bench/grpo_step.py --device cpu    # 20M DeepSeek-V3 config, fp32, 4 prompts x 8 completions x 64
+                                              # tokens per step, 32-token prompts; goal >= 5x TRL
+    python bench/grpo_step.py --device cuda   # v3-mini (0.46B), bf16, 8 prompts x 8 x 256 tokens, 64-token
+                                              # prompts; goal >= 10x TRL
+
+The model configs and TRL settings are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py:
+TRL 1.16 without vLLM, beta = 0, one optimizer step per generation batch, reward = completion characters / 100).
+Our side runs the project's policy class (``grpo.model.DeepseekV3Policy``, with its routing-bias update and
+balance loss) loaded with the same initial weights as TRL's transformers ``DeepseekV3ForCausalLM``, at TRL's
+defaults: temperature 1, no top-k/top-p, loss_type dapo, eps 0.2, mu = 1, one minibatch. Step time is the median
+over ``--steps`` steps after one warm-up step; tokens/s = completions * max_new_tokens / median step time (as the
+anchors count; neither side forces a length, and random weights rarely emit eos). Prints one JSON line each for
+the environment, our step, TRL's step and the ratio. TRL is skipped with a message when it is not installed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grpo.loss import LossConfig  # noqa: E402
+from grpo.model import DeepseekV3Policy  # noqa: E402
+from grpo.rollout import SamplingConfig  # noqa: E402
+from grpo.trainer import GRPOTrainer, TrainerConfig  # noqa: E402
+from rewards.registry import RewardScores  # noqa: E402
+from rollout import COMMON, CPU_CONFIG, GPU_CONFIG, VOCAB  # noqa: E402  (bench/rollout.py: the anchor configs)
+
+SHAPES = {  # device -> prompts per step, completions per prompt, prompt tokens, new tokens, lr, model config
+    "cpu": dict(prompts=4, group=8, prompt_len=32, new=64, lr=1e-5, config=CPU_CONFIG),
+    "cuda": dict(prompts=8, group=8, prompt_len=64, new=256, lr=1e-6, config=GPU_CONFIG),
+}
+
+
+def emit(**kw) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def prompts(n: int, length: int) -> list[str]:
+    g = torch.Generator().manual_seed(1)
+    return [" ".join(f"t{int(x)}" for x in torch.randint(3, VOCAB, (length,), generator=g)) for _ in range(n)]
+
+
+def length_reward(completions, **_) -> list[float]:
+    return [len(c) / 100 for c in completions]
+
+
+def ours(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> dict:
+    from accelerate import Accelerator
+
+    n = shape["prompts"] * shape["group"]
+    cfg = TrainerConfig(max_steps=steps + 1, prompts_per_step=shape["prompts"], group_size=shape["group"],
+                        micro_batch_size=n, lr=shape["lr"], bf16=device == "cuda", save_every=0, sample_every=0,
+                        loss=LossConfig(loss_type="dapo"))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=shape["new"], max_batch=n)
+
+    def rewards(prompts, completions, **columns):
+        return RewardScores({"length": length_reward(completions)}, {"length": 1.0}, {"length": 0})
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, sampling=sampling, rewards=rewards,
+                              rows=[{"prompt": t} for t in texts], encode=lambda r: tok.encode(r["prompt"]),
+                              output_dir=out, wandb_mode="disabled", accelerator=Accelerator(cpu=device == "cpu"))
+        times, lengths, rollout, train = [], [], [], []
+        for i in range(steps + 1):
+            start = time.perf_counter()
+            metrics = trainer.train_step()[0]
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first step warms up (allocations, CUDA graphs)
+                times.append(time.perf_counter() - start)
+                lengths.append(metrics["completions/mean_length"])
+                rollout.append(metrics["time/rollout_s"])
+                train.append(metrics["time/train_s"])
+    median = statistics.median(times)
+    return dict(what="ours_grpo_step", completions_per_step=n, completion_len=shape["new"],
+                step_seconds=[round(t, 3) for t in times], median_step_s=round(median, 3),
+                rollout_s=round(statistics.median(rollout), 3), train_s=round(statistics.median(train), 3),
+                mean_generated_len=round(statistics.mean(lengths), 1),
+                completion_tokens_per_s=round(n * shape["new"] / median, 1))
+
+
+def trl(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> dict | None:
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer as TRLGRPOTrainer
+    except ImportError as e:
+        emit(what="trl_grpo_step", skipped=f"TRL is not importable ({e}); `pip install trl==1.16.0` to compare")
+        return None
+    n = shape["prompts"] * shape["group"]
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=n, num_generations=shape["group"],
+                          max_completion_length=shape["new"], learning_rate=shape["lr"], use_cpu=device == "cpu",
+                          bf16=device == "cuda", logging_steps=100, max_steps=steps + 1, report_to=[],
+                          save_strategy="no", gradient_checkpointing=False, beta=0.0, temperature=1.0,
+                          disable_tqdm=True)
+        stamps = []
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+        trainer = TRLGRPOTrainer(model=model, reward_funcs=length_reward, args=args,
+                                 train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tok)
+        trainer.add_callback(Stamp())
+        trainer.train()
+    times = [b - a for a, b in zip(stamps, stamps[1:])]  # step i+1 ends - step i ends: the first step warms up
+    median = statistics.median(times)
+    return dict(what="trl_grpo_step", completions_per_step=n, completion_len=shape["new"],
+                step_seconds=[round(t, 3) for t in times], median_step_s=round(median, 3),
+                completion_tokens_per_s=round(n * shape["new"] / median, 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    parser.add_argument("--skip-trl", action="store_true")
+    a = parser.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    shape = SHAPES[a.device]
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    config = DeepseekV3Config(**COMMON, **shape["config"], num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    reference = DeepseekV3ForCausalLM(config).to(dtype)
+    policy = DeepseekV3Policy._from_config(config, dtype=dtype)
+    policy.load_state_dict(reference.state_dict())
+    tok, texts = tokenizer(), prompts(256, shape["prompt_len"])
+    emit(what="env", date=datetime.date.today().isoformat(), device=a.device,
+         hardware=torch.cuda.get_device_name() if a.device == "cuda" else f"{os.cpu_count()} CPU cores",
+         threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
+         params_m=round(sum(p.numel() for p in reference.parameters()) / 1e6, 1))
+    mine = ours(shape, policy, tok, texts, a.device, a.steps)
+    emit(**mine)
+    if a.skip_trl:
+        return
+    theirs = trl(shape, reference.to(a.device), tok, texts, a.device, a.steps)
+    if theirs is not None:
+        emit(**theirs)
+        emit(what="ratio", speedup=round(mine["completion_tokens_per_s"] / theirs["completion_tokens_per_s"], 2),
+             goal=5 if a.device == "cpu" else 10)
+
+
+if __name__ == "__main__":
+    main()
