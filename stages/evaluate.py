@@ -11,10 +11,24 @@ For N held-out problems (prompt x_i, gold answer a_i) and the greedy completion 
 timeout). Also reported: the share of completions cut at ``max_new_tokens``, the mean completion
 length, and accuracy per ``difficulty`` / ``source`` when the rows carry those columns.
 The SFT stage calls ``heldout_accuracy`` after training; run this module to score any checkpoint.
+
+The entry point also scores code (``code``: rows with ``tests``, run in ``rewards.code``'s sandbox; a
+completion is correct when every test passes) and, with ``samples: k > 1`` (temperature > 0), estimates
+from k samples per problem with c of them correct (Chen et al., 2021; DeepSeek-R1 reports pass@1 this way):
+
+    pass@1  = 1/N * sum_i c_i / k
+    pass@j  = 1/N * sum_i [ 1 - C(k - c_i, j) / C(k, j) ]          (unbiased, j <= k)
+    cons@k  = 1/N * sum_i 1[ majority answer of the k samples is equivalent to a_i ]   (math only)
+
+The majority vote clusters the extracted final answers with ``rewards.math.is_equivalent`` (so ``0.5``
+and ``\\frac{1}{2}`` vote together); samples without an answer do not vote. Also reported per source:
+format compliance (``rewards.format``: think block, answer in the expected form), mean completion length
+and the share truncated. Writes ``output`` (JSON summary), ``<stem>_rows.jsonl`` and ``<stem>.md``.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +40,9 @@ from data.loaders import DataConfig, load_rows
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.rollout import RolloutEngine, SamplingConfig
-from rewards.math import correctness
+from rewards.code import code_reward
+from rewards.format import format_reward
+from rewards.math import answer_region, correctness, extract_answer, is_equivalent
 
 GROUP_COLUMNS = ("difficulty", "source")
 
@@ -111,30 +127,159 @@ def write_results(scores: dict, path: str | Path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The answer most samples agree on, clustering equivalent answers (``rewards.math.is_equivalent``);
+    None votes are ignored; ties go to the cluster seen first; None when nobody answered."""
+    clusters: list[list] = []  # [representative, votes]
+    for answer in answers:
+        if answer is None:
+            continue
+        for cluster in clusters:
+            if is_equivalent(cluster[0], answer):
+                cluster[1] += 1
+                break
+        else:
+            clusters.append([answer, 1])
+    return max(clusters, key=lambda c: c[1])[0] if clusters else None
+
+
+def sample_stats(correct: list[list[bool]], ks: list[int]) -> dict[str, float]:
+    """pass@1 (mean share correct) and pass@j for j in ks (j <= samples) over problems [N][k]."""
+    n = len(correct)
+    out = {"pass@1": sum(sum(c) / len(c) for c in correct) / max(n, 1)}
+    for j in ks:
+        if j > 1 and correct and j <= len(correct[0]):
+            out[f"pass@{j}"] = sum(pass_at_k(len(c), sum(c), j) for c in correct) / n
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, k: int) -> list[dict]:
+    """k completions per prompt: [{"completion", "finish_reason", "tokens"}] in prompt-major order."""
+    model.eval()
+    rollout = RolloutEngine(model, tokenizer, sampling).generate([encode_prompt(tokenizer, p) for p in prompts], k)
+    lengths = rollout.lengths.tolist()
+    texts = tokenizer.batch_decode([rollout.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)],
+                                   skip_special_tokens=True)
+    return [{"completion": t, "finish_reason": f, "tokens": n}
+            for t, f, n in zip(texts, rollout.finish_reason, lengths)]
+
+
+def score_source(source: str, rows: list[dict], samples: list[dict], k: int, ks: list[int]) -> tuple[dict, list[dict]]:
+    """Summary and per-problem results of one source ('math' or 'code') from k samples per row."""
+    completions = [s["completion"] for s in samples]
+    if source == "math":
+        verdicts = correctness(completions, [r["answer"] for i, r in enumerate(rows) for _ in range(k)])
+    else:
+        scores = code_reward([r["prompt"] for r in rows for _ in range(k)], completions,
+                             tests=[r["tests"] for r in rows for _ in range(k)],
+                             entry_point=[r.get("entry_point") for r in rows for _ in range(k)])
+        verdicts = [s == 1.0 for s in scores]
+    formatted = format_reward([""] * len(samples), completions, source=[source] * len(samples))
+    correct = [[bool(verdicts[i * k + j]) for j in range(k)] for i in range(len(rows))]
+    summary = {"n": len(rows), "samples": k, **sample_stats(correct, ks),
+               "format": sum(formatted) / max(len(samples), 1),
+               "mean_tokens": sum(s["tokens"] for s in samples) / max(len(samples), 1),
+               "truncated": sum(s["finish_reason"] == "length" for s in samples) / max(len(samples), 1)}
+    results = []
+    for i, row in enumerate(rows):
+        group = samples[i * k:(i + 1) * k]
+        result = {"source": source, "prompt": row["prompt"], "completion": group[0]["completion"],
+                  "correct": sum(correct[i]) / k, "finish_reason": group[0]["finish_reason"]}
+        if k > 1:
+            result["completions"] = [s["completion"] for s in group]
+        if source == "math":
+            majority = majority_answer([extract_answer(answer_region(s["completion"])) for s in group])
+            result.update(answer=row["answer"], majority=majority,
+                          majority_correct=majority is not None and is_equivalent(str(row["answer"]), majority))
+        results.append(result)
+    if source == "math" and k > 1:
+        summary[f"cons@{k}"] = sum(r["majority_correct"] for r in results) / max(len(results), 1)
+    return summary, results
+
+
+def markdown(summary: dict, model: str) -> str:
+    """A Markdown table of the per-source results."""
+    sources = summary["by_source_detail"]
+    estimates = sorted({k for s in sources.values() for k in s if k.startswith(("pass@", "cons@"))})
+    metrics = [*estimates, "format", "mean_tokens", "truncated", "n"]
+    lines = [f"# Evaluation of {model}", "", "| source | " + " | ".join(metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for name, s in sources.items():
+        cells = [("-" if m not in s else f"{s[m]:.1f}" if m == "mean_tokens" else str(s[m]) if m == "n"
+                  else f"{100 * s[m]:.1f}%") for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(kw_only=True)
 class EvaluateConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/sft/final"))
     tokenizer: str | None = None  # null: the tokenizer saved with model.init
-    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # math rows (prompt, answer); length, batch
+    code: DataConfig | None = None  # code rows (prompt, tests[, entry_point]) scored in the sandbox; null: none
+    samples: int = 1  # k completions per problem; 1 = one greedy completion
+    temperature: float = 0.0  # must be > 0 when samples > 1
+    top_p: float = 1.0
+    pass_k: list[int] = field(default_factory=lambda: [1])  # pass@j reported for each j <= samples
+    seed: int = 0
     output: str = "runs/tiny/eval/heldout.json"
 
     def __post_init__(self):
         if self.tokenizer is None and self.model.init in presets():
             raise ConfigError("tokenizer", f"required when model.init is the preset {self.model.init!r}")
-        if self.heldout.data is None:
-            raise ConfigError("heldout.data", "the dataset to evaluate on is required here")
+        if self.heldout.data is None and self.code is None:
+            raise ConfigError("heldout.data", "give the math rows to evaluate on (or code rows in `code`)")
+        if self.samples < 1:
+            raise ConfigError("samples", f"must be >= 1, got {self.samples}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ConfigError("temperature", f"samples={self.samples} needs temperature > 0 (greedy samples are identical)")
+        bad = [j for j in self.pass_k if not 1 <= j <= self.samples]
+        if bad:
+            raise ConfigError("pass_k", f"each j must be in [1, samples={self.samples}], got {bad}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = cli(EvaluateConfig, description="Held-out math accuracy of a checkpoint (greedy).", argv=argv)
+    cfg = cli(EvaluateConfig, description="Held-out math accuracy / code pass rate of a checkpoint.", argv=argv)
+    # ---- setup
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
-    rows = load_heldout(cfg.heldout)
+    sets = {"math": load_heldout(cfg.heldout)}
+    if cfg.code is not None:
+        sets["code"] = list(load_rows(cfg.code, ["prompt", "tests"]))
     model = load_policy(cfg.model, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
-    scores = heldout_accuracy(model, tokenizer, rows, max_new_tokens=cfg.heldout.max_new_tokens,
-                              batch_size=cfg.heldout.batch_size)
-    print(summary_line(scores, cfg.heldout), flush=True)
-    write_results(scores, cfg.output)
-    return scores["summary"]
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.heldout.max_new_tokens,
+                              max_batch=max(cfg.heldout.batch_size, cfg.samples), seed=cfg.seed)
+    # ---- generate and score
+    by_source, rows = {}, []
+    for source, data in sets.items():
+        if data:
+            samples = generate(model, tokenizer, [r["prompt"] for r in data], sampling, cfg.samples)
+            by_source[source], results = score_source(source, data, samples, cfg.samples, cfg.pass_k)
+            rows += results
+    # ---- save
+    first = next(iter(by_source.values()))
+    math_summary = by_source.get("math", first)
+    summary = {"accuracy": math_summary["pass@1"], "n": math_summary["n"],
+               "correct": sum(r["correct"] for r in rows if r["source"] == "math"),
+               "truncated": math_summary["truncated"], "mean_tokens": math_summary["mean_tokens"],
+               "format": sum(s["format"] * s["n"] for s in by_source.values()) / sum(s["n"] for s in by_source.values()),
+               "by_source": {k: v["pass@1"] for k, v in by_source.items()}, "by_source_detail": by_source,
+               "model": cfg.model.init}
+    for source, s in by_source.items():
+        print(f"{source}: " + ", ".join(f"{k}={v:.3f}" for k, v in s.items() if isinstance(v, float)), flush=True)
+    if "math" in by_source:
+        print(f"held-out accuracy: {100 * summary['accuracy']:.1f}% (math pass@1, {summary['n']} problems, "
+              f"{cfg.samples} sample(s) each)", flush=True)
+    write_results({"summary": summary, "rows": rows}, cfg.output)
+    Path(cfg.output).with_suffix(".md").write_text(markdown(summary, cfg.model.init))
+    return summary
 
 
 if __name__ == "__main__":

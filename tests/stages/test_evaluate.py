@@ -7,7 +7,9 @@ from data.generate import Sizes, write_all
 from data.tokenizer import train_tokenizer
 from grpo.checkpoint import export_model
 from grpo.model import ModelConfig, load_policy
-from stages.evaluate import score
+import pytest
+
+from stages.evaluate import majority_answer, pass_at_k, score, score_source
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_MODEL = {
@@ -49,14 +51,16 @@ def test_entry_point_scores_a_checkpoint(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "stages.evaluate", "--recipe", str(ROOT / "recipes/tiny/evaluate.yaml"),
          f"model.init={tmp_path / 'ckpt'}", f"heldout.data.path={paths['math_test']}", "heldout.max_new_tokens=6",
+         f"code.path={paths['code_test']}",
          f"output={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out accuracy: " in proc.stdout
     summary = json.loads(out.read_text())
     assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and summary["mean_tokens"] <= 6
+    assert summary["by_source"]["code"] == 0.0 and "| code |" in out.with_suffix(".md").read_text()
     rows = [json.loads(line) for line in (out.parent / "heldout_rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {"prompt", "answer", "completion", "correct"} <= set(rows[0])
+    assert len(rows) == 5 and {"prompt", "answer", "completion", "correct"} <= set(rows[0])
 
 
 def test_missing_tokenizer_for_preset_is_a_config_error():
@@ -64,3 +68,32 @@ def test_missing_tokenizer_for_preset_is_a_config_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "config error: tokenizer: required when model.init is the preset 'tiny'" in proc.stderr
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2) = 0.7
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(4, 1, 4) == 1.0  # fewer wrong samples than k: some draw always holds the right one
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_majority_vote_clusters_equivalent_answers():
+    assert majority_answer(["3", "0.5", "\\frac{1}{2}", None, "3", "1/2"]) == "0.5"  # 3 votes for a half
+    assert majority_answer(["3", "4"]) == "3"  # a tie goes to the answer seen first
+    assert majority_answer([None, None]) is None
+
+
+def test_pass_and_cons_at_k_from_samples():
+    def s(answer):
+        return {"completion": f"<think>\nwork\n</think>\nThe answer is \\boxed{{{answer}}}.", "finish_reason": "stop",
+                "tokens": 10}
+    rows = [{"prompt": "p1", "answer": "5"}, {"prompt": "p2", "answer": "7"}]
+    summary, results = score_source("math", rows, [s(5), s(5), s(4), s(1), s(2), s(7)], k=3, ks=[1, 2, 3])
+    assert summary["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert summary["pass@2"] == pytest.approx((1 + (1 - 1 / 3)) / 2)  # row 2: 1 - C(2,2)/C(3,2)
+    assert summary["pass@3"] == 1.0
+    assert summary["cons@3"] == 0.5  # row 1: majority 5; row 2: a three-way tie goes to 1
+    assert [r["majority"] for r in results] == ["5", "1"]
+    assert summary["format"] == 1.0 and summary["mean_tokens"] == 10 and summary["truncated"] == 0
