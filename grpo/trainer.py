@@ -501,6 +501,14 @@ class GRPOTrainer:
             m[f"rewards/{name}/failures"] = float(self._failures.get(name, 0))
         total = combine_rewards(s.rewards, self._weights())
         m["reward"] = float(total.nanmean())
+        sources = [row.get("source") for row in s.rows for _ in range(self.cfg.group_size)]
+        for src in sorted({x for x in sources if isinstance(x, str)}):  # by_source/<source>/{reward,<reward name>}
+            mine = torch.tensor([x == src for x in sources])
+            m[f"by_source/{src}/reward"] = float(total[mine].nanmean())
+            for f, name in enumerate(self.reward_names):
+                col = s.rewards[mine, f]
+                if (~col.isnan()).any():
+                    m[f"by_source/{src}/{name}"] = float(col.nanmean())
         correct = [s.rewards[:, f] for f, n in enumerate(self.reward_names) if n in ("accuracy", "code")]
         if correct:
             acc = torch.stack(correct, -1)
