@@ -166,7 +166,8 @@ def build_deepspeed_config(optimizer_cfg: Any, *, ep_size: int, zero_stage: int 
     _set(config, "gradient_accumulation_steps", 1, src)
     _set(config, "managed_gradient_accumulation", False, src)
     _set(config, "gradient_clipping", max_grad_norm, src)  # DeepSpeed's default would be 1.0
-    _set(config, "optimizer", {"type": "AdamW", "params": {**adamw, "torch_adam": not torch.cuda.is_available()}}, src)
+    # torch's AdamW (foreach on CUDA): DeepSpeed's FusedAdam would need a CUDA toolkit to JIT-compile
+    _set(config, "optimizer", {"type": "AdamW", "params": {**adamw, "torch_adam": True}}, src)
     _set(config, "bf16.enabled", bf16, src)
     if zero_stage is not None or config.get("zero_optimization", {}).get("stage", "auto") == "auto":
         _set(config, "zero_optimization.stage", 1 if zero_stage is None else zero_stage, src)
@@ -242,7 +243,7 @@ def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stag
     scale_wrt_gas=False)`` per micro-batch, ``engine.step()`` per optimizer step, then
     ``grpo.model.update_router_bias(engine)``. Every rank calls this, with the same model (same seed or
     same checkpoint: rank 0's weights are broadcast). bf16 training when the model's parameters are bf16
-    (fp32 master weights in the optimizer)."""
+    (fp32 master weights in the optimizer). AdamW decays matrices only (not norms, biases), as the stages do."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -267,8 +268,10 @@ def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stag
                                        grouped_mm=torch.cuda.is_available() and bf16)
     routers = {name: m.gate for name, m in model.named_modules()
                if hasattr(m, "experts") and hasattr(getattr(m, "gate", None), "e_score_correction_bias")}
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "decay", "params": [p for p in params if p.ndim >= 2]},  # matrices only, like the stages
+              {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if ep_size > 1:
         _adopt_routers(engine, routers)
     return engine, optimizer
