@@ -20,7 +20,9 @@ The policy log-probs are recomputed with the rollout temperature (logits / T) so
 the same distributions. Resuming (``resume_from``) restores policy, optimizer, scheduler, reference,
 RNG states (the engine's sampler generator included), data position and counters: a resumed run continues
 exactly as the uninterrupted one. Devices and processes come from accelerate; ``prepare_training`` is the
-one place that wraps model and optimizer (DeepSpeed/EP swaps it).
+one place that wraps model and optimizer: with ``parallel.ep_size > 1`` (or ``parallel.zero_stage``) a DeepSpeed
+engine from ``grpo.parallel.parallelize`` (routed experts sharded over ep_size ranks, ZeRO), which reduces, clips
+and steps in ``engine.step()``; its ranks decode rollouts in lockstep (``RolloutEngine(ep_group=...)``).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from grpo.config import ConfigError
 from grpo.logger import MetricsLogger
 from grpo.loss import LossConfig, LossNorm, grpo_loss, logprobs_and_entropy, loss_mask
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
+from grpo.parallel import ParallelConfig, expert_parallel_group, parallelize
 from grpo.rollout import RolloutEngine, SamplingConfig
 from rewards.registry import RewardScores
 
@@ -78,6 +81,7 @@ class TrainerConfig:
     sample_every: int = 10  # steps between logged completion samples; 0 = never
     samples_logged: int = 4
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
 
     def __post_init__(self):
         positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
@@ -102,6 +106,11 @@ class TrainerConfig:
         if (n // self.minibatches) % self.micro_batch_size:
             raise ConfigError("micro_batch_size", f"a minibatch of {n // self.minibatches} completions must split "
                               f"into micro-batches of {self.micro_batch_size}")
+
+    @property
+    def deepspeed(self) -> bool:
+        """Model and optimizer are a DeepSpeed engine (grpo.parallel: experts sharded over ep_size ranks, ZeRO)."""
+        return self.parallel.ep_size > 1 or self.parallel.zero_stage is not None
 
     @property
     def completions_per_step(self) -> int:
@@ -200,11 +209,15 @@ class PromptStream:
 
 def prepare_training(model, cfg: TrainerConfig, accelerator: Accelerator, total_optimizer_steps: int):
     """Optimizer, LR schedule and device/process wrapping: returns (model, optimizer, scheduler)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.deepspeed:  # the engine reduces, clips (max_grad_norm) and steps; the same AdamW groups
+        adamw = {"lr": cfg.lr, "betas": cfg.adam_betas, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
+        model, optimizer = parallelize(model, adamw, **dataclasses.asdict(cfg.parallel))
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule wraps the raw optimizer: accelerate's scheduler wrapper would step once per process.
     scheduler = get_scheduler(cfg.lr_scheduler, getattr(optimizer, "optimizer", optimizer),
                               num_warmup_steps=cfg.warmup_steps, num_training_steps=total_optimizer_steps)
@@ -249,7 +262,8 @@ class GRPOTrainer:
             model, cfg, acc, cfg.max_steps * self.updates_per_step)
         self.policy = acc.unwrap_model(self.model)
         engine_cfg = dataclasses.replace(sampling, seed=sampling.seed + acc.process_index)
-        self.engine = RolloutEngine(self.policy, tokenizer, engine_cfg)
+        ep_group = expert_parallel_group(self.model) if cfg.deepspeed else None  # EP ranks decode in lockstep
+        self.engine = RolloutEngine(self.policy, tokenizer, engine_cfg, ep_group=ep_group)
         self.stream = PromptStream(len(rows), cfg.seed)
         self.step = 0
         self.bad_in_a_row = 0
@@ -326,8 +340,8 @@ class GRPOTrainer:
             zero = self._zero_std(s).tolist()
             kept.append(s.groups([g for g, z in enumerate(zero) if not z], cfg.group_size))
             dropped.append(s.groups([g for g, z in enumerate(zero) if z], cfg.group_size))
-            have = torch.tensor(sum(len(k.rows) for k in kept), device=acc.device)
-            if int(acc.reduce(have, reduction="min") if W > 1 else have) >= B:
+            have = torch.tensor([sum(len(k.rows) for k in kept)], device=acc.device)
+            if int((acc.gather(have) if W > 1 else have).min()) >= B:  # every process has its B groups
                 break
         pool = Samples.cat(kept + dropped)  # kept groups first, then dropped ones to fill a shortfall
         batch = pool.groups(list(range(B)), cfg.group_size)
@@ -410,24 +424,33 @@ class GRPOTrainer:
                         max_completion_length=self.sampling.max_new_tokens)
         step_loss = torch.zeros((), device=dev)
         for k, m in enumerate(micro):
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else acc.no_sync(self.model)
+            last = k == len(micro) - 1 or cfg.deepspeed  # DeepSpeed reduces in step()
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
             with sync:
                 logp, ent, aux = self._forward(self.model, batch, m, grad=True)
                 out = grpo_loss(logp=logp, old_logp=batch.old_logprobs[m].to(dev), advantages=batch.advantages[m].to(dev),
                                 mask=batch.loss_mask[m].to(dev), cfg=cfg.loss, norm=norm, entropy=ent,
                                 ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[m].to(dev))
                 loss = out.loss + (aux.float() / len(micro) if aux is not None else 0.0)
-                acc.backward(loss)
+                if cfg.deepspeed:
+                    self.model.backward(loss, scale_wrt_gas=False)
+                else:
+                    acc.backward(loss)
             step_loss += loss.detach()
             for key, v in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * out.tokens
             sums["tokens"] = sums.get("tokens", 0.0) + out.tokens
             if aux is not None:
                 sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+        if cfg.deepspeed:  # reduce, clip, AdamW, zero grads; DeepSpeed skips the update on a non-finite gradient
+            self.model.step()
+            grad_norm = torch.tensor(float(self.model.get_global_grad_norm()))
+        else:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
         finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
+            if not cfg.deepspeed:
+                self.optimizer.step()
             self.scheduler.step()
             self.bad_in_a_row = 0
             sums["loss"] = sums.get("loss", 0.0) + float(step_loss)
@@ -436,8 +459,9 @@ class GRPOTrainer:
         else:
             self.bad_in_a_row += 1
             self.skipped_total += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        update_router_bias(self.model)
+        if not cfg.deepspeed:
+            self.optimizer.zero_grad(set_to_none=True)
+        update_router_bias(self.model)  # also after a skipped step: it consumes (and resets) that step's loads
         if self.bad_in_a_row >= cfg.max_bad_steps:
             raise RuntimeError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
                                f"(last loss {float(step_loss)}, grad norm {float(grad_norm)}) at step {self.step + 1}; "
