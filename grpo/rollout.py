@@ -35,6 +35,7 @@ inputs give the same rollouts (per device type). One uniform per sampled token i
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class SamplingConfig:
     prefill_tokens: int = 8192  # padded prompt tokens prefilled at once between decode steps
     backend: Literal["auto", "v3", "generic"] = "auto"  # auto: v3 for model_type deepseek_v3
     cuda_graphs: bool = True  # CUDA only
+    cpu_threads: int = 0  # CPU only: intra-op threads while generating; 0 = auto (see _cpu_threads)
 
     def __post_init__(self):
         checks = [
@@ -73,6 +75,7 @@ class SamplingConfig:
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("max_batch", self.max_batch >= 1, "must be >= 1"),
             ("prefill_tokens", self.prefill_tokens >= 1, "must be >= 1"),
+            ("cpu_threads", self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
         ]
         for key, ok, message in checks:
             if not ok:
@@ -178,6 +181,14 @@ class _Step:
     ready: Optional[torch.cuda.Event]
 
 
+def _cpu_threads(default: int) -> int:
+    """Threads for CPU decoding: torch's setting, or 1 when the machine is oversubscribed (1-minute load
+    average above cores + 1). Decode ops are small, and a parallel region whose threads are descheduled waits
+    at its barrier: on a shared 2-core machine that made a decode step 3x slower than on one thread."""
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] > cores + 1 else default
+
+
 def _any_rank(flags: list[bool], group) -> list[bool]:
     """Element-wise OR of ``flags`` over the ranks of ``group`` (identity without a group)."""
     if group is None:
@@ -238,8 +249,14 @@ class RolloutEngine:
         out = _Outputs(rows, self.cfg, self.pad_id, self.stop_ids, self.stops)
         self.stats = dict(prefill_calls=0, prefill_tokens=0, decode_steps=0, decode_tokens=0)
         start = time.perf_counter()
-        if rows:
-            (self._run_v3 if self.backend == "v3" else self._run_generic)(prompts, group_size, out)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.cpu_threads or _cpu_threads(threads))
+        try:
+            if rows:
+                (self._run_v3 if self.backend == "v3" else self._run_generic)(prompts, group_size, out)
+        finally:
+            torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats["seconds"] = time.perf_counter() - start

@@ -20,8 +20,8 @@ its logprob is log softmax(z)_y (temperature 1).
 
 Drawing uses one uniform number per row and the inverse CDF of the kept probabilities (no per-vocabulary
 noise: generating V random numbers per row costs more than the model on a CPU), choosing a block of the
-vocabulary from block sums and then the token inside it. Top-k searches only the blocks with the largest
-maxima. On CUDA it is a fixed sequence of tensor ops without host synchronisation (it runs inside the decode
+vocabulary from block sums and then the token inside it. Top-k ranks only the groups of tokens with the
+largest maxima. On CUDA it is a fixed sequence of tensor ops without host synchronisation (it runs inside the decode
 step's CUDA graph).
 """
 from __future__ import annotations
@@ -93,18 +93,19 @@ def _block(vocab: int, sizes: tuple[int, ...]) -> int:
 
 
 def _topk(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk (sorted) through blocks: the k largest entries lie in the k blocks with the largest
-    maxima, so only those k * block entries are searched (exact; one pass over V for the block maxima)."""
+    """torch.topk (sorted), exact, through groups: with the vocabulary split into G groups of g tokens
+    (group j = tokens j, j + G, j + 2G, ...: a strided view, so the group maxima are one vectorised pass),
+    the k largest entries lie in the k groups with the largest maxima; only those k * g entries are ranked."""
     batch, vocab = probs.shape
-    block = _block(vocab, (64, 32, 128))
-    if not block or 4 * k * block > vocab:
+    size = _block(vocab, (16, 8, 32))
+    if not size or 4 * k * size > vocab:
         return probs.topk(k, dim=-1)
-    blocks = probs.view(batch, vocab // block, block)
-    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [B, k]
-    cand = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).view(batch, k * block)
-    vals, pos = cand.topk(k, dim=-1)
-    idx = best.gather(1, pos // block) * block + pos % block
-    return vals, idx
+    groups = vocab // size
+    best = probs.view(batch, size, groups).amax(dim=1).topk(k, dim=-1).indices  # [B, k]
+    offsets = torch.arange(size, device=probs.device)[:, None] * groups
+    idx = (best[:, None, :] + offsets).view(batch, size * k)
+    vals, pos = probs.gather(1, idx).topk(k, dim=-1)
+    return vals, idx.gather(1, pos)
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -141,10 +141,10 @@ def test_refill_keeps_slots_busy():
 
 def test_seed_reproducibility():
     model = v3_model()
-    cfg = SamplingConfig(max_new_tokens=8, max_batch=5, stop_token_ids=[], seed=11)
-    a = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
-    b = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
-    c = RolloutEngine(model, None, SamplingConfig(max_new_tokens=8, max_batch=5, stop_token_ids=[], seed=12)).generate(PROMPTS, 2)
+    kw = dict(max_new_tokens=8, max_batch=5, stop_token_ids=[], cpu_threads=1)  # bitwise: fixed thread count
+    a = RolloutEngine(model, None, SamplingConfig(**kw, seed=11)).generate(PROMPTS, 2)
+    b = RolloutEngine(model, None, SamplingConfig(**kw, seed=11)).generate(PROMPTS, 2)
+    c = RolloutEngine(model, None, SamplingConfig(**kw, seed=12)).generate(PROMPTS, 2)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
@@ -180,7 +180,7 @@ def test_expert_parallel_ranks_step_until_all_are_done(monkeypatch):
     """A peer rank that prefills once more and stays busy longer: this rank runs dummy forwards meanwhile,
     and its own results are unchanged."""
     model = v3_model()
-    cfg = SamplingConfig(max_new_tokens=6, max_batch=4, stop_token_ids=list(range(40, 72)), seed=5)
+    cfg = SamplingConfig(max_new_tokens=6, max_batch=4, stop_token_ids=list(range(40, 72)), seed=5, cpu_threads=1)
     alone = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
 
     calls = {"iter": 0, "decode": 0, "prefill": 0}
