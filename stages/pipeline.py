@@ -5,9 +5,10 @@
 
 The recipe lists the steps in order (data -> tokenizer -> sft -> evaluate -> rl_reasoning -> evaluate ->
 rejection_sampling -> sft -> evaluate -> reward_model -> rl_general -> evaluate for the embedded default).
-Each step is ``python -m <module> [--recipe <recipe>] <args...>``: the stage's own recipe plus the
+Each step is ``python -m <module> [--recipe <recipe>] <args...>`` (steps marked ``distributed`` under the
+``launcher`` when one is set, e.g. ``accelerate launch``): the stage's own recipe plus the
 pipeline's overrides (its input checkpoint = the previous stage's ``final/``, its output directory, the
-seed). ``{run_dir}`` and ``{seed}`` in any string are replaced by the pipeline's values. The command is
+seed). ``{run_dir}``, ``{seed}`` and ``{python}`` in any string are replaced by the pipeline's values. The command is
 printed before it runs, so any step can be re-run by hand.
 
 Resuming: a step whose ``output`` directory holds a ``DONE`` marker (written by the stage when it completes,
@@ -45,6 +46,7 @@ class StepConfig:
     args: list[str] = field(default_factory=list)  # key=value overrides (stages) or plain arguments (data.*)
     output: str  # directory the step fills; DONE in it = complete
     label: str | None = None  # evaluation steps: the row name in the report ("after SFT")
+    distributed: bool = False  # run under the pipeline's `launcher` (e.g. accelerate launch) when one is set
 
     def __post_init__(self):
         if not self.name or not self.module:
@@ -60,6 +62,8 @@ class PipelineConfig:
     rerun: list[str] = field(default_factory=list)  # steps run again even when DONE
     stop_after: str | None = None  # run up to and including this step
     threads: int | None = None  # OMP_NUM_THREADS of every step; null: torch's default (all cores)
+    launcher: list[str] = field(default_factory=list)  # prefix of `-m module` for distributed steps ({python} = this
+    # interpreter), e.g. [{python}, -m, accelerate.commands.launch, --config_file, recipes/accelerate/single.yaml]
     report: bool = True
 
     def __post_init__(self):
@@ -78,14 +82,15 @@ class PipelineConfig:
 
 
 def expand(text: str, cfg: PipelineConfig) -> str:
-    return text.replace("{run_dir}", cfg.run_dir).replace("{seed}", str(cfg.seed))
+    return text.replace("{run_dir}", cfg.run_dir).replace("{seed}", str(cfg.seed)).replace("{python}", sys.executable)
 
 
 def command(step: StepConfig, cfg: PipelineConfig) -> list[str]:
     """The argv of one step."""
     recipe = ["--recipe", expand(step.recipe, cfg)] if step.recipe else []
     extra = cfg.step_overrides.get(step.name, [])
-    return [sys.executable, "-m", step.module, *recipe, *(expand(a, cfg) for a in [*step.args, *extra])]
+    launcher = [expand(a, cfg) for a in cfg.launcher] if step.distributed and cfg.launcher else [sys.executable]
+    return [*launcher, "-m", step.module, *recipe, *(expand(a, cfg) for a in [*step.args, *extra])]
 
 
 def run_step(step: StepConfig, cfg: PipelineConfig, timings: dict) -> None:
@@ -94,7 +99,8 @@ def run_step(step: StepConfig, cfg: PipelineConfig, timings: dict) -> None:
         print(f"== {step.name}: done ({out}/DONE), skipped", flush=True)
         return
     argv = command(step, cfg)
-    print(f"== {step.name}: {shlex.join(['python', *argv[1:]])}", flush=True)
+    shown = shlex.join(["python" if a == sys.executable else a for a in argv])
+    print(f"== {step.name}: {shown}", flush=True)
     start = time.time()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads else {})}
     code = subprocess.run(argv, env=env).returncode
@@ -104,7 +110,7 @@ def run_step(step: StepConfig, cfg: PipelineConfig, timings: dict) -> None:
                          f"and run the pipeline again (finished steps are skipped)")
     if not is_done(out):
         mark_done(out, {"step": step.name})
-    timings[step.name] = {"seconds": round(seconds, 1), "command": shlex.join(["python", *argv[1:]])}
+    timings[step.name] = {"seconds": round(seconds, 1), "command": shown}
     print(f"== {step.name}: finished in {seconds:.0f}s", flush=True)
 
 
@@ -211,6 +217,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     run.mkdir(parents=True, exist_ok=True)
     timing_file = run / "pipeline.json"
     timings = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    missing = [f"{s.name}: {expand(s.recipe, cfg)}" for s in cfg.steps if s.recipe and not Path(expand(s.recipe, cfg)).is_file()]
+    if missing:
+        raise SystemExit(f"pipeline: missing stage recipe(s): {'; '.join(missing)}")
     for step in cfg.steps:
         run_step(step, cfg, timings)
         timing_file.write_text(json.dumps(timings, indent=2) + "\n")
