@@ -17,8 +17,10 @@ Two backends with the same sampler and logprob semantics:
   slots; groups queue until G slots are free; newly admitted groups are prefilled once per prompt (latents
   copied to the G slots) between decode steps, at most ``prefill_tokens`` (padded) prompt tokens at a time.
   Finished sequences free their slot at once and active slots are kept contiguous (the last active slot
-  moves into the hole), so a decode step runs on exactly the active sequences. On CUDA the decode forward
-  is replayed from CUDA graphs captured per (batch bucket, length bucket); sampling runs eagerly after it.
+  moves into the hole), so a decode step runs on exactly the active sequences. On CUDA a decode step
+  (forward + sampling) is replayed from a CUDA graph captured per (batch bucket, length bucket), and the
+  host reads a step's tokens while the next step runs. On CPU the decode drops to one intra-op thread when
+  the machine is oversubscribed (``cpu_threads``).
 - any other Hugging Face causal LM: the model's own forward with a DynamicCache, in waves of
   max_batch // G groups (left-padded prompts prefilled once, cache repeated G times, finished rows dropped
   from the batch). No refill between waves.
@@ -160,7 +162,7 @@ class _Slots:
         holes = done[:live].nonzero().flatten()
         movers = (~done[live:]).nonzero().flatten() + live
         if len(holes):
-            src, dst = movers.to(self.dec.device), holes.to(self.dec.device)
+            src, dst = _to_device(movers, self.dec.device), _to_device(holes, self.dec.device)
             self.dec.cache.move(src, dst)
             self.dec.tokens[dst] = self.dec.tokens[src]
             self.row[holes], self.pos[holes] = self.row[movers], self.pos[movers]
@@ -181,12 +183,19 @@ class _Step:
     ready: Optional[torch.cuda.Event]
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the queued GPU work (pinned, asynchronous copy;
+    the pinned block is not reused before the copy has run)."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 def _cpu_threads(default: int) -> int:
     """Threads for CPU decoding: torch's setting, or 1 when the machine is oversubscribed (1-minute load
     average above cores + 1). Decode ops are small, and a parallel region whose threads are descheduled waits
     at its barrier: on a shared 2-core machine that made a decode step 3x slower than on one thread."""
-    cores = os.cpu_count() or 1
-    return 1 if os.getloadavg()[0] > cores + 1 else default
+    if not hasattr(os, "getloadavg"):
+        return default
+    return 1 if os.getloadavg()[0] > (os.cpu_count() or 1) + 1 else default
 
 
 def _any_rank(flags: list[bool], group) -> list[bool]:
@@ -299,6 +308,8 @@ class RolloutEngine:
             self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
             if self.device.type == "cuda" and self.cfg.cuda_graphs:
                 self._graphs = CudaGraphStep(self._decoder, self._sample_with, self.generator)
+        else:
+            d.bind()
         return self._decoder
 
     def _run_v3(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
@@ -354,7 +365,7 @@ class RolloutEngine:
     def _launch(self, dec: V3Decoder, slots: _Slots) -> _Step:
         """Decode one token for every active slot; the results are copied to the host asynchronously."""
         n = slots.n
-        dec.positions[:n].copy_(slots.pos[:n])
+        dec.positions[:n].copy_(_to_device(slots.pos[:n], dec.device), non_blocking=True)
         span = int(slots.pos[:n].max()) + 1
         if self._graphs is not None:
             tokens, logprobs = self._graphs(n, span)

@@ -175,23 +175,31 @@ class V3Decoder:
 
     def __init__(self, model: nn.Module, *, slots: int, max_len: int):
         config = model.config
+        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"rope_type {rope_type!r} depends on the sequence length; the V3 decoder precomputes "
+                             "RoPE once per cache: use backend='generic'")
         self.model, self.config = model, config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        base = model.model
-        self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(model.lm_head)
-        self.layers = [_Layer(layer, config) for layer in base.layers[: config.num_hidden_layers]]
+        self.bind()
         self.interleave = bool(getattr(config, "rope_interleave", False))
         first = self.layers[0]
         self.cache = LatentCache(layers=len(self.layers), slots=slots, max_len=max_len, kv_lora_rank=first.rank,
                                  rope_dim=first.rope, dtype=self.dtype, device=self.device)
         positions = torch.arange(max_len, device=self.device)[None]
-        cos, sin = base.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
+        cos, sin = model.model.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, Dr], attention factor included
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.rows = torch.arange(slots, device=self.device) * max_len  # first cache row of each slot
         self.span_range = torch.arange(max_len, device=self.device)
+
+    def bind(self) -> None:
+        """(Re)read the model's modules, e.g. after a wrapper replaced some (the cache is kept)."""
+        base = self.model.model
+        self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
+        self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
