@@ -281,9 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
                     model.backward(output.loss / len(mine), scale_wrt_gas=False)
                 else:
                     accelerator.backward(output.loss / len(mine))
-            parts = {"loss": output.loss, "lm_loss": getattr(output, "lm_loss", None), "aux_loss": output.aux_loss}
-            for key, value in parts.items():
-                if value is not None:
+            for key in ("loss", "lm_loss", "aux_loss"):  # the last two only from the V3 policy
+                if (value := getattr(output, key, None)) is not None:
                     sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
             tokens += int(batch["attention_mask"].sum())
         if cfg.deepspeed:

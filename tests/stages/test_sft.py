@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import stages.sft as sft
 from data.generate import Sizes, write_all
@@ -50,7 +50,7 @@ def recipe_args(workdir: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--recipe", str(ROOT / "recipes/tiny/sft.yaml"),
         f"tokenizer={workdir / 'tok'}", f"data=[{{path: {workdir / 'data/cot_train.jsonl'}}}]",
-        f"output_dir={out}", f"model.overrides={json.dumps(TOY_MODEL)}", "wandb_mode=disabled",
+        f"output_dir={out}", f"model.overrides={json.dumps(TOY_MODEL)}", "model.mtp_layers=1", "wandb_mode=disabled",
         "train.micro_batch_size=4", "train.grad_accum=2", "train.max_steps=4", "train.warmup_steps=1",
         "train.log_every=1", "train.max_seq_len=96",
         f"eval.data={{path: {workdir / 'data/math_test.jsonl'}, limit: 3}}", "eval.max_new_tokens=8",
@@ -189,6 +189,21 @@ def test_resume_after_crash_matches_uninterrupted_run(workdir, tmp_path, monkeyp
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b/final").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_any_hf_causal_lm(workdir, tokenizer, tmp_path):
+    """A non-V3 model (a toy Llama checkpoint): no aux loss, no router; trains and exports all the same."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    result = sft.main(recipe_args(workdir, tmp_path / "out", f"model.init={tmp_path / 'llama'}", "tokenizer=null",
+                                  "model.overrides={}", "train.max_steps=2"))
+    assert result["heldout"]["n"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in m if "loss" in k) for m in metrics] == [["loss"], ["loss"]]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out/final").config.model_type == "llama"
 
 
 def test_help_lists_keys():
