@@ -79,8 +79,10 @@ def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: i
     full, first = engine(new), engine(1)
     full.generate(prompts, 1)  # warm-up (captures the CUDA graphs of every length bucket)
     ours_s = best_of(lambda: full.generate(prompts, 1), reps, device)
+    ours_threads = full.stats.get("threads")
     row = dict(what="rollout_vs_hf_generate", device=device, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                batch=batch, prompt_len=prompt_len, new_tokens=new, threads=torch.get_num_threads(),
+               ours_threads=ours_threads,
                hf_seconds=round(hf_s, 3), hf_tokens_per_s=round(batch * new / hf_s, 1),
                ours_seconds=round(ours_s, 3), ours_tokens_per_s=round(batch * new / ours_s, 1),
                ratio=round(hf_s / ours_s, 2), goal=goal)

@@ -46,6 +46,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers import DynamicCache
 
 from grpo.config import ConfigError
 from grpo.sampling import StopStrings, sample
@@ -54,6 +55,10 @@ from grpo.v3_decode import CudaGraphStep, V3Decoder, is_v3
 
 @dataclass(kw_only=True)
 class SamplingConfig:
+    """How ``RolloutEngine`` samples. The returned logprobs are those of the distribution sampled from after
+    temperature and BEFORE top-k/top-p/min-p truncation, log softmax(logits / temperature) at the drawn token
+    (what the trainer's forward pass recomputes); truncation only restricts which tokens can be drawn."""
+
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
@@ -260,7 +265,8 @@ class RolloutEngine:
         start = time.perf_counter()
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
-            torch.set_num_threads(self.cfg.cpu_threads or _cpu_threads(threads))
+            self.stats["threads"] = self.cfg.cpu_threads or _cpu_threads(threads)
+            torch.set_num_threads(self.stats["threads"])
         try:
             if rows:
                 (self._run_v3 if self.backend == "v3" else self._run_generic)(prompts, group_size, out)
@@ -384,8 +390,6 @@ class RolloutEngine:
 
     # ---- any causal LM: waves with the model's own forward and cache ---------------------------------------
     def _run_generic(self, prompts: list[list[int]], group_size: int, out: _Outputs) -> None:
-        from transformers import DynamicCache
-
         cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         was_training = self.model.training
         self.model.eval()
@@ -393,11 +397,11 @@ class RolloutEngine:
             per_wave = max(1, self.cfg.max_batch // group_size)
             for start in range(0, len(prompts), per_wave):
                 wave = list(range(start, min(start + per_wave, len(prompts))))
-                self._wave(DynamicCache, cache_kw, prompts, wave, group_size, out)
+                self._wave(cache_kw, prompts, wave, group_size, out)
         finally:
             self.model.train(was_training)
 
-    def _wave(self, cache_cls, cache_kw: str, prompts, wave: list[int], G: int, out: _Outputs) -> None:
+    def _wave(self, cache_kw: str, prompts, wave: list[int], G: int, out: _Outputs) -> None:
         width = max(len(prompts[i]) for i in wave)
         ids = torch.full((len(wave), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(wave), width, dtype=torch.long)
@@ -406,7 +410,7 @@ class RolloutEngine:
             mask[b, width - len(prompts[i]):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = cache_cls(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
         self.stats["prefill_calls"] += 1
@@ -419,8 +423,8 @@ class RolloutEngine:
         while not bool(done.all()):
             if bool(done.any()):
                 keep = (~done).nonzero().flatten()
-                cache.batch_select_indices(keep.to(self.device))
                 keep_d = keep.to(self.device)
+                cache.batch_select_indices(keep_d)
                 rows, mask, last, tokens = rows[keep], mask[keep_d], last[keep_d], tokens[keep_d]
             mask = torch.cat((mask, mask.new_ones(len(rows), 1)), dim=1)
             last = last + 1
