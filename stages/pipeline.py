@@ -132,7 +132,7 @@ def plot_curves(name: str, records: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*points), marker="." if len(points) < 40 else None)
+        ax.plot(*zip(*points), marker="." if len(points) < 40 else None, label="all")
         by_source = sorted({k for r in records for k in r if k.startswith("by_source/") and k.endswith("/" + key)})
         for k in by_source:
             pts = [(r["step"], r[k]) for r in records if k in r]

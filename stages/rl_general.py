@@ -24,6 +24,7 @@ every sample generated in the step). Writes what ``stages.rl_reasoning`` writes 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,7 @@ from data.loaders import DataConfig, load_rows
 from grpo.checkpoint import export_model, mark_done
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
+from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
 from rewards.registry import RewardScores, RewardSet, RewardSpec
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
 
     # ---- setup
-    (out / "DONE").unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / "DONE").unlink(missing_ok=True)
     set_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
     rows = load_prompts(cfg.data)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
         encode=lambda row: encode_prompt(tokenizer, row["prompt"]),
-        output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg)
+        output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
+        accelerator=make_accelerator())
 
     # ---- loop
     metrics = trainer.train()
