@@ -64,10 +64,9 @@ class LatentCache:
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' RMSNorm: weight * (x normalised in fp32, cast back to x's dtype)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
+    """transformers' RMSNorm as one fused op (statistics in fp32; in bf16 the weight is applied before the
+    single rounding instead of after it)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 def _linear(module: nn.Module):
@@ -189,7 +188,8 @@ class V3Decoder:
                                  rope_dim=first.rope, dtype=self.dtype, device=self.device)
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = model.model.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, Dr], attention factor included
+        half = cos.shape[-1] // 2  # cos/sin = cat(f, f) per position: one angle per rotated pair
+        self.rotation = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [max_len, Dr/2]
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.rows = torch.arange(slots, device=self.device) * max_len  # first cache row of each slot
@@ -202,41 +202,40 @@ class V3Decoder:
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
 
     # ---- rotary ------------------------------------------------------------------------------------------
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [..., T, heads, Dr], cos/sin [T, Dr] (broadcast over heads); transformers' formula and layout."""
-        cos, sin = cos[:, None], sin[:, None]
-        if self.interleave:
-            half = x.shape[-1] // 2
-            c, s = cos[..., :half], sin[..., :half]
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def _rope(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """RoPE of x [..., T, heads, Dr] with rotation [T, Dr/2] (complex, attention factor included) as one
+        complex multiply per pair. Pairs are transformers' ((2j, 2j+1) with rope_interleave, else (j, j+Dr/2));
+        the output keeps each pair adjacent, a fixed permutation of transformers' layout that queries and
+        cached keys share, so every q.k is unchanged."""
+        half = x.shape[-1] // 2
+        pairs = x.unflatten(-1, (half, 2)) if self.interleave else x.unflatten(-1, (2, half)).transpose(-1, -2)
+        turned = torch.view_as_complex(pairs.float().contiguous()) * rotation[:, None]
+        return torch.view_as_real(turned).flatten(-2).to(x.dtype)
 
     # ---- decode ------------------------------------------------------------------------------------------
     def decode(self, n: int, span: int) -> torch.Tensor:
         """One token for slots 0..n-1: input ``tokens[:n]`` at ``positions[:n]`` (every position < span).
         Writes their latents to the cache and returns logits [n, V]. Static shapes for given (n, span)."""
         pos = self.positions[:n]
-        cos, sin = self.cos[pos], self.sin[pos]
+        rotation = self.rotation[pos]
         visible = self.span_range[:span] <= pos[:, None]
         mask = torch.zeros(n, 1, span, dtype=self.dtype, device=self.device).masked_fill_(~visible[:, None], float("-inf"))
         write_rows = self.rows[:n] + pos
         x = self.embed(self.tokens[:n])
         for i, layer in enumerate(self.layers):
-            x = x + self._attend_decode(layer, self.cache.data[i], _rms(x, layer.in_norm), cos, sin, mask, write_rows, span)
+            x = x + self._attend_decode(layer, self.cache.data[i], _rms(x, layer.in_norm), rotation, mask, write_rows, span)
             x = x + layer.mlp(_rms(x, layer.post_norm))
         return self.lm_head(_rms(x, self.final_norm))
 
-    def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, cos, sin, mask, write_rows, span) -> torch.Tensor:
+    def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, rotation, mask, write_rows, span) -> torch.Tensor:
         n, heads, rank = h.shape[0], layer.heads, layer.rank
         q = layer.q(h).view(n, heads, layer.nope + layer.rope)
         kv = layer.kv_a(h)
-        latent = torch.cat((_rms(kv[:, :rank], layer.kv_norm), self._rope(kv[:, None, rank:], cos, sin)[:, 0]), dim=-1)
+        latent = torch.cat((_rms(kv[:, :rank], layer.kv_norm), self._rope(kv[:, None, rank:], rotation)[:, 0]), dim=-1)
         cache.view(-1, cache.shape[-1]).index_copy_(0, write_rows, latent)
         w_uk, w_uv_t = layer.absorbed_weights()
         q_latent = torch.bmm(q[..., : layer.nope].transpose(0, 1), w_uk)  # [H, n, R]
-        q_full = torch.cat((q_latent.transpose(0, 1), self._rope(q[..., layer.nope:], cos, sin)), dim=-1)  # [n, H, R+Dr]
+        q_full = torch.cat((q_latent.transpose(0, 1), self._rope(q[..., layer.nope:], rotation)), dim=-1)  # [n, H, R+Dr]
         keys = cache[:n, :span]  # [n, span, R+Dr]
         scores = torch.baddbmm(mask, q_full, keys.transpose(1, 2), alpha=layer.scale)  # [n, H, span]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(h.dtype)
@@ -260,25 +259,25 @@ class V3Decoder:
         ids = ids.to(self.device)
         src = torch.tensor(src, dtype=torch.long, device=self.device)
         dst = torch.tensor(dst, dtype=torch.long, device=self.device)
-        cos, sin = self.cos[:width], self.sin[:width]
+        rotation = self.rotation[:width]
         x = self.embed(ids).view(batch * width, -1)
         for i, layer in enumerate(self.layers):
-            x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, cos, sin, src, dst)
+            x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, rotation, src, dst)
             x = x + layer.mlp(_rms(x, layer.post_norm))
         last = torch.tensor([b * width + n - 1 for b, n in enumerate(lens)], device=self.device)
         return self.lm_head(_rms(x[last], self.final_norm))
 
-    def _attend_prefill(self, layer: _Layer, cache, h, batch, width, cos, sin, src, dst) -> torch.Tensor:
+    def _attend_prefill(self, layer: _Layer, cache, h, batch, width, rotation, src, dst) -> torch.Tensor:
         heads, rank, nope = layer.heads, layer.rank, layer.nope
         q = layer.q(h).view(batch, width, heads, nope + layer.rope)
         kv = layer.kv_a(h).view(batch, width, -1)
         c = _rms(kv[..., :rank], layer.kv_norm)
-        k_rope = self._rope(kv[..., None, rank:], cos, sin)  # [B, P, 1, Dr]
+        k_rope = self._rope(kv[..., None, rank:], rotation)  # [B, P, 1, Dr]
         latent = torch.cat((c, k_rope[:, :, 0]), dim=-1).view(batch * width, -1)
         cache.view(-1, cache.shape[-1]).index_copy_(0, dst, latent[src])
         kv_up = layer.kv_b(c).view(batch, width, heads, nope + layer.v_dim)
         keys = torch.cat((kv_up[..., :nope], k_rope.expand(-1, -1, heads, -1)), dim=-1)
-        queries = torch.cat((q[..., :nope], self._rope(q[..., nope:], cos, sin)), dim=-1)
+        queries = torch.cat((q[..., :nope], self._rope(q[..., nope:], rotation)), dim=-1)
         out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), kv_up[..., nope:].transpose(1, 2),
                                              is_causal=True, scale=layer.scale)  # [B, H, P, Dv]
         return layer.o(out.transpose(1, 2).reshape(batch * width, heads * layer.v_dim))

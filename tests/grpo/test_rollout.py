@@ -98,6 +98,18 @@ def test_sampled_logprobs_equal_teacher_forcing_with_refill(make, sampling):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
 
 
+def test_yarn_unfused_query_and_half_split_rope_match_teacher_forcing():
+    """q_proj instead of the q LoRA, rope_interleave False, YaRN with an attention factor and mscale."""
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=1.0,
+                rope_theta=10000.0, beta_fast=32, beta_slow=1)
+    model = v3_model(q_lora_rank=None, rope_interleave=False, rope_parameters=yarn)
+    assert model.model.rotary_emb.attention_scaling != 1.0
+    engine = RolloutEngine(model, None, SamplingConfig(temperature=0.8, max_new_tokens=20, stop_token_ids=[], max_batch=6))
+    ro = engine.generate(PROMPTS, 2)
+    for r, ref in enumerate(teacher_forced_logprobs(model, ro, 0.8)):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
 def test_latent_cache_holds_only_the_mla_latent():
     model = v3_model()
     cfg = SamplingConfig(max_new_tokens=6, max_batch=4, stop_token_ids=[])
