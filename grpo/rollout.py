@@ -29,7 +29,7 @@ Expert parallelism: every rank must enter every forward (the MoE all-to-all need
 ``ep_group`` the V3 loop all-reduces two flags per iteration (anyone still busy / anyone prefilling); a
 rank with nothing to do runs a one-token dummy prefill or decode until all ranks are done, so every rank
 calls the same sequence of forwards. The MoE blocks themselves (e.g. DeepSpeed AutoEP's) are called as
-modules, so their collectives run inside them.
+modules, so their collectives run inside them; decode steps then run eagerly (no CUDA graphs).
 
 Randomness: a torch.Generator seeded with ``seed`` when the engine is built; the same engine state and
 inputs give the same rollouts (per device type). One uniform per sampled token is drawn from it.
@@ -312,7 +312,8 @@ class RolloutEngine:
         if d is None or d.cache.max_len < max_len or d.tokens.shape[0] != self.cfg.max_batch:
             self._decoder = self._graphs = None
             self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
-            if self.device.type == "cuda" and self.cfg.cuda_graphs:
+            # an expert-parallel all-to-all sizes its messages on the host: not capturable
+            if self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None:
                 self._graphs = CudaGraphStep(self._decoder, self._sample_with, self.generator)
         else:
             d.bind()
