@@ -20,8 +20,8 @@ each prompt to all of its group's slots (one prefill per prompt, G cache copies)
 RoPE cos/sin come from the model's own rotary module (so YaRN and its attention factor match transformers),
 and the softmax scale is the attention module's (qk_head_dim^-1/2 times YaRN mscale^2).
 MoE: routing is ``grpo.moe.route`` (sigmoid scores, bias for selection, group-limited top-k); routed experts
-run as two grouped GEMMs over the token-expert pairs sorted by expert (``torch.nn.functional.grouped_mm``; a
-gathered-weights bmm where grouped_mm lacks a kernel), no Python loop over experts. A ``mlp`` that is not
+run as two grouped GEMMs over the token-expert pairs sorted by expert (``torch.nn.functional.grouped_mm``,
+the same kernel transformers' default "grouped_mm" experts use), no Python loop over experts. A ``mlp`` that is not
 transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
 stays inside it.
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
@@ -78,10 +78,6 @@ def _linear(module: nn.Module):
     return module
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
-
-
 class _Experts:
     """Routed experts of one MoE block (transformers' fused layout: gate_up_proj [E, 2I, D], down_proj [E, D, I])."""
 
@@ -105,16 +101,10 @@ class _Experts:
         x = h[rows]
         gate_up = self.experts.gate_up_proj.transpose(1, 2)  # [E, D, 2I]
         down = self.experts.down_proj.transpose(1, 2)  # [E, I, D]
-        if _grouped_mm_ok(h):
-            offs = torch.searchsorted(expert_sorted, torch.arange(self.n_experts, device=h.device), right=True)
-            offs = offs.to(torch.int32)
-            gu = F.grouped_mm(x, gate_up, offs=offs)
-            g, u = gu.chunk(2, dim=-1)
-            y = F.grouped_mm(self.experts.act_fn(g) * u, down, offs=offs)
-        else:
-            gu = torch.bmm(x[:, None], gate_up[expert_sorted])
-            g, u = gu.chunk(2, dim=-1)
-            y = torch.bmm(self.experts.act_fn(g) * u, down[expert_sorted]).squeeze(1)
+        offs = torch.searchsorted(expert_sorted, torch.arange(self.n_experts, device=h.device), right=True)
+        offs = offs.to(torch.int32)  # end of each expert's rows
+        g, u = F.grouped_mm(x, gate_up, offs=offs).chunk(2, dim=-1)
+        y = F.grouped_mm(self.experts.act_fn(g) * u, down, offs=offs)
         y = y * weights.reshape(-1)[perm, None]  # fp32, as transformers accumulates
         out = torch.empty_like(y)
         out[perm] = y
