@@ -312,10 +312,8 @@ class RolloutEngine:
         if d is None or d.cache.max_len < max_len or d.tokens.shape[0] != self.cfg.max_batch:
             self._decoder = self._graphs = None
             self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
-            # captured: bf16 (the dtype of CUDA's grouped GEMM kernel) and no expert-parallel all-to-all (it
-            # sizes its messages on the host)
-            capturable = self._decoder.dtype == torch.bfloat16 and self.ep_group is None
-            if self.device.type == "cuda" and self.cfg.cuda_graphs and capturable:
+            # an expert-parallel all-to-all sizes its messages on the host: not capturable
+            if self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None:
                 self._graphs = CudaGraphStep(self._decoder, self._sample_with, self.generator)
         else:
             d.bind()

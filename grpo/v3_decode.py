@@ -21,7 +21,8 @@ RoPE cos/sin come from the model's own rotary module (so YaRN and its attention 
 and the softmax scale is the attention module's (qk_head_dim^-1/2 times YaRN mscale^2).
 MoE: routing is ``grpo.moe.route`` (sigmoid scores, bias for selection, group-limited top-k); routed experts
 run as two grouped GEMMs over the token-expert pairs sorted by expert (``torch.nn.functional.grouped_mm``,
-the same kernel transformers' default "grouped_mm" experts use), no Python loop over experts. A ``mlp`` that is not
+the same kernel transformers' default "grouped_mm" experts use), no Python loop over experts; on CUDA in
+fp32/fp16 (no fast grouped kernel) as batched GEMMs of every expert over every token. A ``mlp`` that is not
 transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
 stays inside it.
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
@@ -94,21 +95,32 @@ class _Experts:
         return self.routed(h, idx, weights) + self.shared_mlp(h)
 
     def routed(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * Expert_{idx[t, k]}(h_t), token-expert pairs sorted by expert, grouped GEMMs."""
+        """sum_k weights[t, k] * Expert_{idx[t, k]}(h_t) for h [T, D], idx/weights [T, K]. CUDA's grouped GEMM
+        kernel is bf16-only and its fallback reads the offsets on the host (no CUDA graph), so fp32/fp16 on
+        CUDA takes the dense form."""
+        if h.device.type != "cpu" and h.dtype != torch.bfloat16:
+            return self.dense(h, idx, weights)
+        return self.grouped(h, idx, weights)
+
+    def grouped(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Token-expert pairs sorted by expert, two grouped GEMMs."""
         n_tok, top_k = idx.shape
         expert_sorted, perm = idx.reshape(-1).sort(stable=True)
-        rows = perm // top_k
-        x = h[rows]
-        gate_up = self.experts.gate_up_proj.transpose(1, 2)  # [E, D, 2I]
-        down = self.experts.down_proj.transpose(1, 2)  # [E, I, D]
         offs = torch.searchsorted(expert_sorted, torch.arange(self.n_experts, device=h.device), right=True)
         offs = offs.to(torch.int32)  # end of each expert's rows
-        g, u = F.grouped_mm(x, gate_up, offs=offs).chunk(2, dim=-1)
-        y = F.grouped_mm(self.experts.act_fn(g) * u, down, offs=offs)
+        g, u = F.grouped_mm(h[perm // top_k], self.experts.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        y = F.grouped_mm(self.experts.act_fn(g) * u, self.experts.down_proj.transpose(1, 2), offs=offs)
         y = y * weights.reshape(-1)[perm, None]  # fp32, as transformers accumulates
         out = torch.empty_like(y)
         out[perm] = y
         return out.view(n_tok, top_k, -1).sum(dim=1).to(h.dtype)
+
+    def dense(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token (E/K times the expert FLOPs) as batched GEMMs; static shapes, no sync."""
+        g, u = torch.matmul(h, self.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I]
+        y = torch.bmm(self.experts.act_fn(g) * u, self.experts.down_proj.transpose(1, 2))  # [E, T, D]
+        mix = torch.zeros(h.shape[0], self.n_experts, device=h.device).scatter_(1, idx, weights)  # [T, E]
+        return torch.einsum("etd,te->td", y.float(), mix).to(h.dtype)
 
 
 class _DenseMLP:

@@ -8,7 +8,8 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, L
 import grpo.rollout as rollout_mod
 from grpo.config import ConfigError
 from grpo.rollout import RolloutEngine, SamplingConfig
-from grpo.v3_decode import V3Decoder
+from grpo.moe import route
+from grpo.v3_decode import V3Decoder, _Experts
 
 VOCAB = 128
 
@@ -108,6 +109,19 @@ def test_yarn_unfused_query_and_half_split_rope_match_teacher_forcing():
     ro = engine.generate(PROMPTS, 2)
     for r, ref in enumerate(teacher_forced_logprobs(model, ro, 0.8)):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
+def test_dense_and_grouped_experts_agree_with_transformers():
+    """The grouped GEMM (CPU, CUDA bf16) and the dense form (CUDA fp32) of the routed experts."""
+    model = v3_model()
+    moe = model.model.layers[1].mlp
+    experts = _Experts(moe, model.config)
+    h = torch.randn(9, model.config.hidden_size)
+    weights, idx, _ = route(torch.nn.functional.linear(h, moe.gate.weight), moe.gate.e_score_correction_bias, **experts.kw)
+    with torch.no_grad():
+        ref = moe(h[None])[0] - moe.shared_experts(h)
+    torch.testing.assert_close(experts.grouped(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(experts.dense(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
 
 
 def test_latent_cache_holds_only_the_mla_latent():
