@@ -75,7 +75,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_len: int = 512  # longer conversations are truncated (rows with no assistant token left are dropped)
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
-    bf16: bool = False  # accelerate mixed precision (bf16 autocast); weights stay in model.dtype
+    bf16: bool = False  # mixed precision: autocast over fp32 weights; under DeepSpeed bf16 weights, fp32 masters
     seed: int = 0  # model init, data order
     log_every: int = 10  # steps
     save_every: int = 0  # steps between checkpoints; 0 = only the final one
@@ -119,9 +119,6 @@ class SFTConfig:
                               "built from scratch has no tokenizer); e.g. tokenizer=runs/tiny/tokenizer")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset")
-        if self.train.bf16 and self.deepspeed:
-            raise ConfigError("train.bf16", "autocast is accelerate's; under DeepSpeed (parallel.ep_size > 1 or "
-                              "parallel.zero_stage set) train in bf16 with model.dtype=bfloat16 instead")
 
     @property
     def deepspeed(self) -> bool:
@@ -227,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_root = out / "checkpoints"
 
     # ---- setup
-    accelerator = make_accelerator(cfg.parallel.timeout_s, mixed_precision="bf16" if tc.bf16 else "no")
+    autocast = tc.bf16 and not cfg.deepspeed
+    accelerator = make_accelerator(cfg.parallel.timeout_s, mixed_precision="bf16" if autocast else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.is_main_process:
         (out / "DONE").unlink(missing_ok=True)
@@ -248,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.deepspeed:  # a DeepSpeed engine (experts sharded over ep_size ranks, ZeRO) reduces, clips and steps
         adamw = {"lr": tc.lr, "betas": tc.adam_betas, "weight_decay": tc.weight_decay, "max_grad_norm": tc.max_grad_norm}
-        model, optimizer = parallelize(model, adamw, **dataclasses.asdict(cfg.parallel))
+        model, optimizer = parallelize(model.to(torch.bfloat16) if tc.bf16 else model, adamw,
+                                       **dataclasses.asdict(cfg.parallel))
         scheduler = build_schedule(optimizer.optimizer, tc, total_steps)
     else:
         optimizer = build_optimizer(model, tc)

@@ -206,25 +206,9 @@ def test_any_hf_causal_lm(workdir, tokenizer, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out/final").config.model_type == "llama"
 
 
-def test_help_lists_keys():
-    proc = subprocess.run([sys.executable, "-m", "stages.sft", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0
-    assert "train.lr" in proc.stdout and "model.init" in proc.stdout and "--recipe" in proc.stdout
-
-
-def test_expert_parallel_run_under_accelerate_launch(workdir, tmp_path):
-    """Two CPU processes (gloo), routed experts sharded over both (DeepSpeed AutoEP): trains, checkpoints
-    per-rank optimizer partitions, exports a model that loads unsharded."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "ep"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
-           "--main_process_port", str(free_port()), "-m", "stages.sft",
-           *recipe_args(workdir, out, "parallel.ep_size=2", "train.max_steps=2", "train.grad_accum=1")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    ckpt = out / "checkpoints/step-00000002"
-    assert (ckpt / "optimizer_rank0.pt").is_file() and (ckpt / "optimizer_rank1.pt").is_file()
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
-    assert model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == TOY_MODEL["n_routed_experts"]
+def test_help_lists_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sft.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "train.lr" in text and "model.init" in text and "parallel.ep_size" in text and "--recipe" in text
