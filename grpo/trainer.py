@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor
 from transformers import get_scheduler
 
@@ -269,6 +270,9 @@ class GRPOTrainer:
         self.bad_in_a_row = 0
         self.skipped_total = 0
         self.ref_step = 0  # the reference equals the policy after this step (0 = the initial policy)
+        self.reward_names: list[str] = []  # filled from the first RewardScores
+        self.reward_weights: dict[str, float] = {}
+        self._failures: dict[str, int] = {}  # reward name -> samples scored 0 after raising, this step
         self.ckpt_root = self.output_dir / "checkpoints"
         resume = checkpoint.latest_checkpoint(self.ckpt_root) if cfg.resume_from == "latest" else cfg.resume_from
         if resume:
@@ -488,7 +492,7 @@ class GRPOTrainer:
         """One RL step; returns (metrics, the batch's samples, their advantages)."""
         cfg = self.cfg
         start = time.perf_counter()
-        self._failures: dict[str, int] = {}
+        self._failures = {}
         self.policy.eval()
         batch_samples, generated, metrics = self._sample()
         rollout_s = time.perf_counter() - start
@@ -496,7 +500,7 @@ class GRPOTrainer:
         batch = self._to_batch(batch_samples, advantages)
         train_start = time.perf_counter()
         self._precompute(batch)
-        metrics.update(self._update(batch))
+        metrics.update(self._reduce(self._update(batch)))
         self.step += 1
         if self.reference is not None and cfg.ref_reset_every and self.step % cfg.ref_reset_every == 0:
             self.reference.load_state_dict(self.policy.state_dict())
@@ -513,37 +517,53 @@ class GRPOTrainer:
         })
         return metrics, batch_samples, advantages
 
+    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean of each metric over the processes (the same keys everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, reduction="mean").tolist()))
+
     def _sample_metrics(self, s: Samples) -> dict[str, float]:
-        """Reward, accuracy, length and zero-std statistics over everything generated this step."""
+        """Reward, accuracy, length and zero-std statistics over everything generated this step, all processes."""
+        acc = self.accelerator
+        rewards = s.rewards
+        lengths = torch.tensor([len(c) for c in s.completion_ids], dtype=torch.float32)
+        truncated = torch.tensor(s.truncated, dtype=torch.float32)
+        sources = [row.get("source") for row in s.rows for _ in range(self.cfg.group_size)]
+        failures = torch.tensor([float(self._failures.get(n, 0)) for n in self.reward_names])
+        if acc.num_processes > 1:  # whole groups per process: gathering keeps them intact
+            rewards, lengths, truncated = (acc.gather(t.to(acc.device)).cpu() for t in (rewards, lengths, truncated))
+            failures = acc.reduce(failures.to(acc.device), reduction="sum").cpu()
+            sources = gather_object(sources)
         m: dict[str, float] = {}
         for f, name in enumerate(self.reward_names):
-            col = s.rewards[:, f]
+            col = rewards[:, f]
             col = col[~col.isnan()]
             if col.numel():
                 m[f"rewards/{name}/mean"] = float(col.mean())
                 m[f"rewards/{name}/std"] = float(col.std()) if col.numel() > 1 else 0.0
-            m[f"rewards/{name}/failures"] = float(self._failures.get(name, 0))
-        total = combine_rewards(s.rewards, self._weights())
+            m[f"rewards/{name}/failures"] = float(failures[f])
+        total = combine_rewards(rewards, self._weights())
         m["reward"] = float(total.nanmean())
-        sources = [row.get("source") for row in s.rows for _ in range(self.cfg.group_size)]
         for src in sorted({x for x in sources if isinstance(x, str)}):  # by_source/<source>/{reward,<reward name>}
             mine = torch.tensor([x == src for x in sources])
             m[f"by_source/{src}/reward"] = float(total[mine].nanmean())
             for f, name in enumerate(self.reward_names):
-                col = s.rewards[mine, f]
+                col = rewards[mine, f]
                 if (~col.isnan()).any():
                     m[f"by_source/{src}/{name}"] = float(col.nanmean())
-        correct = [s.rewards[:, f] for f, n in enumerate(self.reward_names) if n in ("accuracy", "code")]
-        if correct:
-            acc = torch.stack(correct, -1)
-            known = ~acc.isnan().all(-1)
+        correct = [rewards[:, f] for f, n in enumerate(self.reward_names) if n in ("accuracy", "code")]
+        if correct:  # accuracy: the accuracy (math) or code (pass rate) reward of each row where one applies
+            both = torch.stack(correct, -1)
+            known = ~both.isnan().all(-1)
             if known.any():
-                m["accuracy"] = float(acc[known].nan_to_num(0.0).amax(-1).mean())
-        lengths = torch.tensor([len(c) for c in s.completion_ids], dtype=torch.float32)
+                m["accuracy"] = float(both[known].nan_to_num(0.0).amax(-1).mean())
         m["completions/mean_length"] = float(lengths.mean())
         m["completions/max_length"] = float(lengths.max())
-        m["completions/clipped_ratio"] = sum(s.truncated) / len(s.truncated)
-        m["frac_reward_zero_std"] = float(self._zero_std(s).float().mean())
+        m["completions/clipped_ratio"] = float(truncated.mean())
+        m["frac_reward_zero_std"] = float(group_stats(total, self.cfg.group_size)[3].float().mean())
         return m
 
     def _log_samples(self, logger: MetricsLogger, s: Samples, advantages: Tensor) -> None:

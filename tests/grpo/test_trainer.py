@@ -1,10 +1,14 @@
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from grpo.config import ConfigError
 from grpo.loss import LossConfig
@@ -40,10 +44,16 @@ def target_reward(prompts, completions, **columns):
     return RewardScores({"target": values}, {"target": 1.0}, {"target": 0})
 
 
-def make(tmp_path, *, rows=None, sampling=None, **kw):
+def llama(tok):
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    return LlamaForCausalLM(config)
+
+
+def make(tmp_path, *, rows=None, sampling=None, arch="v3", **kw):
     tok = tokenizer()
     torch.manual_seed(0)
-    model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=SMALL), tok)
+    model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=SMALL), tok) if arch == "v3" else llama(tok)
     rows = rows or [{"prompt": " ".join(f"t{3 + (i * 7 + j) % 13}" for j in range(4))} for i in range(16)]
     kw = {"prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16, "minibatches": 2, "lr": 3e-3, "save_every": 0,
           "loss": LossConfig(loss_type="dapo"), **kw}
@@ -76,6 +86,19 @@ def test_first_update_ratio_is_one_at_rollout_temperature(tmp_path):
                 "tokens_per_s/rollout", "tokens_per_s/train", "entropy", "grad_norm", "aux_loss"):
         assert math.isfinite(m[key]), key
     assert t.reference is None  # beta = 0: no reference model
+
+
+@pytest.mark.parametrize("arch", ["v3", "llama"])
+def test_recomputed_logprobs_equal_the_engines(tmp_path, arch):
+    """Left-padded prompts of different lengths, T = 0.7: the training forward reproduces pi_old token by token."""
+    rows = [{"prompt": " ".join(f"t{3 + j}" for j in range(1 + i % 5))} for i in range(8)]
+    t = make(tmp_path, rows=rows, arch=arch, sampling=SamplingConfig(max_new_tokens=6, max_batch=32, temperature=0.7))
+    samples = t._sample()[0]
+    batch = t._to_batch(samples, torch.zeros(len(samples.prompts)))
+    assert len(set(map(len, samples.prompt_ids))) > 1
+    logp, _, _ = t._forward(t.model, batch, torch.arange(len(batch)), grad=False)
+    diff = ((logp - batch.old_logprobs) * batch.completion_mask).abs().max()
+    assert diff < 1e-4, diff
 
 
 def weights(trainer):
@@ -163,3 +186,52 @@ def test_prompt_stream_and_padding():
     assert again.take(1) == s.take(1)
     ids, mask = pad_rows([[1, 2], [3]], 0, left=True)
     assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[True, True], [False, True]]
+
+
+TWO_PROCESS_SCRIPT = """
+import json, sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+torch.set_num_threads(1)
+import test_trainer as T
+from grpo.advantages import AdvantageConfig
+from grpo.loss import LossConfig
+from grpo.model import ModelConfig, load_policy
+from grpo.parallel import make_accelerator
+from grpo.rollout import SamplingConfig
+from grpo.trainer import GRPOTrainer, TrainerConfig
+tok = T.tokenizer()
+torch.manual_seed(0)
+model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=T.SMALL), tok)
+rows = [{{"prompt": f"t{{3 + i % 13}} t4", "flat": i % 2 == 0}} for i in range(16)]
+cfg = TrainerConfig(prompts_per_step=2, group_size=4, micro_batch_size=4, minibatches=2, lr=1e-2, max_steps=2,
+                    dynamic_sampling=True, loss=LossConfig(loss_type="dapo", beta=0.01),
+                    advantages=AdvantageConfig(scale="batch"))
+t = GRPOTrainer(cfg, model=model, tokenizer=tok, sampling=SamplingConfig(max_new_tokens=6, max_batch=32),
+                rewards=T.target_reward, rows=rows, encode=lambda r: tok.encode(r["prompt"]), output_dir={out!r},
+                wandb_mode="disabled", accelerator=make_accelerator())
+m = t.train()
+w = torch.cat([p.detach().flatten() for p in t.policy.parameters()])
+b = torch.cat([r.e_score_correction_bias.flatten() for _, r in t.policy.routers()])
+print("RESULT", json.dumps({{"rank": t.accelerator.process_index, "w": w.double().sum().item(),
+      "w_abs": w.abs().double().sum().item(), "bias": b.abs().sum().item(), "reward": m["reward"],
+      "rounds": m["sampling/rounds"], "index": t.stream.state()["index"]}}), flush=True)
+"""
+
+
+def test_two_processes_stay_in_sync(tmp_path):
+    """DDP on 2 CPU processes (gloo): same weights and router bias on both ranks, metrics over both, dynamic
+    sampling rounds agreed, each rank on its own slice of the data stream, checkpoint written once."""
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(root=str(root), tests=str(Path(__file__).parent),
+                                                 out=str(tmp_path / "run")))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", "0", str(script)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert proc.returncode == 0 and len(results) == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = sorted(results, key=lambda r: r["rank"])
+    assert a["w"] == b["w"] and a["w_abs"] == b["w_abs"] and a["bias"] == b["bias"] and a["bias"] > 0
+    assert a["reward"] == b["reward"] and a["rounds"] == b["rounds"] and a["index"] == b["index"]
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
