@@ -24,8 +24,10 @@ For gradient accumulation the normalisers N, T are those of the whole optimizer 
 summing the micro-batch losses gives exactly the loss of the full batch.
 
 Departures from the papers: pi_old is the rollout engine's log-prob under the sampling distribution
-(logits / temperature), not a recomputation, so rollout/training numerical mismatch enters the ratio
-(as in TRL with vLLM); the trainer recomputes pi with the same temperature. The KL term sits inside the
+(logits / temperature, before top-k/top-p/min-p truncation), not a recomputation, so rollout/training
+numerical mismatch enters the ratio (as in TRL with vLLM); the trainer recomputes pi with the same
+temperature. GSPO uses the same ``epsilon``/``epsilon_high`` knobs (the GSPO paper clips s_i to about
+[1 - 3e-4, 1 + 4e-4]: set them accordingly). The KL term sits inside the
 per-token objective (DeepSeekMath), not in the reward (PPO/InstructGPT). Truncated completions
 (``mask_truncated_completions``) keep their advantages in the group statistics but get no loss tokens
 (DAPO's overlong filtering).
