@@ -47,7 +47,6 @@ class LatentCache:
     per slot and position the normalised latent c (first kv_lora_rank values) and the roped key k^R."""
 
     def __init__(self, *, layers: int, slots: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
-        self.kv_lora_rank = kv_lora_rank
         self.data = torch.zeros(layers, slots, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
 
     @property
@@ -83,7 +82,7 @@ class _Experts:
     """Routed experts of one MoE block (transformers' fused layout: gate_up_proj [E, 2I, D], down_proj [E, D, I])."""
 
     def __init__(self, moe: nn.Module, config):
-        self.gate, self.experts, self.shared = moe.gate, moe.experts, moe.shared_experts
+        self.gate, self.experts = moe.gate, moe.experts
         self.n_experts = config.n_routed_experts
         self.kw = dict(n_group=config.n_group, topk_group=config.topk_group, top_k=config.num_experts_per_tok,
                        norm=config.norm_topk_prob, scale=config.routed_scaling_factor)
