@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -232,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(tc.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = [e for d in cfg.data for m in load_conversations(d) if (e := build_example(tokenizer, m, tc.max_seq_len))]
+    examples = [build_example(tokenizer, m, tc.max_seq_len) for d in cfg.data for m in load_conversations(d)]
+    examples = [e for e in examples if e is not None]
     heldout = load_heldout(cfg.eval)
     lengths = [len(e.input_ids) for e in examples]
     per_step = tc.grad_accum * world
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_policy(cfg.model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.deepspeed:  # a DeepSpeed engine (experts sharded over ep_size ranks, ZeRO) reduces, clips and steps
-        adamw = {"lr": tc.lr, "betas": tc.adam_betas, "weight_decay": tc.weight_decay, "max_grad_norm": tc.max_grad_norm}
+        adamw = dict(lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm)
         model, optimizer = parallelize(model.to(torch.bfloat16) if tc.bf16 else model, adamw,
                                        **dataclasses.asdict(cfg.parallel))
         scheduler = build_schedule(optimizer.optimizer, tc, total_steps)
@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
             values = dict(zip(sorted(sums), (means[:-1] / world).tolist()))
             elapsed = time.time() - started
             logger.log({**values, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "tokens_per_s": float(means[-1]) / elapsed, "epoch": epoch + index / (steps_per_epoch * per_step),
-                        **moe_metrics(model)}, step=step)
+                        "tokens_per_s": float(means[-1]) / elapsed,
+                        "epoch": epoch + index / (steps_per_epoch * per_step), **moe_metrics(model)}, step=step)
             sums, tokens, started = {}, 0, time.time()
         if (tc.save_every and step % tc.save_every == 0) or step == total_steps:
             save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,

@@ -212,3 +212,21 @@ def test_help_lists_keys(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "train.lr" in text and "model.init" in text and "parallel.ep_size" in text and "--recipe" in text
+
+
+def test_expert_parallel_run_under_accelerate_launch(workdir, tmp_path):
+    """Two CPU processes (gloo), routed experts sharded over both (DeepSpeed AutoEP): trains, checkpoints
+    per-rank optimizer partitions, exports a model that loads unsharded."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "ep"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+           "--main_process_port", str(free_port()), "-m", "stages.sft",
+           *recipe_args(workdir, out, "parallel.ep_size=2", "train.max_steps=2", "train.grad_accum=1")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ckpt = out / "checkpoints/step-00000002"
+    assert (ckpt / "optimizer_rank0.pt").is_file() and (ckpt / "optimizer_rank1.pt").is_file()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == TOY_MODEL["n_routed_experts"]
