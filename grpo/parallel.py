@@ -272,6 +272,10 @@ def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stag
     groups = [{"name": "decay", "params": [p for p in params if p.ndim >= 2]},  # matrices only, like the stages
               {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    # DeepSpeed creates its expert (EP) and expert-data-parallel groups with torch's default timeout (30 min for
+    # gloo, 10 for NCCL): give every group this rank belongs to the recipe's.
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
     if ep_size > 1:
         _adopt_routers(engine, routers)
     return engine, optimizer

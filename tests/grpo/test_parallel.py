@@ -133,18 +133,22 @@ def worker(out: Path) -> None:
 
 
 def hang_worker(out: Path) -> None:
-    """Rank 1 stops answering after the process group is up; rank 0's next collective must fail in time."""
+    """Rank 1 stops answering once the EP model is built; rank 0's next forward (an all-to-all in DeepSpeed's
+    expert-parallel group, which DeepSpeed creates with torch's 30-minute default) must fail after the recipe's
+    timeout."""
     import torch.distributed as dist
 
-    from grpo.parallel import make_accelerator
+    from grpo.parallel import make_accelerator, parallelize
 
-    make_accelerator(timeout_s=10)  # startup skew between the ranks on a busy machine stays well below this
+    timeout = 10  # startup skew between the ranks on a busy machine stays well below this
+    make_accelerator(timeout_s=timeout)
+    engine, _ = parallelize(load_policy_from(out / "init"), OPTIM, ep_size=2, zero_stage=1, timeout_s=timeout)
     dist.barrier()
     if dist.get_rank() == 1:
         time.sleep(300)
     start = time.time()
     try:
-        dist.all_reduce(torch.ones(1))
+        engine(input_ids=torch.randint(3, TINY["vocab_size"], (1, 8)))
     finally:
         (out / "rank0_waited.json").write_text(json.dumps(time.time() - start))
 
@@ -287,6 +291,7 @@ def test_rollouts_under_ep_match_single_process(run):
 
 
 def test_hung_rank_ends_job_within_timeout(tmp_path):
+    _initial_model(tmp_path / "init")
     start = time.time()
     proc = _launch(tmp_path, "--hang-worker", timeout=240)
     elapsed = time.time() - start
