@@ -109,6 +109,9 @@ def worker(out: Path) -> None:
     ro = rollout.generate(ROLLOUT_PROMPTS[rank], group_size=2)
     results["rollout"] = dict(ids=ro.completion_ids, mask=ro.completion_mask, logprobs=ro.logprobs)
     results["sft"] = record = {}
+    zero = engine.optimizer  # DeepSpeed's MoE parameter groups: (name, is MoE, tensors, ranks partitioning them)
+    record["groups"] = [(g["name"], bool(g.get("moe")), len(zero.bit16_groups[i]), zero.partition_count[i])
+                        for i, g in enumerate(zero.optimizer.param_groups)]
     _train(engine, sft_loss, batch, rows, 2, record)
     save_pretrained(engine, out / "sft_ep2")
     # resume at the same layout: (weights, optimizer partitions) saved, one step, restored, the same step again
@@ -244,6 +247,11 @@ def _assert_same_training(ep: dict, ref: dict):
 
 def test_sft_step_ep2_matches_single_process(run):
     _assert_same_training(run["ranks"][0]["sft"], run["sft"])
+    # experts (w1, w2, w3 of the MoE and MTP layers) in their own ZeRO group, partitioned over their expert-data-
+    # parallel group (2 ranks / ep 2 = 1 rank); everything else partitioned over both ranks
+    groups = run["ranks"][0]["sft"]["groups"]
+    assert [g for g in groups if g[1]] == [("ep_size_2", True, 6, 1)]
+    assert {g[3] for g in groups if not g[1]} == {2}
     for key, value in run["ranks"][0]["sft"]["state"].items():  # both ranks hold the same full model
         torch.testing.assert_close(run["ranks"][1]["sft"]["state"][key], value, atol=0, rtol=0)
 
