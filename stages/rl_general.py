@@ -25,7 +25,7 @@ every sample generated in the step). Writes what ``stages.rl_reasoning`` writes 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
         encode=lambda row: encode_prompt(tokenizer, row["prompt"]),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
-        accelerator=make_accelerator())
+        accelerator=make_accelerator(cfg.train.parallel.timeout_s))
 
     # ---- loop
     metrics = trainer.train()
@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward"),
               **{k: v for k, v in metrics.items() if k.startswith("by_source/")}}
     if heldout and acc.is_main_process:
-        scores = heldout_accuracy(trainer.policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
+        # with expert parallelism the trained policy's experts are spread over ranks: evaluate the exported model
+        policy = load_policy(replace(cfg.model, init=str(final)), tokenizer).to(acc.device) if cfg.train.deepspeed \
+            else trainer.policy
+        scores = heldout_accuracy(policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
                                   batch_size=cfg.eval.batch_size)
         print(summary_line(scores, cfg.eval), flush=True)
         write_results(scores, out / "eval.json")

@@ -24,7 +24,7 @@ greedy accuracy) and ``DONE`` when complete.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         rewards=RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), rows=rows,
         encode=lambda row: encode_prompt(tokenizer, row["prompt"], system, cfg.think),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
-        accelerator=make_accelerator())
+        accelerator=make_accelerator(cfg.train.parallel.timeout_s))
 
     # ---- loop
     metrics = trainer.train()
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     final = export_model(out / "final", trainer.model, tokenizer, cfg, accelerator=acc)
     result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward")}
     if heldout and acc.is_main_process:
-        scores = heldout_accuracy(trainer.policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
+        # with expert parallelism the trained policy's experts are spread over ranks: evaluate the exported model
+        policy = load_policy(replace(cfg.model, init=str(final)), tokenizer).to(acc.device) if cfg.train.deepspeed \
+            else trainer.policy
+        scores = heldout_accuracy(policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
                                   batch_size=cfg.eval.batch_size)
         print(summary_line(scores, cfg.eval), flush=True)
         write_results(scores, out / "eval.json")
