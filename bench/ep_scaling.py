@@ -58,7 +58,8 @@ def worker(args) -> None:
                                           experts_implementation="grouped_mm").to(device).train()
     model.policy_config = ModelConfig(mtp_layers=args.mtp)
     if args.mode == "plain":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], weight_decay=OPTIM["weight_decay"],
+                                      fused=cuda)  # as grpo.trainer
 
         def step(loss):
             loss.backward()
