@@ -43,9 +43,10 @@ def write(tmp_path, text):
 
 
 def test_recipe_and_overrides(tmp_path):
-    p = write(tmp_path, "lr: 3\nsampling: {temperature: 0.5}\nrewards: [{name: accuracy, weight: 2}]\n")
+    p = write(tmp_path, "lr: 3e-4\nsampling: {temperature: 0.5}\nrewards: [{name: accuracy, weight: 2}]\n")
     cfg = load_config(Stage, p, ["sampling.top_k=5", "mode=b", "resume_from=latest", "extra.x=1", "sampling.stop=['</s>']"])
-    assert cfg.lr == 3.0 and isinstance(cfg.lr, float)
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)
+    assert load_config(Stage, None, ["lr=3e-4"]).lr == 3e-4
     assert cfg.sampling == Sampling(temperature=0.5, top_k=5, stop=["</s>"])
     assert cfg.rewards == [Reward(name="accuracy", weight=2.0)]
     assert cfg.mode == "b" and cfg.resume_from == "latest" and cfg.extra == {"x": 1.0}
@@ -57,6 +58,7 @@ def test_recipe_and_overrides(tmp_path):
         (["lrr=1"], "lrr", "allowed keys of Stage"),
         (["sampling.temp=1"], "sampling.temp", "allowed keys of Sampling"),
         (["batch_size=2.5"], "batch_size", "expected an integer"),
+        (["lr=fast"], "lr", "expected a number"),
         (["bf16=yes please"], "bf16", "expected true or false"),
         (["mode=c"], "mode", "must be one of 'a', 'b'"),
         (["batch_size=10"], "batch_size", "divisible by group_size"),
