@@ -60,14 +60,6 @@ from torch import nn
 
 from grpo.config import ConfigError
 
-# The recipe owns these DeepSpeed settings; a base JSON may leave them "auto" or repeat the same value.
-OWNED_KEYS = (
-    "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "managed_gradient_accumulation",
-    "gradient_clipping", "optimizer", "bf16.enabled", "zero_optimization.stage",
-    "expert_parallel.enabled", "expert_parallel.autoep_size", "expert_parallel.preset_model",
-)
-
-
 @dataclass(kw_only=True)
 class ParallelConfig:
     """Multi-process layout. Field names are ``parallelize``'s keywords: ``parallelize(model, optim, **asdict(cfg))``."""
@@ -95,8 +87,8 @@ def _free_port() -> int:
 def init_distributed(*, timeout_s: float = 600.0, backend: str | None = None) -> None:
     """Create the default process group (env:// as set by torchrun / ``accelerate launch``) with ``timeout_s``.
 
-    No-op when one exists (e.g. created by ``make_accelerator``, which sets the same timeout). A single process without launcher variables gets a one-rank group, which DeepSpeed needs.
-    Backend: nccl with CUDA, else gloo."""
+    No-op when one exists (e.g. created by ``make_accelerator``, which sets the same timeout). A single
+    process without launcher variables gets a one-rank group, which DeepSpeed needs. nccl with CUDA, else gloo."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
@@ -121,25 +113,7 @@ def make_accelerator(timeout_s: float = 600.0, **kwargs):
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[handler], **kwargs)
 
 
-def _optimizer_params(optimizer_cfg: Any) -> tuple[dict[str, Any], float]:
-    """AdamW settings and max_grad_norm from an optimizer config (TRL names or torch names)."""
-    def pick(*names, default=None):
-        for name in names:
-            value = optimizer_cfg.get(name) if isinstance(optimizer_cfg, dict) else getattr(optimizer_cfg, name, None)
-            if value is not None:
-                return value
-        return default
-
-    lr = pick("lr", "learning_rate")
-    if lr is None:
-        raise ConfigError("optimizer", f"needs a learning rate ('lr' or 'learning_rate'), got {optimizer_cfg!r}")
-    betas = pick("betas", default=(pick("adam_beta1", "beta1", default=0.9), pick("adam_beta2", "beta2", default=0.999)))
-    params = dict(lr=float(lr), betas=[float(b) for b in betas], eps=float(pick("eps", "adam_epsilon", default=1e-8)),
-                  weight_decay=float(pick("weight_decay", default=0.0)))
-    return params, float(pick("max_grad_norm", "grad_clip", default=0.0))
-
-
-def _set(config: dict, dotted: str, value: Any, source: str) -> None:
+def _set(config: dict, dotted: str, value: Any) -> None:
     """config[dotted] = value, unless the base JSON holds a different concrete value (then a ConfigError)."""
     *parents, leaf = dotted.split(".")
     node = config
@@ -147,34 +121,39 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
         node = node.setdefault(part, {})
     current = node.get(leaf, "auto")
     if current != "auto" and current != value:
-        raise ConfigError(f"deepspeed_config: {dotted}", f"{source} sets it from the recipe ({value!r}); "
-                          f"the JSON says {current!r}: use \"auto\" or the same value")
+        raise ConfigError(f"deepspeed_config: {dotted}", f"the recipe sets it ({value!r}), the JSON says "
+                          f"{current!r}: use \"auto\" or the same value")
     node[leaf] = value
 
 
-def build_deepspeed_config(optimizer_cfg: Any, *, ep_size: int, zero_stage: int | None,
+def build_deepspeed_config(optimizer: dict[str, Any], *, ep_size: int, zero_stage: int | None,
                            deepspeed_config: str | None = None, bf16: bool = False, grouped_mm: bool = False) -> dict:
-    """The DeepSpeed config dict: the base JSON with the recipe's values filled in (``OWNED_KEYS``).
+    """The DeepSpeed config dict: the base JSON (may be None) with the recipe's values filled in. The recipe owns
+    batch bookkeeping, gradient accumulation, clipping, the optimizer, bf16, the ZeRO stage and the expert-parallel
+    size; the JSON may leave them "auto" or repeat the same value.
 
-    Gradient accumulation is the trainer's: ``managed_gradient_accumulation`` is off, the trainer scales
-    each micro-batch loss itself, calls ``engine.backward(loss, scale_wrt_gas=False)`` per micro-batch and
-    ``engine.step()`` once per optimizer step (reduce, clip, AdamW, zero grads)."""
+    optimizer: {lr (required), betas, eps, weight_decay, max_grad_norm (0 = no clipping)}. Gradient accumulation
+    is the trainer's: ``managed_gradient_accumulation`` is off, the trainer scales each micro-batch loss itself,
+    calls ``engine.backward(loss, scale_wrt_gas=False)`` per micro-batch and ``engine.step()`` once per optimizer
+    step (reduce, clip, AdamW, zero grads)."""
+    if "lr" not in optimizer:
+        raise ConfigError("optimizer", f"needs a learning rate 'lr', got {optimizer!r}")
     config = json.loads(Path(deepspeed_config).read_text()) if deepspeed_config else {}
-    adamw, max_grad_norm = _optimizer_params(optimizer_cfg)
-    src = "parallelize()"
-    _set(config, "train_micro_batch_size_per_gpu", 1, src)
-    _set(config, "gradient_accumulation_steps", 1, src)
-    _set(config, "managed_gradient_accumulation", False, src)
-    _set(config, "gradient_clipping", max_grad_norm, src)  # DeepSpeed's default would be 1.0
-    # torch's AdamW (foreach on CUDA): DeepSpeed's FusedAdam would need a CUDA toolkit to JIT-compile
-    _set(config, "optimizer", {"type": "AdamW", "params": {**adamw, "torch_adam": True}}, src)
-    _set(config, "bf16.enabled", bf16, src)
+    adamw = dict(lr=float(optimizer["lr"]), betas=[float(b) for b in optimizer.get("betas", (0.9, 0.999))],
+                 eps=float(optimizer.get("eps", 1e-8)), weight_decay=float(optimizer.get("weight_decay", 0.0)),
+                 torch_adam=True)  # torch's AdamW (foreach on CUDA): FusedAdam would need a CUDA toolkit to build
+    _set(config, "train_micro_batch_size_per_gpu", 1)
+    _set(config, "gradient_accumulation_steps", 1)
+    _set(config, "managed_gradient_accumulation", False)
+    _set(config, "gradient_clipping", float(optimizer.get("max_grad_norm", 0.0)))  # DeepSpeed's default is 1.0
+    _set(config, "optimizer", {"type": "AdamW", "params": adamw})
+    _set(config, "bf16.enabled", bf16)
     if zero_stage is not None or config.get("zero_optimization", {}).get("stage", "auto") == "auto":
-        _set(config, "zero_optimization.stage", 1 if zero_stage is None else zero_stage, src)
-    _set(config, "expert_parallel.enabled", ep_size > 1, src)
+        _set(config, "zero_optimization.stage", 1 if zero_stage is None else zero_stage)
+    _set(config, "expert_parallel.enabled", ep_size > 1)
     if ep_size > 1:
-        _set(config, "expert_parallel.autoep_size", ep_size, src)
-        _set(config, "expert_parallel.preset_model", "deepseek_v3", src)
+        _set(config, "expert_parallel.autoep_size", ep_size)
+        _set(config, "expert_parallel.preset_model", "deepseek_v3")
         config["expert_parallel"].setdefault("use_grouped_mm", grouped_mm)
         config["expert_parallel"].setdefault("load_balance_coeff", None)
     else:
@@ -198,9 +177,10 @@ def _autoep_layers(model: nn.Module) -> dict[str, nn.Module]:
 class _RouterAdapter(nn.Module):
     """DeepSpeed's router contract served by a transformers-style V3 router.
 
-    ``forward(x [T, d], expert_bias=None) -> (weights [T, K] fp32, indices [T, K], tokens per expert [E] int32)``
+    ``forward(x [T, d], expert_bias) -> (weights [T, K] fp32, indices [T, K], tokens per expert [E] int32)``
     from ``gate(x) -> (logits, weights, indices)``. The gate is registered once, as the layer's ``gate``
-    (transformers' name); this module holds a plain reference and owns no parameters."""
+    (transformers' name); this module holds a plain reference and owns no parameters. ``expert_bias`` (DeepSpeed's
+    own balancing) is always None: DeepSpeed refuses ``load_balance_coeff`` for the deepseek_v3 preset."""
 
     score_func = "sigmoid"
 
@@ -211,9 +191,6 @@ class _RouterAdapter(nn.Module):
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None):
         from deepspeed.moe.ep_count import count_tokens_per_expert
 
-        if expert_bias is not None:
-            raise ValueError("expert_bias (DeepSpeed load_balance_coeff) is not used with V3 routing: "
-                             "the correction bias lives in the policy's router")
         gate = self.gate_ref
         _, weights, indices = gate(x)
         return weights, indices, count_tokens_per_expert(indices, gate.num_experts)
@@ -225,19 +202,18 @@ def _adopt_routers(model: nn.Module, routers: dict[str, nn.Module]) -> None:
         gate = routers.pop(name)
         ds_router = layer.router
         gate.weight = ds_router.gate.weight  # the parameter DeepSpeed's optimizer owns (ZeRO flat buffer view)
-        with torch.no_grad():
-            bias = gate.e_score_correction_bias
-            bias.data = bias.data.to(device=gate.weight.device, dtype=torch.float32)
+        bias = gate.e_score_correction_bias  # fp32 on the model's device, whatever the training dtype
+        bias.data = bias.data.to(device=gate.weight.device, dtype=torch.float32)
         layer.router = _RouterAdapter(gate)
         layer.gate = gate
     if routers:
         raise RuntimeError(f"AutoEP did not replace the MoE blocks {sorted(routers)}: they would run unsharded")
 
 
-def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stage: int | None = None,
+def parallelize(model: nn.Module, optimizer: dict[str, Any], *, ep_size: int, zero_stage: int | None = None,
                 deepspeed_config: str | None = None, timeout_s: float = 600.0):
     """Wrap ``model`` in a DeepSpeed engine: ZeRO ``zero_stage`` (None: the JSON's, else 1), routed experts
-    sharded over ``ep_size`` ranks.
+    sharded over ``ep_size`` ranks. ``optimizer``: AdamW settings (``build_deepspeed_config``).
 
     Returns ``(engine, optimizer)``. Train with ``engine(...)`` as the model, ``engine.backward(loss,
     scale_wrt_gas=False)`` per micro-batch, ``engine.step()`` per optimizer step, then
@@ -263,7 +239,7 @@ def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stag
         # only its inference all-reduce uses it, training collectives go through torch.distributed (gloo).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    ds_config = build_deepspeed_config(optimizer_cfg, ep_size=ep_size, zero_stage=zero_stage,
+    ds_config = build_deepspeed_config(optimizer, ep_size=ep_size, zero_stage=zero_stage,
                                        deepspeed_config=deepspeed_config, bf16=bf16,
                                        grouped_mm=torch.cuda.is_available() and bf16)
     routers = {name: m.gate for name, m in model.named_modules()
@@ -271,14 +247,14 @@ def parallelize(model: nn.Module, optimizer_cfg: Any, *, ep_size: int, zero_stag
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"name": "decay", "params": [p for p in params if p.ndim >= 2]},  # matrices only, like the stages
               {"name": "no_decay", "params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     # DeepSpeed creates its expert (EP) and expert-data-parallel groups with torch's default timeout (30 min for
     # gloo, 10 for NCCL): give every group this rank belongs to the recipe's.
     for group in list(dist.distributed_c10d._world.pg_map):
         dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), group)
     if ep_size > 1:
         _adopt_routers(engine, routers)
-    return engine, optimizer
+    return engine, zero_optimizer
 
 
 def is_deepspeed(model: Any) -> bool:
