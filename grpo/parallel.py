@@ -40,9 +40,14 @@ Checkpoints: ``full_state_dict`` gathers the experts over each EP group and rest
 experts back out of such a state dict. Optimizer state stays per rank (``save_optimizer_state``), valid for
 the same world size and ``ep_size``.
 
-Failure handling: the process group is created with the recipe's ``timeout_s``; a rank that dies or
-hangs makes its peers' collectives fail after at most that long (gloo raises; NCCL's watchdog aborts with
+Failure handling: the process group is created with the recipe's ``timeout_s``, and ``parallelize`` gives
+DeepSpeed's EP/EDP groups the same (DeepSpeed creates them with torch's 30-minute default); a rank that dies
+or hangs makes its peers' collectives fail after at most that long (gloo raises; NCCL's watchdog aborts with
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and the launcher then ends the job.
+
+Departure from the single-process policy under bf16: DeepSpeed keeps every trained parameter in the training
+dtype (fp32 masters in the optimizer), so the gate weight is stored in bf16, where transformers keeps
+``gate.weight`` in fp32; the gate logits are still computed in fp32 from it, and the correction bias stays fp32.
 """
 from __future__ import annotations
 
