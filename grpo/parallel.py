@@ -225,8 +225,12 @@ def parallelize(model: nn.Module, optimizer: dict[str, Any], *, ep_size: int, ze
     ``grpo.model.update_router_bias(engine)``. Every rank calls this, with the same model (same seed or
     same checkpoint: rank 0's weights are broadcast). bf16 training when the model's parameters are bf16
     (fp32 master weights in the optimizer). AdamW decays matrices only (not norms, biases), as the stages do."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as e:
+        raise ImportError(f"parallel.ep_size > 1 / parallel.zero_stage need DeepSpeed ({e}): "
+                          "pip install --no-build-isolation -r requirements-deepspeed.txt") from None
 
     init_distributed(timeout_s=timeout_s)
     world = dist.get_world_size()
