@@ -52,6 +52,16 @@ def sandbox_processes(cfg=SandboxConfig()) -> list[tuple[int, str]]:
     return found
 
 
+def no_sandbox_processes_left(within: float = 3.0) -> bool:
+    """True once no process runs as a sandbox uid; killed processes may take a moment to be reaped."""
+    deadline = time.monotonic() + within
+    while sandbox_processes():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ the protocol
 def test_plan_splits_units_and_finds_candidate_names():
     plan = plan_tests("import math\nX = [1, 2]\nf(X)\nassert f(X) == 3\nfor i in range(3):\n    assert g(i) >= 0\n"
@@ -158,7 +168,7 @@ def test_fork_bomb_is_contained(box, program):
     start = time.monotonic()
     assert score(box, program + CORRECT) == 0.0
     assert time.monotonic() - start < TIMEOUT + 5
-    assert sandbox_processes() == []
+    assert no_sandbox_processes_left(), sandbox_processes()
     assert score(box, CORRECT) == 1.0  # the slot's uid is not left exhausted
 
 
@@ -170,7 +180,7 @@ def test_fork_bomb_is_contained(box, program):
 ], ids=["one_huge_allocation", "growing", "in_the_call"])
 def test_memory_bomb_fails(box, program):
     assert score(box, program) == 0.0
-    assert sandbox_processes() == []
+    assert no_sandbox_processes_left(), sandbox_processes()
 
 
 @strong
@@ -191,7 +201,7 @@ def test_timeouts_kill_and_fail(box, program):
     elapsed = time.monotonic() - start
     assert result.pass_rate == 0.0 and result.timed_out
     assert TIMEOUT <= elapsed < TIMEOUT + 5
-    assert sandbox_processes() == []
+    assert no_sandbox_processes_left(), sandbox_processes()
 
 
 @strong
