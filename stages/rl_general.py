@@ -25,7 +25,7 @@ every sample generated in the step). Writes what ``stages.rl_reasoning`` writes 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,14 +36,14 @@ from transformers import AutoTokenizer
 
 from data.chat import encode_prompt
 from data.loaders import DataConfig, load_rows
-from grpo.checkpoint import export_model, mark_done
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
 from rewards.registry import RewardScores, RewardSet, RewardSpec
-from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
+from stages.evaluate import HeldoutConfig, load_heldout
+from stages.rl_reasoning import save_and_evaluate
 
 REWARD_COLUMNS = ("answer", "tests", "entry_point", "test_cases", "language")  # None where a row lacks them
 
@@ -153,24 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = trainer.train()
 
     # ---- save, evaluate
-    acc = trainer.accelerator
-    final = export_model(out / "final", trainer.model, tokenizer, cfg, accelerator=acc)
-    result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward"),
-              **{k: v for k, v in metrics.items() if k.startswith("by_source/")}}
-    if heldout and acc.is_main_process:
-        # with expert parallelism the trained policy's experts are spread over ranks: evaluate the exported model
-        policy = load_policy(replace(cfg.model, init=str(final)), tokenizer).to(acc.device) if cfg.train.deepspeed \
-            else trainer.policy
-        scores = heldout_accuracy(policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size)
-        print(summary_line(scores, cfg.eval), flush=True)
-        write_results(scores, out / "eval.json")
-        result["heldout"] = scores["summary"]
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        mark_done(out, result)
-    return result
-
+    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics)
 
 if __name__ == "__main__":
     main()

@@ -116,9 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = trainer.train()
 
     # ---- save, evaluate
-    acc = trainer.accelerator
+    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics)
+
+
+def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict], metrics: dict) -> dict:
+    """Export the trained policy to ``output_dir/final``, score it on the held-out rows, mark the stage done.
+    ``cfg`` is an RL stage config (``model``, ``train``, ``eval``, ``output_dir``); returns the DONE record."""
+    out, acc = Path(cfg.output_dir), trainer.accelerator
     final = export_model(out / "final", trainer.model, tokenizer, cfg, accelerator=acc)
-    result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward")}
+    result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward"),
+              **{k: v for k, v in metrics.items() if k.startswith("by_source/")}}
     if heldout and acc.is_main_process:
         # with expert parallelism the trained policy's experts are spread over ranks: evaluate the exported model
         policy = load_policy(replace(cfg.model, init=str(final)), tokenizer).to(acc.device) if cfg.train.deepspeed \
@@ -132,7 +139,6 @@ def main(argv: list[str] | None = None) -> dict:
     if acc.is_main_process:
         mark_done(out, result)
     return result
-
 
 if __name__ == "__main__":
     main()
