@@ -180,18 +180,27 @@ def save_config(cfg: Any, path: str | Path) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per (nested) field: dotted key, type, default."""
+def describe(cls: type, prefix: str = "", instance: Any = None) -> list[str]:
+    """One line per (nested) field: dotted key, type, default (a nested section's default comes from its
+    parent's default, e.g. a stage that starts from a checkpoint rather than the component's own default)."""
+    if instance is None:
+        try:
+            instance = cls()
+        except (TypeError, ConfigError):  # required fields, or defaults that only validate with a recipe
+            instance = None
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         key, tp = f"{prefix}{f.name}", hints[f.name]
+        value = getattr(instance, f.name) if instance is not None else None
         if dataclasses.is_dataclass(tp):
-            lines += describe(tp, key + ".")
+            lines += describe(tp, key + ".", value)
             continue
-        if f.default is not dataclasses.MISSING:
+        if instance is not None:
+            default = repr(value)
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())

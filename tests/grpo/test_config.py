@@ -106,3 +106,13 @@ def test_cli_help_and_errors(capsys):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="no such recipe file"):
         load_config(Stage, tmp_path / "absent.yaml")
+
+
+def test_help_shows_the_parents_nested_defaults(capsys):
+    @dataclass(kw_only=True)
+    class FromCheckpoint:
+        sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.6))
+
+    with pytest.raises(SystemExit):
+        cli(FromCheckpoint, "demo", ["--help"])
+    assert "sampling.temperature : float = 0.6" in capsys.readouterr().out
