@@ -50,6 +50,7 @@ sft rl_reasoning rejection_sampling reward_model rl_general evaluate: install
 	$(PY) -m stages.$@ --recipe recipes/$(SIZE)/$@.yaml $(ARGS)
 
 bench: install
+	$(PY) -m pip install -q -r requirements-bench.txt  # TRL: the GRPO-step anchor
 	$(PY) bench/rollout.py --device cpu
 	$(PY) bench/grpo_step.py --device cpu
 	$(PY) bench/math_verify.py
