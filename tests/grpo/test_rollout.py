@@ -9,7 +9,7 @@ import grpo.rollout as rollout_mod
 from grpo.config import ConfigError
 from grpo.rollout import RolloutEngine, SamplingConfig
 from grpo.moe import route
-from grpo.v3_decode import V3Decoder, _Experts
+from grpo.v3_decode import V3Decoder, _Experts, counting_order, sorted_order
 
 VOCAB = 128
 
@@ -122,6 +122,17 @@ def test_dense_and_grouped_experts_agree_with_transformers():
         ref = moe(h[None])[0] - moe.shared_experts(h)
     torch.testing.assert_close(experts.grouped(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(experts.dense(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_counting_order_equals_a_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    for pairs, n_experts in [(1, 4), (37, 8), (512, 32)]:
+        experts = torch.randint(0, n_experts, (pairs,), generator=g)
+        experts[: pairs // 3] = 0  # ties
+        perm, ends = counting_order(experts, n_experts)
+        ref_perm, ref_ends = sorted_order(experts, n_experts)
+        assert perm.tolist() == ref_perm.tolist() and ends.tolist() == ref_ends.tolist()
+        assert ends.dtype == torch.int32 and ends[-1] == pairs
 
 
 def test_latent_cache_holds_only_the_mla_latent():

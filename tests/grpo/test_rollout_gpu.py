@@ -47,3 +47,16 @@ def test_cuda_graph_logprobs_equal_teacher_forcing_with_refill():
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / 0.8
         ref = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1).cpu()
         torch.testing.assert_close(ro.logprobs[r, :n].cpu(), ref, atol=1e-4, rtol=0)
+
+
+def test_bf16_grouped_experts_match_transformers():
+    """The decode path's routed experts on CUDA in bf16 (compiled routing and counting order, grouped GEMM)
+    against transformers' MoE block in bf16, over every batch size the CUDA graphs use."""
+    from grpo.v3_decode import _Experts
+    model = v3_cuda().to(torch.bfloat16)
+    moe = model.model.layers[1].mlp
+    experts = _Experts(moe, model.config)
+    for n in (1, 2, 7, 64):
+        h = torch.randn(n, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch.testing.assert_close(experts(h), moe(h[None])[0], atol=2e-2, rtol=2e-2)
