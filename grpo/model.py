@@ -319,14 +319,16 @@ def update_router_bias(model: nn.Module, group=None) -> None:
         torch.distributed.all_reduce(loads, group=group)
     cfg = policy.policy_config
     gamma = 0.0 if cfg.freeze_router_bias else cfg.bias_update_speed
+    mean = loads.mean(dim=1)
+    max_vio = (loads.amax(dim=1) / mean.clamp(min=1e-30) - 1).masked_fill(mean == 0, float("nan"))
     for router, load in zip(routers, loads):
         router.load = None
-        if load.sum() == 0:
-            continue
-        router.last_max_vio = moe.max_violation(load)
-        if gamma:
+        if gamma:  # a layer without tokens has sign(mean - load) = 0: unchanged
             bias = router.e_score_correction_bias
             bias.copy_(moe.bias_update(bias.float(), load.to(bias.device), gamma))
+    for router, vio in zip(routers, max_vio.tolist()):  # one host synchronisation for all layers
+        if vio == vio:  # layers that routed no token keep their last MaxVio
+            router.last_max_vio = vio
 
 
 def moe_metrics(model: nn.Module) -> dict[str, float]:

@@ -65,10 +65,11 @@ def route(
 
 
 def expert_load(indices: torch.Tensor, n_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Tokens routed to each expert. indices [..., K]; mask [...] bool (False = padding). Returns [E] fp32."""
-    if mask is not None:
-        indices = indices[mask.bool()]
-    return torch.bincount(indices.reshape(-1), minlength=n_experts).float()
+    """Tokens routed to each expert. indices [..., K]; mask [...] bool (False = padding). Returns [E] fp32.
+    A scatter-add of fixed size: no host synchronisation (``bincount`` and boolean indexing need one)."""
+    ones = torch.ones(indices.shape, device=indices.device) if mask is None else \
+        mask.to(device=indices.device, dtype=torch.float32)[..., None].expand(indices.shape)
+    return torch.zeros(n_experts, device=indices.device).scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
 
 
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,8 +87,8 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor
     f = hits * n_experts / (top_k * denom)  # [B, E]
     p = ((scores / scores.sum(dim=-1, keepdim=True)) * m.unsqueeze(-1)).sum(dim=1) / denom  # [B, E]
     per_seq = (f * p).sum(dim=-1)
-    valid = tokens > 0
-    return per_seq[valid].sum() / valid.sum().clamp(min=1)
+    valid = (tokens > 0).float()
+    return (per_seq * valid).sum() / valid.sum().clamp(min=1)
 
 
 def bias_update(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:
