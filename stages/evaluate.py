@@ -20,6 +20,10 @@ from k samples per problem with c of them correct (Chen et al., 2021; DeepSeek-R
     pass@j  = 1/N * sum_i [ 1 - C(k - c_i, j) / C(k, j) ]          (unbiased, j <= k)
     cons@k  = 1/N * sum_i 1[ majority answer of the k samples is equivalent to a_i ]   (math only)
 
+Every pass@1 comes with its standard error over problems, se = std_i(c_i / k) / sqrt(N) (sample std;
+for one greedy sample this is the binomial sqrt(acc * (1 - acc) / (N - 1))). With ``greedy: true`` and
+k > 1 the greedy pass@1 of the same problems is reported next to the sampled one (one more decode each),
+so that a change a stage makes to the sampled distribution and to its mode are both visible.
 The majority vote clusters the extracted final answers with ``rewards.math.is_equivalent`` (so ``0.5``
 and ``\\frac{1}{2}`` vote together); samples without an answer do not vote. Also reported per source:
 format compliance (``rewards.format``: think block, answer in the expected form), mean completion length
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -151,13 +155,28 @@ def majority_answer(answers: list[str | None]) -> str | None:
 
 
 def sample_stats(correct: list[list[bool]], ks: list[int]) -> dict[str, float]:
-    """pass@1 (mean share correct) and pass@j for j in ks (j <= samples) over problems [N][k]."""
+    """pass@1 (mean share correct), its standard error over problems (pass@1_se) and pass@j for j in ks
+    (j <= samples) over problems [N][k]."""
     n = len(correct)
-    out = {"pass@1": sum(sum(c) / len(c) for c in correct) / max(n, 1)}
+    shares = [sum(c) / len(c) for c in correct]
+    mean = sum(shares) / max(n, 1)
+    out = {"pass@1": mean,
+           "pass@1_se": math.sqrt(sum((x - mean) ** 2 for x in shares) / (n - 1) / n) if n > 1 else 0.0}
     for j in ks:
         if j > 1 and correct and j <= len(correct[0]):
             out[f"pass@{j}"] = sum(pass_at_k(len(c), sum(c), j) for c in correct) / n
     return out
+
+
+def paired_difference(before: list[float], after: list[float]) -> tuple[float, float]:
+    """Change of accuracy between two evaluations of the same N problems (per-problem accuracies b_i, a_i,
+    e.g. c_i / k), and its standard error: d = 1/N sum_i (a_i - b_i), se = std_i(a_i - b_i) / sqrt(N)
+    (sample std). Pairing removes the between-problem variance from the comparison."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_difference needs two equally long non-empty lists, got {len(before)} and {len(after)}")
+    diffs = [a - b for b, a in zip(before, after)]
+    n, mean = len(diffs), sum(diffs) / len(diffs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else 0.0
 
 
 @torch.no_grad()
@@ -209,7 +228,8 @@ def markdown(summary: dict, model: str) -> str:
     """A Markdown table of the per-source results."""
     sources = summary["by_source_detail"]
     estimates = sorted({k for s in sources.values() for k in s if k.startswith(("pass@", "cons@"))})
-    metrics = [*estimates, "format", "mean_tokens", "truncated", "n"]
+    metrics = [*estimates, *(["greedy"] if any("greedy" in s for s in sources.values()) else []),
+               "format", "mean_tokens", "truncated", "n"]
     lines = [f"# Evaluation of {model}", "", "| source | " + " | ".join(metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
     for name, s in sources.items():
@@ -229,6 +249,7 @@ class EvaluateConfig:
     temperature: float = 0.0  # must be > 0 when samples > 1
     top_p: float = 1.0
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@j reported for each j <= samples
+    greedy: bool = False  # samples > 1: also decode greedily once per problem and report its pass@1
     seed: int = 0
     output: str = "runs/tiny/eval/heldout.json"
 
@@ -260,13 +281,25 @@ def main(argv: list[str] | None = None) -> dict:
     by_source, rows = {}, []
     for source, data in sets.items():
         if data:
-            samples = generate(model, tokenizer, [r["prompt"] for r in data], sampling, cfg.samples)
+            prompts = [r["prompt"] for r in data]
+            samples = generate(model, tokenizer, prompts, sampling, cfg.samples)
             by_source[source], results = score_source(source, data, samples, cfg.samples, cfg.pass_k)
+            if cfg.greedy and cfg.samples > 1:
+                greedy, greedy_rows = score_source(source, data, generate(
+                    model, tokenizer, prompts, replace(sampling, temperature=0.0, top_p=1.0), 1), 1, [1])
+                by_source[source].update(greedy=greedy["pass@1"], greedy_se=greedy["pass@1_se"])
+                for r, g in zip(results, greedy_rows):
+                    r.update(greedy_correct=g["correct"], greedy_completion=g["completion"])
             rows += results
     # ---- save
     first = next(iter(by_source.values()))
     math_summary = by_source.get("math", first)
-    summary = {"accuracy": math_summary["pass@1"], "n": math_summary["n"],
+    summary = {"accuracy": math_summary["pass@1"], "accuracy_se": math_summary["pass@1_se"],
+               **({"greedy_accuracy": math_summary["greedy"], "greedy_se": math_summary["greedy_se"]}
+                  if "greedy" in math_summary else {}),
+               "metric": "greedy" if cfg.samples == 1 else
+               f"pass@1 from {cfg.samples} samples (temperature {cfg.temperature}, top_p {cfg.top_p})",
+               "n": math_summary["n"],
                "correct": sum(r["correct"] for r in rows if r["source"] == "math"),
                "truncated": math_summary["truncated"], "mean_tokens": math_summary["mean_tokens"],
                "format": sum(s["format"] * s["n"] for s in by_source.values()) / sum(s["n"] for s in by_source.values()),
@@ -275,8 +308,10 @@ def main(argv: list[str] | None = None) -> dict:
     for source, s in by_source.items():
         print(f"{source}: " + ", ".join(f"{k}={v:.3f}" for k, v in s.items() if isinstance(v, float)), flush=True)
     if "math" in by_source:
-        print(f"held-out accuracy: {100 * summary['accuracy']:.1f}% (math pass@1, {summary['n']} problems, "
-              f"{cfg.samples} sample(s) each)", flush=True)
+        greedy = (f"; greedy {100 * summary['greedy_accuracy']:.1f}% +- {100 * summary['greedy_se']:.1f}"
+                  if "greedy_accuracy" in summary else "")
+        print(f"held-out accuracy: {100 * summary['accuracy']:.1f}% +- {100 * summary['accuracy_se']:.1f} "
+              f"(math, {summary['metric']}, {summary['n']} problems{greedy})", flush=True)
     write_results({"summary": summary, "rows": rows}, cfg.output)
     Path(cfg.output).with_suffix(".md").write_text(markdown(summary, cfg.model.init))
     return summary

@@ -9,7 +9,7 @@ from grpo.checkpoint import export_model
 from grpo.model import ModelConfig, load_policy
 import pytest
 
-from stages.evaluate import majority_answer, pass_at_k, score, score_source
+from stages.evaluate import majority_answer, paired_difference, pass_at_k, score, score_source
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_MODEL = {
@@ -58,9 +58,13 @@ def test_entry_point_scores_a_checkpoint(tmp_path):
     assert "held-out accuracy: " in proc.stdout
     summary = json.loads(out.read_text())
     assert summary["n"] == 4 and 0 <= summary["accuracy"] <= 1 and summary["mean_tokens"] <= 6
+    # the recipe's headline is pass@1 from 8 samples, with greedy accuracy and standard errors next to it
+    assert summary["metric"].startswith("pass@1 from 8 samples") and 0 <= summary["greedy_accuracy"] <= 1
+    assert summary["accuracy_se"] >= 0 and summary["greedy_se"] >= 0
     assert summary["by_source"]["code"] == 0.0 and "| code |" in out.with_suffix(".md").read_text()
     rows = [json.loads(line) for line in (out.parent / "heldout_rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 5 and {"prompt", "answer", "completion", "correct"} <= set(rows[0])
+    assert len(rows) == 5 and {"prompt", "answer", "completion", "correct", "greedy_correct"} <= set(rows[0])
+    assert len(rows[0]["completions"]) == 8
 
 
 def test_missing_tokenizer_for_preset_is_a_config_error():
@@ -79,6 +83,14 @@ def test_pass_at_k_by_hand():
         pass_at_k(3, 1, 4)
 
 
+def test_paired_difference_by_hand():
+    d, se = paired_difference([0.5, 0.0, 1.0, 0.25], [0.75, 0.5, 1.0, 0.25])
+    # differences 0.25, 0.5, 0, 0: mean 0.1875; sample variance (0.0039 + 0.0977 + 0.0352 * 2) / 3 = 0.0573
+    assert d == pytest.approx(0.1875) and se == pytest.approx((0.171875 / 3 / 4) ** 0.5)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0], [1.0, 0.0])
+
+
 def test_majority_vote_clusters_equivalent_answers():
     assert majority_answer(["3", "0.5", "\\frac{1}{2}", None, "3", "1/2"]) == "0.5"  # 3 votes for a half
     assert majority_answer(["3", "4"]) == "3"  # a tie goes to the answer seen first
@@ -92,6 +104,7 @@ def test_pass_and_cons_at_k_from_samples():
     rows = [{"prompt": "p1", "answer": "5"}, {"prompt": "p2", "answer": "7"}]
     summary, results = score_source("math", rows, [s(5), s(5), s(4), s(1), s(2), s(7)], k=3, ks=[1, 2, 3])
     assert summary["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert summary["pass@1_se"] == pytest.approx(1 / 6)  # shares 2/3, 1/3: std sqrt(2 * (1/6)^2 / 1), / sqrt(2)
     assert summary["pass@2"] == pytest.approx((1 + (1 - 1 / 3)) / 2)  # row 2: 1 - C(2,2)/C(3,2)
     assert summary["pass@3"] == 1.0
     assert summary["cons@3"] == 0.5  # row 1: majority 5; row 2: a three-way tie goes to 1
