@@ -38,7 +38,7 @@ def test_min_p_is_relative_to_the_most_likely_token():
     assert kept(probs, top_k=4, min_p=0.7) == [0]
 
 
-@pytest.mark.parametrize("vocab,k", [(4096, 7), (4096, 16), (1000, 5), (97, 10)])
+@pytest.mark.parametrize("vocab,k", [(4096, 7), (4096, 16), (32000, 50), (1000, 5), (97, 10)])
 def test_blocked_topk_is_exact(vocab, k):
     probs = torch.rand(6, vocab, generator=torch.Generator().manual_seed(vocab))
     vals, idx = _topk(probs, k)
