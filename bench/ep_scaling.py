@@ -9,10 +9,10 @@ and its peer's, exchanged by all-to-all), plus the gradient all-reduce of the re
 One training step = policy forward with labels (LM + balance + MTP losses), backward, AdamW step (clip 1.0),
 router-bias update with loads summed over ranks. Three runs, each in its own processes:
 
-    plain-ep1      1 GPU, the project's single-process path: bf16 parameters, torch AdamW (what trainers do at
-                   ep_size=1)
-    deepspeed-ep1  1 GPU, grpo.parallel.parallelize(ep_size=1): DeepSpeed ZeRO-1, fp32 master weights
-    deepspeed-ep2  2 GPUs (torchrun), grpo.parallel.parallelize(ep_size=2): AutoEP + ZeRO-1
+    plain-ep1      1 GPU, the stages' single-process path (bf16: true, no parallel section): fp32 weights,
+                   bf16 autocast, fused torch AdamW
+    deepspeed-ep1  1 GPU, grpo.parallel.parallelize(ep_size=1): DeepSpeed ZeRO-1, bf16 weights, fp32 masters
+    deepspeed-ep2  2 GPUs (torchrun), grpo.parallel.parallelize(ep_size=2): AutoEP + ZeRO-1, bf16 weights
 
 tokens/s per GPU = micro-batch * seq-len * steps / (wall time of the slowest rank), after --warmup steps.
 Efficiency = deepspeed-ep2 per GPU / plain-ep1 (goal >= 0.85), also printed against deepspeed-ep1 (the
@@ -50,7 +50,7 @@ def worker(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = args.device == "cuda"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda and args.mode == "deepspeed" else torch.float32
     torch.manual_seed(0)
     config = preset_config(args.preset, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                              num_nextn_predict_layers=args.mtp))
@@ -82,7 +82,9 @@ def worker(args) -> None:
     def run(n: int) -> None:
         for i in range(n):
             x = batches[i % 2]
-            step(net(input_ids=x, labels=x).loss)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.mode == "plain"):
+                loss = net(input_ids=x, labels=x).loss
+            step(loss)
 
     run(args.warmup)
     if cuda:
