@@ -95,22 +95,29 @@ class LossOutput:
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(z / T)[y] and (without gradient) the entropy of softmax(z / T), in blocks of rows, never
-    materialising log_softmax(z) [N, L, V]: each block is read once forward and once backward.
+    materialising log_softmax(z) [N, L, V]: each block is read once forward and once backward, and its
+    temporaries stay in cache.
 
-    d logp / dz_v = (1[v = y] - softmax(z / T)_v) / T."""
+    Per row, with m = max_v z_v / T, e_v = exp(z_v / T - m), S = sum_v e_v:
+        lse = m + log S,   logp = z_y / T - lse,   H = lse - sum_v e_v z_v / (T S)
+    and d logp / dz_v = (1[v = y] - softmax(z / T)_v) / T. With ``overwrite`` (fp32 logits) the gradient is
+    written over the logits, block by block, instead of into a second [N, L, V] buffer."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, rows: int):
+    def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, rows: int, overwrite: bool = False):
         flat, y = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, 1)
         lse, logp, ent = (torch.empty(flat.shape[0], device=logits.device) for _ in range(3))
         for s in range(0, flat.shape[0], rows):
             z = flat[s:s + rows].float()
             z = z if temperature == 1 else z / temperature
-            lse[s:s + rows] = block_lse = torch.logsumexp(z, -1)
+            m = z.amax(-1, keepdim=True)
+            e = (z - m).exp_()
+            total = e.sum(-1)
+            lse[s:s + rows] = block_lse = total.log() + m[:, 0]
             logp[s:s + rows] = z.gather(-1, y[s:s + rows]).squeeze(-1) - block_lse
-            ent[s:s + rows] = block_lse - (torch.exp(z - block_lse[:, None]) * z).sum(-1)
+            ent[s:s + rows] = block_lse - e.mul_(z).sum(-1) / total
         ctx.save_for_backward(logits, ids, lse)
-        ctx.temperature, ctx.rows = temperature, rows
+        ctx.temperature, ctx.rows, ctx.overwrite = temperature, rows, overwrite
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
         ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -121,24 +128,26 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         T, rows = ctx.temperature, ctx.rows
         flat, y = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, 1)
         g = grad_logp.reshape(-1, 1).float() / T
-        grad = torch.empty_like(flat)
+        grad = flat if ctx.overwrite and flat.dtype == torch.float32 else torch.empty(flat.shape, device=flat.device)
         for s in range(0, flat.shape[0], rows):
             z = flat[s:s + rows].float()
-            p = torch.exp((z if T == 1 else z / T) - lse[s:s + rows, None])
+            p = torch.sub(z if T == 1 else z / T, lse[s:s + rows, None], out=grad[s:s + rows]).exp_()
             p.mul_(-g[s:s + rows]).scatter_add_(-1, y[s:s + rows], g[s:s + rows])
-            grad[s:s + rows] = p
-        return grad.view(logits.shape), None, None, None
+        return grad.to(logits.dtype).view(logits.shape), None, None, None, None
 
 
 def logprobs_and_entropy(logits: Tensor, ids: Tensor, temperature: float = 1.0, *, entropy: bool = True,
-                         entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+                         entropy_grad: bool = False, overwrite_logits: bool = False) -> tuple[Tensor, Tensor | None]:
     """log softmax(z / T)[ids] and the entropy of softmax(z / T). logits [N, L, V], ids [N, L] -> ([N, L], [N, L]).
 
     ``entropy=False`` returns None for it. Without ``entropy_grad`` (the usual case: entropy only logged)
-    a blocked kernel is used (blocks of ~4 MB on CPU, ~1 GB on GPU); the entropy then has no gradient."""
+    a blocked kernel is used (blocks of ~1 MB on CPU, ~1 GB on GPU); the entropy then has no gradient, and
+    with ``overwrite_logits`` the backward pass writes the logits' gradient over fp32 logits (one [N, L, V]
+    buffer less; only for logits that nothing reads after the backward pass)."""
     if not entropy_grad:
-        block = (1 << 22) if logits.device.type == "cpu" else (1 << 30)
-        logp, ent = _SelectiveLogSoftmax.apply(logits, ids, temperature, max(1, block // (4 * logits.shape[-1])))
+        block = (1 << 20) if logits.device.type == "cpu" else (1 << 30)
+        rows = max(1, block // (4 * logits.shape[-1]))
+        logp, ent = _SelectiveLogSoftmax.apply(logits, ids, temperature, rows, overwrite_logits)
         return logp, ent if entropy else None
     z = logits.float()
     logp_all = F.log_softmax(z if temperature == 1 else z / temperature, dim=-1)

@@ -387,8 +387,8 @@ class GRPOTrainer:
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
             out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
                         logits_to_keep=keep)
-            logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature,
-                                             entropy=entropy, entropy_grad=self.cfg.loss.entropy_coef > 0)
+            logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature, entropy=entropy,
+                                             entropy_grad=self.cfg.loss.entropy_coef > 0, overwrite_logits=True)
         aux = getattr(out, "aux_loss", None)
         return logp, ent, (aux if aux is not None and grad else None)
 
