@@ -14,7 +14,8 @@ router-bias update with loads summed over ranks. Three runs, each in its own pro
     deepspeed-ep1  1 GPU, grpo.parallel.parallelize(ep_size=1): DeepSpeed ZeRO-1, bf16 weights, fp32 masters
     deepspeed-ep2  2 GPUs (torchrun), grpo.parallel.parallelize(ep_size=2): AutoEP + ZeRO-1, bf16 weights
 
-tokens/s per GPU = micro-batch * seq-len * steps / (wall time of the slowest rank), after --warmup steps.
+tokens/s per GPU = micro-batch * seq-len / median step time (each step timed to a device sync; the slowest
+rank's median), after --warmup steps.
 Efficiency = deepspeed-ep2 per GPU / plain-ep1 (goal >= 0.85), also printed against deepspeed-ep1 (the
 same software stack, so the ratio isolates the cost of splitting the experts). Peak memory per GPU is printed
 next to grpo.memory's estimate for the DeepSpeed runs. One JSON line per run, then the ratios.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,18 +93,21 @@ def worker(args) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     dist.barrier()
-    start = time.perf_counter()
-    run(args.steps)
-    if cuda:
-        torch.cuda.synchronize(device)
-    elapsed = torch.tensor([time.perf_counter() - start], device=device)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        run(1)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    elapsed = torch.tensor([statistics.median(times)], device=device)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) if cuda else 0], dtype=torch.float64, device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if rank == 0:
         result = dict(run=f"{args.mode}-ep{args.ep}", gpus=world, preset=args.preset, seq_len=args.seq_len,
-                      micro_batch=args.micro_batch, steps=args.steps, seconds=round(elapsed.item(), 3),
-                      tokens_per_s_per_gpu=round(args.micro_batch * args.seq_len * args.steps / elapsed.item(), 1),
+                      micro_batch=args.micro_batch, steps=args.steps, median_step_s=round(elapsed.item(), 4),
+                      tokens_per_s_per_gpu=round(args.micro_batch * args.seq_len / elapsed.item(), 1),
                       peak_gib=round(peak.item() / GiB, 2))
         if args.mode == "deepspeed":
             estimate = plan(config, Layout(gpus=world, ep=args.ep, zero=1, seq_len=args.seq_len,
