@@ -17,7 +17,9 @@ pipeline continues where it stopped (``rerun=[sft]`` forces steps again). A fail
 with its exit status. Wall time per step goes to ``{run_dir}/pipeline.json``.
 
 The report (``{run_dir}/report.md`` + PNG plots, matplotlib Agg): wall time per step; held-out results after
-each evaluated stage (every step with ``label`` set: its ``output``/``heldout.json`` from ``stages.evaluate``);
+each evaluated stage (every step with ``label`` set: its ``output``/``heldout.json`` from ``stages.evaluate``:
+the recipe's accuracy +- its standard error, greedy accuracy when reported, and the change from the row above
+on the same problems +- its paired standard error, from ``heldout_rows.jsonl``);
 training curves per stage from each ``metrics.jsonl`` (loss, reward, accuracy, completion length); the
 rejection-sampling acceptance rates and the reward model's held-out pairwise accuracy.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from grpo.checkpoint import is_done, mark_done
 from grpo.config import ConfigError, cli
+from stages.evaluate import paired_difference
 
 CURVES = ("loss", "reward", "accuracy", "completions/mean_length")  # metrics.jsonl keys plotted when present
 
@@ -154,8 +157,17 @@ def plot_heldout(rows: list[tuple[str, dict]], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3))
     labels = [label for label, _ in rows]
-    a.bar(labels, [100 * s.get("accuracy", 0.0) for _, s in rows])
-    a.set_title("held-out math accuracy (%)", fontsize=9)
+    x = range(len(rows))
+    greedy = any("greedy_accuracy" in s for _, s in rows)
+    width = 0.4 if greedy else 0.8
+    a.bar([i - (width / 2 if greedy else 0) for i in x], [100 * s["accuracy"] for _, s in rows], width,
+          yerr=[100 * s.get("accuracy_se", 0.0) for _, s in rows], label="pass@1")
+    if greedy:
+        a.bar([i + width / 2 for i in x], [100 * s.get("greedy_accuracy", 0.0) for _, s in rows], width,
+              yerr=[100 * s.get("greedy_se", 0.0) for _, s in rows], label="greedy")
+        a.legend(fontsize=7)
+    a.set_xticks(list(x), labels)
+    a.set_title("held-out math accuracy (%, +- 1 standard error)", fontsize=9)
     b.bar(labels, [s.get("mean_tokens", 0.0) for _, s in rows])
     b.set_title("mean completion length (tokens)", fontsize=9)
     for ax in (a, b):
@@ -177,18 +189,32 @@ def write_report(cfg: PipelineConfig, timings: dict) -> Path:
     total = sum(t["seconds"] for t in timings.values())
     lines += ["", f"Total recorded wall time: {total:.0f} s ({total / 60:.1f} min).", ""]
 
-    heldout = []
+    heldout, per_problem = [], []
     for step in cfg.steps:
         summary = Path(expand(step.output, cfg)) / "heldout.json"
         if step.label and summary.is_file():
             heldout.append((step.label, json.loads(summary.read_text())))
+            per_problem.append([(r["prompt"], r["correct"]) for r in read_jsonl(summary.with_name("heldout_rows.jsonl"))
+                                if r.get("source", "math") == "math"])
     if heldout:
+        metrics = sorted({s.get("metric", "greedy") for _, s in heldout})
         lines += ["## Held-out results after each stage", "",
-                  "| after | math accuracy | code pass rate | format | mean tokens | truncated | n |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for label, s in heldout:
+                  f"Math accuracy: {'; '.join(metrics)}, +- one standard error over problems; greedy: one greedy "
+                  "decode per problem (when the evaluation reports it).", "",
+                  "change: math accuracy minus the row above's on the same problems, +- its paired standard error.", "",
+                  "| after | math accuracy | change | greedy | code pass rate | format | mean tokens | truncated | n |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for i, (label, s) in enumerate(heldout):
+            change = "-"
+            if i and per_problem[i] and [p for p, _ in per_problem[i]] == [p for p, _ in per_problem[i - 1]]:
+                d, se = paired_difference([c for _, c in per_problem[i - 1]], [c for _, c in per_problem[i]])
+                change = f"{100 * d:+.1f} +- {100 * se:.1f}"
             code = s.get("by_source", {}).get("code")
-            lines.append(f"| {label} | {100 * s['accuracy']:.1f}% | {'-' if code is None else f'{100 * code:.1f}%'} | "
+            greedy = (f"{100 * s['greedy_accuracy']:.1f}% +- {100 * s['greedy_se']:.1f}" if "greedy_accuracy" in s
+                      else "-")
+            se = f" +- {100 * s['accuracy_se']:.1f}" if "accuracy_se" in s else ""
+            lines.append(f"| {label} | {100 * s['accuracy']:.1f}%{se} | {change} | {greedy} | "
+                         f"{'-' if code is None else f'{100 * code:.1f}%'} | "
                          f"{100 * s.get('format', 0.0):.1f}% | {s['mean_tokens']:.1f} | {100 * s['truncated']:.0f}% | "
                          f"{s['n']} |")
         plot_heldout(heldout, plots / "heldout.png")

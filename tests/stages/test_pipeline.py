@@ -1,5 +1,6 @@
 """The whole pipeline of recipes/tiny/pipeline.yaml at toy size: every step as its subprocess, a few steps each."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,8 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path, capfd):
     text = report.read_text()
     for label in ("cold-start SFT", "reasoning RL", "rejection-sampling SFT", "general RL"):
         assert f"| {label} |" in text
+    # accuracy +- its standard error, the paired change from the row above, greedy next to it
+    assert re.search(r"\| reasoning RL \| [\d.]+% \+- [\d.]+ \| [+-][\d.]+ \+- [\d.]+ \| [\d.]+% \+- [\d.]+ \|", text)
     assert (run / "plots/heldout.png").is_file() and (run / "plots/rl_general.png").is_file()
     assert "heldout_pairwise_accuracy" in text
     # everything is DONE: a second run skips every step
