@@ -8,8 +8,10 @@
 The model configs are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py). Both sides
 sample at temperature 1 with top-k 50 (transformers' default for ``do_sample=True``) and generate exactly
 ``new`` tokens (no early stop: min_new_tokens for generate, no stop tokens for the engine); best of
-``--reps`` timed runs after a warm-up. On CUDA the decode step time is (time(new) - time(1)) / (new - 1)
-and the roofline fraction is (bytes of weights + cache read per decode step) / step time / 4.8 TB/s.
+``--reps`` timed runs after a warm-up, in wall time and in process CPU time (the CPU-time ratio is the
+robust one on a shared machine with one thread per side: OMP_NUM_THREADS=1). On CUDA the decode step
+time is (time(new) - time(1)) / (new - 1) and the roofline fraction is (bytes of weights + cache read per
+decode step) / step time / 4.8 TB/s.
 Prints one JSON line per shape.
 """
 from __future__ import annotations
@@ -44,15 +46,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn, reps: int, device: str) -> float:
-    times = []
+def best_of(fn, reps: int, device: str) -> tuple[float, float]:
+    """(fastest wall time, least process CPU time) of ``reps`` calls, in seconds."""
+    wall, cpu = [], []
     for _ in range(reps):
         sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return min(wall), min(cpu)
 
 
 def hf_generate(model, ids: torch.Tensor, new: int):
@@ -69,7 +73,7 @@ def weight_bytes_per_step(model) -> int:
 def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: int, goal: float | None) -> dict:
     ids = torch.randint(3, VOCAB, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     hf_generate(model, ids, 4)
-    hf_s = best_of(lambda: hf_generate(model, ids, new), reps, device)
+    hf_s, hf_cpu = best_of(lambda: hf_generate(model, ids, new), reps, device)
 
     def engine(n_new: int) -> RolloutEngine:
         cfg = SamplingConfig(temperature=1.0, top_k=50, max_new_tokens=n_new, stop_token_ids=[], max_batch=batch)
@@ -78,17 +82,18 @@ def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: i
     prompts = ids.tolist()
     full, first = engine(new), engine(1)
     full.generate(prompts, 1)  # warm-up (captures the CUDA graphs of every length bucket)
-    ours_s = best_of(lambda: full.generate(prompts, 1), reps, device)
+    ours_s, ours_cpu = best_of(lambda: full.generate(prompts, 1), reps, device)
     ours_threads = full.stats.get("threads")
     row = dict(what="rollout_vs_hf_generate", device=device, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                batch=batch, prompt_len=prompt_len, new_tokens=new, threads=torch.get_num_threads(),
                ours_threads=ours_threads,
                hf_seconds=round(hf_s, 3), hf_tokens_per_s=round(batch * new / hf_s, 1),
                ours_seconds=round(ours_s, 3), ours_tokens_per_s=round(batch * new / ours_s, 1),
-               ratio=round(hf_s / ours_s, 2), goal=goal)
+               ratio=round(hf_s / ours_s, 2), hf_cpu_seconds=round(hf_cpu, 3), ours_cpu_seconds=round(ours_cpu, 3),
+               cpu_time_ratio=round(hf_cpu / ours_cpu, 2), goal=goal)
     if device == "cuda":
         first.generate(prompts, 1)
-        prefill_s = best_of(lambda: first.generate(prompts, 1), reps, device)
+        prefill_s = best_of(lambda: first.generate(prompts, 1), reps, device)[0]
         step_s = (ours_s - prefill_s) / (new - 1)
         cache_per_token = full._decoder.cache.bytes_per_token
         mean_len = prompt_len + new / 2
