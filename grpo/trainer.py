@@ -13,7 +13,8 @@ One step (what ``max_steps`` counts) on each process:
   4. mu passes over the B*G rows, each shuffled and split into ``minibatches`` optimizer steps accumulated
      over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; clip; step; LR
      schedule; ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
-     ``max_bad_steps`` in a row stop the run.
+     ``max_bad_steps`` in a row stop the run. On CPU the updates (like the engine's decoding) run on one
+     intra-op thread when the machine is oversubscribed, unless ``cpu_threads`` fixes the count.
   5. reference reset every ``ref_reset_every`` steps; metrics; checkpoint every ``save_every`` steps.
 
 The policy log-probs are recomputed with the rollout temperature (logits / T) so that the ratio compares
@@ -48,7 +49,7 @@ from grpo.logger import MetricsLogger
 from grpo.loss import LossConfig, LossNorm, grpo_loss, logprobs_and_entropy, loss_mask
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
 from grpo.parallel import ParallelConfig, expert_parallel_group, parallelize
-from grpo.rollout import RolloutEngine, SamplingConfig
+from grpo.rollout import RolloutEngine, SamplingConfig, auto_cpu_threads
 from rewards.registry import RewardScores
 
 
@@ -83,6 +84,7 @@ class TrainerConfig:
     samples_logged: int = 4
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
+    cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.auto_cpu_threads)
 
     def __post_init__(self):
         positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
@@ -90,7 +92,7 @@ class TrainerConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "ref_reset_every", "save_every", "sample_every", "samples_logged"):
+        for key in ("warmup_steps", "ref_reset_every", "save_every", "sample_every", "samples_logged", "cpu_threads"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
@@ -499,8 +501,9 @@ class GRPOTrainer:
         advantages = self._advantages(batch_samples)
         batch = self._to_batch(batch_samples, advantages)
         train_start = time.perf_counter()
-        self._precompute(batch)
-        metrics.update(self._reduce(self._update(batch)))
+        with self._update_threads():
+            self._precompute(batch)
+            metrics.update(self._reduce(self._update(batch)))
         self.step += 1
         if self.reference is not None and cfg.ref_reset_every and self.step % cfg.ref_reset_every == 0:
             self.reference.load_state_dict(self.policy.state_dict())
@@ -516,6 +519,20 @@ class GRPOTrainer:
             "time/rollout_s": rollout_s, "time/train_s": train_s, "time/step_s": time.perf_counter() - start,
         })
         return metrics, batch_samples, advantages
+
+    @contextlib.contextmanager
+    def _update_threads(self):
+        """On CPU, torch's intra-op threads for the updates: ``cpu_threads``, or auto (1 on an oversubscribed
+        machine, as the rollout engine does while decoding)."""
+        if self.accelerator.device.type != "cpu":
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.cfg.cpu_threads or auto_cpu_threads(threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over the processes (the same keys everywhere)."""
