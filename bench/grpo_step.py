@@ -149,6 +149,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
+    if a.device == "cuda" and torch.cuda.device_count() > 1 and not a.skip_trl:
+        raise SystemExit("TRL's GRPOTrainer refuses several GPUs visible to one process (nn.DataParallel): "
+                         "run with CUDA_VISIBLE_DEVICES=0")
     shape = SHAPES[a.device]
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     config = DeepseekV3Config(**COMMON, **shape["config"], num_nextn_predict_layers=0)
