@@ -103,8 +103,8 @@ class _Experts:
                        norm=config.norm_topk_prob, scale=config.routed_scaling_factor)
         self.shared_mlp = _DenseMLP(moe.shared_experts)
         cuda = self.gate.weight.device.type == "cuda"
-        self.route = _compiled(route) if cuda else route
-        self.order = _compiled(counting_order) if cuda else sorted_order
+        self.route = _compiled_route if cuda else route
+        self.order = _compiled_order if cuda else sorted_order
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h.float(), self.gate.weight.float())
@@ -157,9 +157,10 @@ def counting_order(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     return perm, ends.to(torch.int32)
 
 
-def _compiled(fn):
-    """``fn`` compiled for all batch sizes (one graph; inputs of size 1 get their own specialisation)."""
-    return torch.compile(fn, dynamic=True)
+# Compiled once per process for all batch sizes (inputs of size 1 get their own specialisation); made here,
+# not per decoder, so that rebinding the decoder on every generate call reuses the compiled code.
+_compiled_route = torch.compile(route, dynamic=True)
+_compiled_order = torch.compile(counting_order, dynamic=True)
 
 
 class _DenseMLP:
