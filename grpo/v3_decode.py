@@ -23,8 +23,8 @@ MoE: routing is ``grpo.moe.route`` (sigmoid scores, bias for selection, group-li
 run as two grouped GEMMs over the token-expert pairs sorted by expert (``torch.nn.functional.grouped_mm``,
 the same kernel transformers' default "grouped_mm" experts use), no Python loop over experts. On CUDA the
 routing and the expert order (a counting sort: one-hot prefix sums, the same order as a stable sort) are
-``torch.compile``d into a few fused kernels: at decode they are ~20 tiny kernels per layer otherwise; on CUDA in
-fp32/fp16 (no fast grouped kernel) as batched GEMMs of every expert over every token. A ``mlp`` that is not
+``torch.compile``d into a few fused kernels (~20 tiny kernels per layer at decode otherwise). On CUDA in
+fp32/fp16 (no fast grouped kernel) the routed experts run as batched GEMMs of every expert over every token. A ``mlp`` that is not
 transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
 stays inside it.
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
