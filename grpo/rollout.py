@@ -36,6 +36,7 @@ inputs give the same rollouts (per device type). One uniform per sampled token i
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -71,7 +72,7 @@ class SamplingConfig:
     prefill_tokens: int = 8192  # padded prompt tokens prefilled at once between decode steps
     backend: Literal["auto", "v3", "generic"] = "auto"  # auto: v3 for model_type deepseek_v3
     cuda_graphs: bool = True  # CUDA only
-    cpu_threads: int = 0  # CPU only: intra-op threads while generating; 0 = auto (see auto_cpu_threads)
+    cpu_threads: int = 0  # CPU only: intra-op threads while generating; 0 = auto (see cpu_threads)
 
     def __post_init__(self):
         checks = [
@@ -194,6 +195,21 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, fixed: int = 0):
+    """On CPU, torch's intra-op threads inside the block: ``fixed``, or ``auto_cpu_threads`` when 0; restored
+    afterwards. Yields the count used (None off the CPU)."""
+    if device.type != "cpu":
+        yield None
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(fixed or auto_cpu_threads(before))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def auto_cpu_threads(default: int) -> int:
     """Intra-op threads for CPU work: ``default`` (torch's setting), or 1 when the machine is busy (1-minute
     load average above the core count). A parallel region whose threads are descheduled waits at its
@@ -265,15 +281,11 @@ class RolloutEngine:
         out = _Outputs(rows, self.cfg, self.pad_id, self.stop_ids, self.stops)
         self.stats = dict(prefill_calls=0, prefill_tokens=0, decode_steps=0, decode_tokens=0)
         start = time.perf_counter()
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            self.stats["threads"] = self.cfg.cpu_threads or auto_cpu_threads(threads)
-            torch.set_num_threads(self.stats["threads"])
-        try:
+        with cpu_threads(self.device, self.cfg.cpu_threads) as threads:
+            if threads is not None:
+                self.stats["threads"] = threads
             if rows:
                 (self._run_v3 if self.backend == "v3" else self._run_generic)(prompts, group_size, out)
-        finally:
-            torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats["seconds"] = time.perf_counter() - start

@@ -49,7 +49,7 @@ from grpo.logger import MetricsLogger
 from grpo.loss import LossConfig, LossNorm, grpo_loss, logprobs_and_entropy, loss_mask
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
 from grpo.parallel import ParallelConfig, expert_parallel_group, parallelize
-from grpo.rollout import RolloutEngine, SamplingConfig, auto_cpu_threads
+from grpo.rollout import RolloutEngine, SamplingConfig, cpu_threads
 from rewards.registry import RewardScores
 
 
@@ -84,7 +84,7 @@ class TrainerConfig:
     samples_logged: int = 4
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
-    cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.auto_cpu_threads)
+    cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.cpu_threads)
 
     def __post_init__(self):
         positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
@@ -501,7 +501,7 @@ class GRPOTrainer:
         advantages = self._advantages(batch_samples)
         batch = self._to_batch(batch_samples, advantages)
         train_start = time.perf_counter()
-        with self._update_threads():
+        with cpu_threads(self.accelerator.device, self.cfg.cpu_threads):
             self._precompute(batch)
             metrics.update(self._reduce(self._update(batch)))
         self.step += 1
@@ -519,20 +519,6 @@ class GRPOTrainer:
             "time/rollout_s": rollout_s, "time/train_s": train_s, "time/step_s": time.perf_counter() - start,
         })
         return metrics, batch_samples, advantages
-
-    @contextlib.contextmanager
-    def _update_threads(self):
-        """On CPU, torch's intra-op threads for the updates: ``cpu_threads``, or auto (1 on an oversubscribed
-        machine, as the rollout engine does while decoding)."""
-        if self.accelerator.device.type != "cpu":
-            yield
-            return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.cfg.cpu_threads or auto_cpu_threads(threads))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over the processes (the same keys everywhere)."""
