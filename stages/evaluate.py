@@ -158,10 +158,8 @@ def sample_stats(correct: list[list[bool]], ks: list[int]) -> dict[str, float]:
     """pass@1 (mean share correct), its standard error over problems (pass@1_se) and pass@j for j in ks
     (j <= samples) over problems [N][k]."""
     n = len(correct)
-    shares = [sum(c) / len(c) for c in correct]
-    mean = sum(shares) / max(n, 1)
-    out = {"pass@1": mean,
-           "pass@1_se": math.sqrt(sum((x - mean) ** 2 for x in shares) / (n - 1) / n) if n > 1 else 0.0}
+    mean, se = mean_and_se([sum(c) / len(c) for c in correct])
+    out = {"pass@1": mean, "pass@1_se": se}
     for j in ks:
         if j > 1 and correct and j <= len(correct[0]):
             out[f"pass@{j}"] = sum(pass_at_k(len(c), sum(c), j) for c in correct) / n
@@ -174,9 +172,14 @@ def paired_difference(before: list[float], after: list[float]) -> tuple[float, f
     (sample std). Pairing removes the between-problem variance from the comparison."""
     if len(before) != len(after) or not before:
         raise ValueError(f"paired_difference needs two equally long non-empty lists, got {len(before)} and {len(after)}")
-    diffs = [a - b for b, a in zip(before, after)]
-    n, mean = len(diffs), sum(diffs) / len(diffs)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return mean_and_se([a - b for b, a in zip(before, after)])
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Mean of values [N] and its standard error std(values) / sqrt(N) (sample std; 0 for N < 2; mean 0 for N = 0)."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n) if n > 1 else 0.0
 
 
 @torch.no_grad()
