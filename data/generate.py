@@ -4,6 +4,8 @@
 line, UTF-8, loadable with ``datasets.load_dataset("json", data_files=...)`` or ``data.loaders.load_rows``):
 
   math_train / math_test        {id, prompt, answer, solution, source: "math", difficulty, kind}
+  math_rl                       the same columns: a separate pool of fresh prompts for reasoning RL (drawn from
+                                its own random streams, so its size changes no other file and no tokenizer)
   code_train / code_test        {id, prompt, tests, entry_point, reference, source: "code"}
   cot_train                     {id, messages: [{role, content}, ...], source: "math" | "code"}
   general_train / general_test  {id, prompt, response, source: "general"}
@@ -55,6 +57,7 @@ class Sizes:
 
     math: int = field(default=2000, metadata={"help": "math_train rows"})
     math_test: int = field(default=200, metadata={"help": "math_test rows (held out)"})
+    math_rl: int = field(default=10000, metadata={"help": "math_rl rows: RL prompts (never a held-out problem)"})
     code: int = field(default=200, metadata={"help": "code_train rows (their CoT traces also go to cot_train)"})
     code_test: int = field(default=30, metadata={"help": "code_test rows (held out)"})
     cot: int = field(default=8000, metadata={"help": "math CoT traces in cot_train (never a held-out problem)"})
@@ -743,7 +746,7 @@ def build(seed: int, sizes: Sizes) -> dict[str, list[dict]]:
     """All files' rows. Held-out problems are drawn first into per-domain exclusion sets."""
     rng = {name: random.Random(f"{seed}:{name}") for name in
            ("math_test", "math_train", "cot", "code_test", "code_train", "general_test", "general_train",
-            "pref_test", "pref_train", "forms", "rejected")}
+            "pref_test", "pref_train", "forms", "rejected", "math_rl", "math_rl_forms")}
     n_pref_math_test, n_pref_math = sizes.pref_test // 4, sizes.pref // 4
     held_math, held_code, held_general = set(), set(), set()
     math_test = draw_unique(random_math, sizes.math_test, rng["math_test"], held_math)
@@ -753,6 +756,7 @@ def build(seed: int, sizes: Sizes) -> dict[str, list[dict]]:
     pref_general_test = draw_unique(random_general, sizes.pref_test - n_pref_math_test, rng["pref_test"], held_general)
 
     math_train = draw_unique(random_math, sizes.math, rng["math_train"], set(held_math))
+    math_rl = draw_unique(random_math, sizes.math_rl, rng["math_rl"], set(held_math))
     cot_math = draw_unique(random_math, sizes.cot, rng["cot"], set(held_math))
     pref_math = draw_unique(random_math, n_pref_math, rng["pref_train"], set(held_math))
     code_train = draw_unique(random_code, sizes.code, rng["code_train"], set(held_code))
@@ -779,6 +783,7 @@ def build(seed: int, sizes: Sizes) -> dict[str, list[dict]]:
     files = {
         "math_train": [math_row(p, f"math-train-{i:05d}", rng["forms"]) for i, p in enumerate(math_train)],
         "math_test": [math_row(p, f"math-test-{i:05d}", rng["forms"]) for i, p in enumerate(math_test)],
+        "math_rl": [math_row(p, f"math-rl-{i:05d}", rng["math_rl_forms"]) for i, p in enumerate(math_rl)],
         "code_train": [code_row(p, f"code-train-{i:05d}") for i, p in enumerate(code_train)],
         "code_test": [code_row(p, f"code-test-{i:05d}") for i, p in enumerate(code_test)],
         "cot_train": cot,
@@ -798,13 +803,13 @@ def row_prompts(row: dict) -> list[str]:
 
 
 def assert_disjoint(files: dict[str, list[dict]]) -> None:
-    """No normalised prompt of a ``*_test`` file occurs in any ``*_train`` file."""
+    """No normalised prompt of a ``*_test`` file occurs in any other file."""
     test = {normalize_prompt(p) for name, rows in files.items() if name.endswith("_test") for r in rows
             for p in row_prompts(r)}
-    leaked = sorted({normalize_prompt(p) for name, rows in files.items() if name.endswith("_train") for r in rows
+    leaked = sorted({normalize_prompt(p) for name, rows in files.items() if not name.endswith("_test") for r in rows
                      for p in row_prompts(r)} & test)
     if leaked:
-        raise AssertionError(f"{len(leaked)} held-out prompts also occur in train files, e.g. {leaked[:3]}")
+        raise AssertionError(f"{len(leaked)} held-out prompts also occur in training files, e.g. {leaked[:3]}")
 
 
 def write_all(out_dir: str | Path, seed: int = 0, sizes: Sizes | None = None) -> dict[str, Path]:

@@ -4,7 +4,7 @@ import pytest
 
 from data.generate import Sizes, write_all
 
-SMALL = Sizes(math=300, math_test=120, code=60, code_test=20, cot=200, general=80, general_test=30, pref=40,
+SMALL = Sizes(math=300, math_test=120, math_rl=16, code=60, code_test=20, cot=200, general=80, general_test=30, pref=40,
               pref_test=20)
 
 

@@ -17,7 +17,7 @@ from data.loaders import last_boxed
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FILES = ("math_train", "math_test", "code_train", "code_test", "cot_train", "general_train", "general_test",
+FILES = ("math_train", "math_test", "math_rl", "code_train", "code_test", "cot_train", "general_train", "general_test",
          "preferences_train", "preferences_test")
 
 
@@ -63,9 +63,11 @@ def test_same_seed_identical_different_seed_differs(tmp_path, data_dir, sizes):
 def test_sizes_and_schemas(data_dir, sizes):
     rows = {name: read(data_dir / f"{name}.jsonl") for name in FILES}
     assert len(rows["math_train"]) == sizes.math and len(rows["math_test"]) == sizes.math_test
+    assert len(rows["math_rl"]) == sizes.math_rl
     assert len(rows["cot_train"]) == sizes.cot + sizes.code
     assert len(rows["preferences_test"]) == sizes.pref_test
     keys = {"math_train": {"id", "prompt", "answer", "solution", "source", "difficulty", "kind"},
+            "math_rl": {"id", "prompt", "answer", "solution", "source", "difficulty", "kind"},
             "code_train": {"id", "prompt", "tests", "entry_point", "reference", "source"},
             "cot_train": {"id", "messages", "source"}, "general_train": {"id", "prompt", "response", "source"},
             "preferences_train": {"id", "prompt", "chosen", "rejected", "source"}}
@@ -87,18 +89,25 @@ def test_splits_are_disjoint_and_deduplicated(data_dir):
     held_out = {p for name in FILES if name.endswith("_test") for p in prompts(name)}
     for name in FILES:
         assert len(set(prompts(name))) == len(prompts(name)), f"duplicates in {name}"
-        if name.endswith("_train"):
+        if not name.endswith("_test"):
             assert not held_out & set(prompts(name)), name
     # Content too: the same sum or product written another way ("3 * 4" / "Compute 4 * 3.") must not leak.
     def operands(name):
         return {(r["kind"], tuple(sorted(re.findall(r"\d+(?:/\d+)?", r["prompt"])))) for r in rows[name]
                 if r["kind"] in ("add", "mul", "frac_mul")}
 
-    assert operands("math_test") and not operands("math_test") & operands("math_train")
+    assert operands("math_test") and not operands("math_test") & (operands("math_train") | operands("math_rl"))
+
+
+def test_rl_pool_size_changes_no_other_file():
+    small, large = (build(0, Sizes(math=20, math_test=5, math_rl=n, code=2, code_test=1, cot=5, general=5,
+                                   general_test=2, pref=4, pref_test=4)) for n in (10, 50))
+    assert (len(small["math_rl"]), len(large["math_rl"])) == (10, 50)
+    assert {k: v for k, v in small.items() if k != "math_rl"} == {k: v for k, v in large.items() if k != "math_rl"}
 
 
 def test_assert_disjoint_catches_leaks():
-    files = build(0, Sizes(math=20, math_test=5, code=2, code_test=1, cot=5, general=5, general_test=2, pref=4,
+    files = build(0, Sizes(math=20, math_test=5, math_rl=5, code=2, code_test=1, cot=5, general=5, general_test=2, pref=4,
                            pref_test=4))
     files["general_train"].append({"prompt": files["math_test"][0]["prompt"].upper() + "  ", "response": "x"})
     with pytest.raises(AssertionError, match="held-out prompts"):

@@ -42,7 +42,7 @@ def test_score_counts_equivalent_answers_and_groups():
 
 
 def test_entry_point_scores_a_checkpoint(tmp_path):
-    paths = write_all(tmp_path / "data", seed=0, sizes=Sizes(math=10, math_test=4, code=2, code_test=1, cot=20,
+    paths = write_all(tmp_path / "data", seed=0, sizes=Sizes(math=10, math_test=4, math_rl=16, code=2, code_test=1, cot=20,
                                                                general=4, general_test=1, pref=2, pref_test=1))
     tokenizer = train_tokenizer([p for k, p in paths.items() if k.endswith("_train")], tmp_path / "tok", 400)
     model = load_policy(ModelConfig(overrides=TOY_MODEL), tokenizer)

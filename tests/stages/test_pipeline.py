@@ -21,7 +21,7 @@ SFT = ["train.micro_batch_size=4", "train.warmup_steps=1", "train.log_every=1", 
        "train.max_seq_len=96", "wandb_mode=disabled"]
 EVAL = ["heldout.max_new_tokens=8", "heldout.batch_size=16"]
 SMOKE = {
-    "data": ["--n-math", "24", "--n-math-test", "4", "--n-code", "4", "--n-code-test", "2", "--n-cot", "40",
+    "data": ["--n-math", "24", "--n-math-test", "4", "--n-math-rl", "24", "--n-code", "4", "--n-code-test", "2", "--n-cot", "40",
              "--n-general", "8", "--n-general-test", "2", "--n-pref", "8", "--n-pref-test", "4"],
     "tokenizer": ["--vocab-size", "400"],
     "sft": [f"model.overrides={TOY_MODEL}", "train.max_steps=3", *SFT],

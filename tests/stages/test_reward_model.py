@@ -42,7 +42,7 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rm")
-    paths = write_all(root / "data", seed=0, sizes=Sizes(math=10, math_test=2, code=2, code_test=1, cot=20, general=10,
+    paths = write_all(root / "data", seed=0, sizes=Sizes(math=10, math_test=2, math_rl=16, code=2, code_test=1, cot=20, general=10,
                                                            general_test=2, pref=10, pref_test=2))
     tok = train_tokenizer([p for k, p in paths.items() if k.endswith("_train")], root / "tok", 400)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from grpo.checkpoint import export_model
 from grpo.model import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZES = Sizes(math=24, math_test=4, code=8, code_test=2, cot=20, general=4, general_test=2, pref=2, pref_test=2)
+SIZES = Sizes(math=24, math_test=4, math_rl=16, code=8, code_test=2, cot=20, general=4, general_test=2, pref=2, pref_test=2)
 TOY_MODEL = {
     "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
     "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,

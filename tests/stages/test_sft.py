@@ -17,7 +17,7 @@ from data.tokenizer import train_tokenizer
 from grpo.model import ModelConfig, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
-SIZES = Sizes(math=20, math_test=6, code=4, code_test=2, cot=60, general=10, general_test=2, pref=2, pref_test=2)
+SIZES = Sizes(math=20, math_test=6, math_rl=16, code=4, code_test=2, cot=60, general=10, general_test=2, pref=2, pref_test=2)
 TOY_MODEL = {  # the tiny preset shrunk further: 2 layers (1 dense, 1 MoE), 4 routed experts
     "hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
     "num_attention_heads": 2, "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
