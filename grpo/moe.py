@@ -39,29 +39,44 @@ def route(
     norm: bool = True,
     scale: float = 1.0,
     forced: torch.Tensor | None = None,
+    by_argmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-limited sigmoid top-k routing.
 
     logits [N, E] (fp32 router logits), bias [E] (correction bias, used for selection only).
     ``forced`` [N, K]: expert indices to use instead of selecting (routing replay); weights are still
-    computed from these logits. Returns weights [N, K] fp32, indices [N, K] int64, scores [N, E] fp32.
+    computed from these logits. ``by_argmax`` selects through ``top_by_argmax`` instead of torch.topk (the
+    same experts, in another order; it fuses under torch.compile). Returns weights [N, K] fp32, indices
+    [N, K] int64, scores [N, E] fp32.
     """
     scores = logits.sigmoid()
     if forced is None:
+        top = top_by_argmax if by_argmax else lambda x, k: torch.topk(x, k, dim=-1, sorted=False)[1]
         n_tokens, n_experts = scores.shape
         choice = scores + bias
-        group_scores = choice.view(n_tokens, n_group, n_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        grouped = choice.view(n_tokens, n_group, n_experts // n_group)
+        group_scores = grouped.gather(-1, top(grouped, 2)).sum(dim=-1)
+        group_mask = torch.zeros_like(group_scores).scatter_(1, top(group_scores, topk_group), 1)
         expert_mask = group_mask.unsqueeze(-1).expand(-1, n_group, n_experts // n_group).reshape(n_tokens, n_experts)
         choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
-        indices = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+        indices = top(choice, top_k)
     else:
         indices = forced.reshape(scores.shape[0], -1).to(device=scores.device, dtype=torch.long)
     weights = scores.gather(1, indices)
     if norm:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scale, indices, scores
+
+
+def top_by_argmax(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [..., k] of the k largest values along the last dim, largest first, by k rounds of argmax
+    (ties: the lowest index). For small k this compiles into one fused kernel, where torch.topk stays a
+    library call of its own."""
+    picked = []
+    for _ in range(k):
+        picked.append(x.argmax(dim=-1, keepdim=True))
+        x = x.scatter(-1, picked[-1], float("-inf"))
+    return torch.cat(picked, dim=-1)
 
 
 def expert_load(indices: torch.Tensor, n_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,6 +27,11 @@ routing and the expert order (a counting sort: one-hot prefix sums, the same ord
 fp32/fp16 (no fast grouped kernel) the routed experts run as batched GEMMs of every expert over every token. A ``mlp`` that is not
 transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
 stays inside it.
+On CUDA in bf16 with transformers' own modules, each decoder layer's decode runs as one ``torch.compile``d
+pure function (``decode_layer``: weights, the layer's cache and the positions in; the new hidden state and
+the token's latent out), so inductor fuses the norms, RoPE, masking, softmax and routing around the GEMMs;
+the cache is only read there (the token attends to the cached positions < t, and to itself through its own
+latent, merged in one softmax) and all layers' latents are written with one scatter after the last layer.
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
 MTP modules are not used for generation.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MLP, DeepseekV3MoE
 
 from grpo.moe import route
@@ -163,6 +169,69 @@ _compiled_route = torch.compile(route, dynamic=True)
 _compiled_order = torch.compile(counting_order, dynamic=True)
 
 
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """``V3Decoder._rope`` in real arithmetic (inductor does not fuse complex ops): each pair (a, b) becomes
+    (a cos - b sin, a sin + b cos), written adjacent. x [..., Dr], cos/sin broadcastable to [..., Dr/2]."""
+    half = x.shape[-1] // 2
+    a, b = (x.unflatten(-1, (half, 2)).unbind(-1) if interleave else x.chunk(2, dim=-1))
+    a, b = a.float(), b.float()
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 w: dict[str, torch.Tensor], *, dims: tuple, moe: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for one new token per sequence, as a pure function.
+
+    x [n, D] hidden states; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
+    cos/sin [n, Dr/2]; w the layer's weights (``_Layer.weights``). dims = (heads, nope, rope, v_dim, rank,
+    scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a DeepSeekMoE block, None for a
+    dense MLP. Returns (x [n, D] after the layer, latent [n, R+Dr] to write at each sequence's position).
+    Attention: softmax over [q.k_s for s < pos ; q.k_self] with k_self from the returned latent, the same
+    distribution as writing the latent first and attending over s <= pos."""
+    heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
+    act = ACT2FN[act]
+    n, span = x.shape[0], keys.shape[1]
+    h = F.rms_norm(x, x.shape[-1:], w["in_norm"], eps["in"])
+    if "q" in w:
+        q = F.linear(h, w["q"])
+    else:
+        qa = F.linear(h, w["q_a"])
+        q = F.linear(F.rms_norm(qa, qa.shape[-1:], w["q_norm"], eps["q"]), w["q_b"])
+    q = q.view(n, heads, nope + rope)
+    kv = F.linear(h, w["kv_a"])
+    c = F.rms_norm(kv[:, :rank], (rank,), w["kv_norm"], eps["kv"])
+    latent = torch.cat((c, rope_pairs(kv[:, rank:], cos, sin, interleave)), dim=-1)  # [n, R+Dr]
+    q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w["w_uk"]).transpose(0, 1)  # [n, H, R]
+    q_full = torch.cat((q_latent, rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)), dim=-1)
+    scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, H, S]
+    scores = scores.masked_fill(torch.arange(span, device=x.device) >= pos[:, None, None], float("-inf"))
+    own = (q_full.float() * latent[:, None].float()).sum(dim=-1, keepdim=True) * scale  # [n, H, 1]
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), own)
+    e, e_own = (scores - top).exp(), (own - top).exp()
+    total = e.sum(dim=-1, keepdim=True) + e_own
+    probs = (e / total).to(x.dtype)  # [n, H, S], its own contiguous tensor (an odd-strided slice takes a slow GEMM)
+    out_latent = torch.bmm(probs, keys[..., :rank]) + (e_own / total).to(x.dtype) * c[:, None]  # [n, H, R]
+    out = torch.bmm(out_latent.transpose(0, 1), w["w_uv_t"]).transpose(0, 1).reshape(n, heads * v_dim)
+    x = x + F.linear(out, w["o"])
+    h = F.rms_norm(x, x.shape[-1:], w["post_norm"], eps["post"])
+    shared = F.linear(act(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+    if moe is None:
+        return x + shared, latent
+    n_experts, kw = moe
+    weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
+    top_k = idx.shape[1]
+    perm, offs = counting_order(idx.reshape(-1), n_experts)
+    g, u = F.grouped_mm(h[perm // top_k], w["gate_up"].transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    y = F.grouped_mm(act(g) * u, w["expert_down"].transpose(1, 2), offs=offs) * weights.reshape(-1)[perm, None]
+    routed = torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1)
+    return x + (routed.to(h.dtype) + shared), latent
+
+
+# One compiled function for all layers: weights are inputs, so the dense first layer and the MoE layers are
+# its only two variants; only the batch and span dimensions are dynamic (``V3Decoder._decode_fused``).
+_compiled_layer = torch.compile(decode_layer)
+
+
 class _DenseMLP:
     def __init__(self, mlp: nn.Module):
         self.gate, self.up, self.down = _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj)
@@ -200,6 +269,37 @@ class _Layer:
         if type(a.kv_b_proj) is not nn.Linear:
             raise TypeError("the absorbed MLA decode needs kv_b_proj to be a plain nn.Linear; use backend='generic'")
         self.mlp = _mlp(layer.mlp, config)
+        self.module, self.config = layer, config
+
+    def fused(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(weights, static kwargs) of ``decode_layer`` for this layer, or None when a module is not
+        transformers' own (an adapter wrapper, an expert-parallel MoE block)."""
+        a, mlp, config = self.module.self_attn, self.module.mlp, self.config
+        linears = ["kv_a_proj_with_mqa", "o_proj", *(["q_proj"] if a.q_lora_rank is None else ["q_a_proj", "q_b_proj"])]
+        dense = mlp.shared_experts if isinstance(self.mlp, _Experts) else mlp
+        if not isinstance(self.mlp, (_Experts, _DenseMLP)) or any(
+                type(m) is not nn.Linear or m.bias is not None
+                for m in [getattr(a, name) for name in linears] + [dense.gate_proj, dense.up_proj, dense.down_proj]):
+            return None
+        w_uk, w_uv_t = self.absorbed_weights()
+        w = {"in_norm": self.in_norm.weight, "kv_a": a.kv_a_proj_with_mqa.weight, "kv_norm": a.kv_a_layernorm.weight,
+             "w_uk": w_uk, "w_uv_t": w_uv_t, "o": a.o_proj.weight, "post_norm": self.post_norm.weight,
+             "gate": dense.gate_proj.weight, "up": dense.up_proj.weight, "down": dense.down_proj.weight}
+        eps = {"in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
+               "post": self.post_norm.variance_epsilon}
+        if a.q_lora_rank is None:
+            w["q"] = a.q_proj.weight
+        else:
+            w.update(q_a=a.q_a_proj.weight, q_b=a.q_b_proj.weight, q_norm=a.q_a_layernorm.weight)
+            eps["q"] = a.q_a_layernorm.variance_epsilon
+        moe = None
+        if isinstance(self.mlp, _Experts):
+            w.update(router=mlp.gate.weight, bias=mlp.gate.e_score_correction_bias,
+                     gate_up=mlp.experts.gate_up_proj, expert_down=mlp.experts.down_proj)
+            moe = (self.mlp.n_experts, self.mlp.kw)
+        dims = (self.heads, self.nope, self.rope, self.v_dim, self.rank, self.scale,
+                bool(getattr(config, "rope_interleave", False)), config.hidden_act, eps)
+        return w, {"dims": dims, "moe": moe}
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, Dn, R] and W_UV^T [H, R, Dv]: views of kv_b_proj.weight [H*(Dn+Dv), R]."""
@@ -231,7 +331,8 @@ class V3Decoder:
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = model.model.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
         half = cos.shape[-1] // 2  # cos/sin = cat(f, f) per position: one angle per rotated pair
-        self.rotation = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [max_len, Dr/2]
+        self.cos, self.sin = cos[0, :, :half].float(), sin[0, :, :half].float()  # [max_len, Dr/2]
+        self.rotation = torch.complex(self.cos, self.sin)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.rows = torch.arange(slots, device=self.device) * max_len  # first cache row of each slot
@@ -245,6 +346,8 @@ class V3Decoder:
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
         self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
+        fused = [layer.fused() for layer in self.layers]
+        self.fused = fused if self.device.type == "cuda" and self.dtype == torch.bfloat16 and all(fused) else None
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -262,6 +365,8 @@ class V3Decoder:
         """One token for slots 0..n-1: input ``tokens[:n]`` at ``positions[:n]`` (every position < span).
         Writes their latents to the cache and returns logits [n, V]. Static shapes for given (n, span)."""
         pos = self.positions[:n]
+        if self.fused:
+            return self._decode_fused(n, span, pos)
         rotation = self.rotation[pos]
         visible = self.span_range[:span] <= pos[:, None]
         mask = torch.zeros(n, 1, span, dtype=self.dtype, device=self.device).masked_fill_(~visible[:, None], float("-inf"))
@@ -270,6 +375,25 @@ class V3Decoder:
         for i, layer in enumerate(self.layers):
             x = x + self._attend_decode(layer, self.cache.data[i], _rms(x, layer.in_norm), rotation, mask, write_rows, span)
             x = x + layer.mlp(_rms(x, layer.post_norm))
+        return self.decode_head(_rms(x, self.final_norm))
+
+    def _decode_fused(self, n: int, span: int, pos: torch.Tensor) -> torch.Tensor:
+        cos, sin, latents = self.cos[pos], self.sin[pos], []
+        x = self.embed(self.tokens[:n])
+        # Batch and span are the only dynamic sizes: every other size and every int argument stays a constant
+        # (symbolic model sizes broke inductor's code generation), and a second model with other sizes gets
+        # its own static variants instead of turning the first one's sizes symbolic. Variants per model:
+        # dense / MoE layer x batch 1 / more x span < / = max_len (the cache view's strides).
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+            for i, (w, static) in enumerate(self.fused):
+                keys = self.cache.data[i, :n, :span]
+                for t in (x, pos, cos, sin, keys):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(keys, 1)
+                x, latent = _compiled_layer(x, keys, pos, cos, sin, w, **static)
+                latents.append(latent)
+        cache = self.cache.data.view(len(self.layers), -1, self.cache.data.shape[-1])
+        cache.index_copy_(1, self.rows[:n] + pos, torch.stack(latents))
         return self.decode_head(_rms(x, self.final_norm))
 
     def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, rotation, mask, write_rows, span) -> torch.Tensor:

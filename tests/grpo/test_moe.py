@@ -51,10 +51,17 @@ def test_route_matches_transformers_router():
     router.e_score_correction_bias.normal_(std=0.3)
     x = torch.randn(50, 16)
     logits, w_ref, idx_ref = router(x)
-    w, idx, _ = moe.route(logits, router.e_score_correction_bias, n_group=4, topk_group=2, top_k=4, scale=2.5)
-    order_ref, order = idx_ref.sort(-1), idx.sort(-1)
-    assert torch.equal(order_ref.values, order.values)
-    assert torch.allclose(w_ref.gather(1, order_ref.indices), w.gather(1, order.indices))
+    for by_argmax in (False, True):
+        w, idx, _ = moe.route(logits, router.e_score_correction_bias, n_group=4, topk_group=2, top_k=4, scale=2.5,
+                              by_argmax=by_argmax)
+        order_ref, order = idx_ref.sort(-1), idx.sort(-1)
+        assert torch.equal(order_ref.values, order.values)
+        assert torch.allclose(w_ref.gather(1, order_ref.indices), w.gather(1, order.indices))
+
+
+def test_top_by_argmax_by_hand():
+    x = torch.tensor([[0.1, 0.7, -1.0, 0.7, 0.3], [float("-inf"), 2.0, 1.0, 0.0, -3.0]])
+    assert moe.top_by_argmax(x, 3).tolist() == [[1, 3, 4], [1, 2, 3]]  # largest first, ties to the lower index
 
 
 def test_expert_load_excludes_padding():

@@ -9,6 +9,7 @@ import grpo.rollout as rollout_mod
 from grpo.config import ConfigError
 from grpo.rollout import RolloutEngine, SamplingConfig
 from grpo.moe import route
+import grpo.v3_decode as v3_decode
 from grpo.v3_decode import V3Decoder, _Experts, counting_order, sorted_order
 
 VOCAB = 128
@@ -122,6 +123,27 @@ def test_dense_and_grouped_experts_agree_with_transformers():
         ref = moe(h[None])[0] - moe.shared_experts(h)
     torch.testing.assert_close(experts.grouped(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(experts.dense(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False)])
+def test_fused_decode_layer_equals_the_module_path(monkeypatch, overrides):
+    """The pure per-layer decode function (compiled on CUDA in bf16; run uncompiled here in fp32) gives the
+    module path's logits and writes the same latents, at mixed positions with stale cache rows beyond them."""
+    model = v3_model(**overrides)
+    dec = V3Decoder(model, slots=4, max_len=32)
+    with torch.no_grad():
+        dec.prefill([[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]])
+        dec.cache.data[:, :, 10:] = torch.randn_like(dec.cache.data[:, :, 10:])  # stale rows the mask must hide
+        dec.positions[:] = torch.tensor([6, 3, 6, 3])
+        dec.tokens[:] = torch.tensor([20, 21, 22, 23])
+        ref, ref_cache = dec.decode(4, 16), dec.cache.data.clone()
+        dec.cache.data[:, torch.arange(4), dec.positions] = 0
+        dec.fused = [layer.fused() for layer in dec.layers]
+        assert all(dec.fused)
+        monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
+        fused = dec.decode(4, 16)
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dec.cache.data, ref_cache, atol=1e-6, rtol=0)
 
 
 def test_counting_order_equals_a_stable_sort():

@@ -60,3 +60,30 @@ def test_bf16_grouped_experts_match_transformers():
         h = torch.randn(n, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             torch.testing.assert_close(experts(h), moe(h[None])[0], atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_compiled_decode_layers_match_the_module_path():
+    """In bf16 on CUDA each layer's decode is the compiled ``decode_layer``: same logits and cache as the
+    module path (within bf16 rounding), and sampled logprobs through CUDA graphs match teacher forcing."""
+    from grpo.v3_decode import V3Decoder
+    model = v3_cuda().to(torch.bfloat16)
+    dec = V3Decoder(model, slots=8, max_len=64)
+    assert dec.fused
+    with torch.no_grad():
+        dec.prefill(PROMPTS, [[0, 5], [1, 6], [2, 7], [3], [4]])
+        dec.positions[:] = torch.tensor([5, 3, 8, 2, 4, 5, 3, 8])
+        dec.tokens[:] = torch.arange(30, 38)
+        fused, fused_cache = dec.decode(8, 64).float(), dec.cache.data.clone()
+        dec.fused = None
+        ref = dec.decode(8, 64).float()
+    assert (fused - ref).abs().max() < 0.05 * ref.abs().max()
+    torch.testing.assert_close(fused_cache, dec.cache.data, atol=2e-2, rtol=2e-2)
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=16, stop_token_ids=[3], max_batch=4, cuda_graphs=True, seed=0)
+    ro = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
+    for r, n in enumerate(ro.lengths.tolist()):
+        prompt = ro.prompt_ids[r]
+        ids = torch.tensor([prompt + ro.completion_ids[r, :n].tolist()], device="cuda")
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        ref = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1).cpu()
+        torch.testing.assert_close(ro.logprobs[r, :n].cpu(), ref, atol=0.1, rtol=0)
