@@ -30,7 +30,9 @@ temperature. GSPO uses the same ``epsilon``/``epsilon_high`` knobs (the GSPO pap
 [1 - 3e-4, 1 + 4e-4]: set them accordingly). The KL term sits inside the
 per-token objective (DeepSeekMath), not in the reward (PPO/InstructGPT). Truncated completions
 (``mask_truncated_completions``) keep their advantages in the group statistics but get no loss tokens
-(DAPO's overlong filtering).
+(DAPO's overlong filtering). log r_it is capped at ``MAX_LOG_RATIO`` = 20 before the exponential (as veRL
+does): r = e^20 is far outside any clip range, and without the cap a rollout log-prob more than 88 nats below
+the trainer's makes r = inf, which the min() hides in the loss but turns into a NaN gradient (0 * inf).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from grpo.config import ConfigError
+
+MAX_LOG_RATIO = 20.0
 
 
 @dataclass(kw_only=True)
@@ -165,8 +169,9 @@ def log_importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: st
 
 
 def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, cfg: LossConfig) -> Tensor:
-    """Per-token -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with r capped at delta when set. [N, L], [N] -> [N, L]."""
-    ratio = log_ratio.exp()
+    """Per-token -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with r capped at delta when set (and log r at
+    MAX_LOG_RATIO). [N, L], [N] -> [N, L]."""
+    ratio = log_ratio.clamp(max=MAX_LOG_RATIO).exp()
     clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_high)
     if cfg.delta is not None:
         ratio = ratio.clamp(max=cfg.delta)
@@ -224,7 +229,7 @@ def grpo_loss(*, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
         per_token = per_token - cfg.entropy_coef * entropy
     if entropy is not None:
         metrics["entropy"] = entropy
-    ratio = log_ratio.detach().exp()
+    ratio = log_ratio.detach().clamp(max=MAX_LOG_RATIO).exp()
     adv = advantages[:, None]
     low = ((ratio < 1 - cfg.epsilon) & (adv < 0)).float()
     high = ((ratio > 1 + cfg.epsilon_high) & (adv > 0)).float()

@@ -161,6 +161,26 @@ def test_clipped_tokens_get_no_gradient():
     close(out.metrics["clip_low"], 0.0)
 
 
+def test_rollout_logprob_far_below_the_trainers_gives_a_finite_gradient():
+    """A token the rollout scored 100 nats below the trainer (r = e^100 = inf in fp32): clipped with A > 0, so
+    no gradient, and the other tokens' gradients stay finite and unchanged (no 0 * inf = NaN)."""
+    theta, ids, mask, _ = _policy()
+    logp, _ = logprobs_and_entropy(theta, ids)
+    old = logp.detach().clone()
+    old[0, 0] -= 100.0
+    adv = torch.ones(3)
+    out = grpo_loss(logp=logp, old_logp=old, advantages=adv, mask=mask, cfg=LossConfig(loss_type="dapo"), norm=LossNorm.of(mask))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(theta.grad).all()
+    theta2 = theta.detach().clone().requires_grad_()
+    logp2, _ = logprobs_and_entropy(theta2, ids)
+    mask2 = mask.clone()
+    mask2[0, 0] = 0  # the same loss without that (clipped) token's zero contribution
+    grpo_loss(logp=logp2, old_logp=logp2.detach(), advantages=adv, mask=mask2, cfg=LossConfig(loss_type="dapo"),
+              norm=LossNorm.of(mask)).loss.backward()
+    close(theta.grad, theta2.grad)
+
+
 def test_kl_and_entropy_terms():
     theta, ids, mask, adv = _policy()
     logp, ent = logprobs_and_entropy(theta, ids, entropy_grad=True)
