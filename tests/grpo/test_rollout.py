@@ -100,6 +100,27 @@ def test_sampled_logprobs_equal_teacher_forcing_with_refill(make, sampling):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
 
 
+def test_fused_layer_decode_through_the_engine_matches_teacher_forcing(monkeypatch):
+    """The engine (refill, stop tokens, mixed lengths) with every decode step through ``decode_layer`` (the
+    function compiled on CUDA in bf16; here uncompiled, fp32): logprobs equal a teacher-forced forward pass."""
+    bind = V3Decoder.bind
+
+    def fused_bind(self):
+        bind(self)
+        self.fused = [layer.fused() for layer in self.layers]
+
+    monkeypatch.setattr(V3Decoder, "bind", fused_bind)
+    monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
+    model = v3_model()
+    stop = [40, 41]  # 1/64 of the vocabulary: some rows stop, some run past the first 64-position span
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=70, stop_token_ids=stop, max_batch=7, seed=3)
+    engine = RolloutEngine(model, None, cfg)
+    ro = engine.generate(PROMPTS, 3)  # 15 rows through 7 slots; spans past one 64-position bucket
+    assert engine._decoder.fused and {"stop", "length"} <= set(ro.finish_reason) and int(ro.lengths.max()) == 70
+    for r, ref in enumerate(teacher_forced_logprobs(model, ro, 1.0)):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
 def test_yarn_unfused_query_and_half_split_rope_match_teacher_forcing():
     """q_proj instead of the q LoRA, rope_interleave False, YaRN with an attention factor and mscale."""
     yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=1.0,
