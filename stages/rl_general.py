@@ -82,7 +82,7 @@ class RLGeneralConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/sft_rs/final", mtp_layers=0))
     tokenizer: str | None = None  # null: the one saved with model.init
     data: list[DataConfig] = field(default_factory=lambda: [
-        DataConfig(path="runs/tiny/data/math_train.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl"),
+        DataConfig(path="runs/tiny/data/math_rl.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl"),
         DataConfig(path="runs/tiny/data/general_train.jsonl")])
     reward_model: str | None = "runs/tiny/reward_model/final"  # sets the reward_model reward's kwargs.path
     rewards: list[RewardSpec] = field(default_factory=default_rewards)

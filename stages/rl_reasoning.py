@@ -55,7 +55,7 @@ class RLReasoningConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/sft/final", mtp_layers=0))
     tokenizer: str | None = None  # tokenizer dir; null: the one saved with model.init
     data: list[DataConfig] = field(default_factory=lambda: [
-        DataConfig(path="runs/tiny/data/math_train.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl")])
+        DataConfig(path="runs/tiny/data/math_rl.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl")])
     system_prompt: Literal["none", "r1"] = "none"  # r1: DeepSeek-R1's instruction as the system turn
     think: bool = False  # prefill "<think>\n" after the assistant opener
     rewards: list[RewardSpec] = field(default_factory=default_rewards)
