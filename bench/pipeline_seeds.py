@@ -18,6 +18,8 @@ seed 2: 9.2% -> 10.9% (+1.8 +- 1.3), greedy 14.5% -> 12.0% (-2.5 +- 2.4) (this s
 sharp transition at 1200 steps). Pass@1 rose on 3/3 seeds, mean +1.9 +- 0.9 (pooled paired standard error);
 greedy on 2/3, mean -0.2. The previous setting (60 steps x 16 prompts over the 2,000 math_train prompts, lr 3e-5)
 gave +0.2, +0.0, +1.1 on the same SFT checkpoints.
+With 2,000 SFT steps (--run-root runs/tiny-seeds-2k 'step_overrides={sft: [train.max_steps=2000]}'): seed 0
+SFT 67.6% -> RL 67.4% (-0.1 +- 1.5), seed 2 59.1% -> 57.1% (-2.0 +- 1.6): RL helps only the under-trained checkpoint.
 """
 from __future__ import annotations
 
