@@ -19,7 +19,8 @@ sharp transition at 1200 steps). Pass@1 rose on 3/3 seeds, mean +1.9 +- 0.9 (poo
 greedy on 2/3, mean -0.2. The previous setting (60 steps x 16 prompts over the 2,000 math_train prompts, lr 3e-5)
 gave +0.2, +0.0, +1.1 on the same SFT checkpoints.
 With 2,000 SFT steps (--run-root runs/tiny-seeds-2k 'step_overrides={sft: [train.max_steps=2000]}'): seed 0
-SFT 67.6% -> RL 67.4% (-0.1 +- 1.5), seed 2 59.1% -> 57.1% (-2.0 +- 1.6): RL helps only the under-trained checkpoint.
+SFT 67.6% -> RL 67.4% (-0.1 +- 1.5), seed 1 66.6% -> 68.8% (+2.1 +- 1.4), seed 2 59.1% -> 57.1% (-2.0 +- 1.6):
+mean 0.0, RL reliably helps only the under-trained checkpoint.
 """
 from __future__ import annotations
 
