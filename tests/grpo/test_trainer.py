@@ -212,9 +212,11 @@ t = GRPOTrainer(cfg, model=model, tokenizer=tok, sampling=SamplingConfig(max_new
 m = t.train()
 w = torch.cat([p.detach().flatten() for p in t.policy.parameters()])
 b = torch.cat([r.e_score_correction_bias.flatten() for _, r in t.policy.routers()])
-print("RESULT", json.dumps({{"rank": t.accelerator.process_index, "w": w.double().sum().item(),
-      "w_abs": w.abs().double().sum().item(), "bias": b.abs().sum().item(), "reward": m["reward"],
-      "rounds": m["sampling/rounds"], "index": t.stream.state()["index"]}}), flush=True)
+rank = t.accelerator.process_index
+with open({out!r} + f".result{{rank}}.json", "w") as f:  # a file per rank: the two stdouts interleave
+    json.dump({{"rank": rank, "w": w.double().sum().item(), "w_abs": w.abs().double().sum().item(),
+               "bias": b.abs().sum().item(), "reward": m["reward"], "rounds": m["sampling/rounds"],
+               "index": t.stream.state()["index"]}}, f)
 """
 
 
@@ -229,7 +231,7 @@ def test_two_processes_stay_in_sync(tmp_path):
            str(root / "recipes/accelerate/cpu_2proc.yaml"), "--main_process_port", "0", str(script)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("run.result*.json"))]
     assert proc.returncode == 0 and len(results) == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     a, b = sorted(results, key=lambda r: r["rank"])
     assert a["w"] == b["w"] and a["w_abs"] == b["w_abs"] and a["bias"] == b["bias"] and a["bias"] > 0
