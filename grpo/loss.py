@@ -168,10 +168,15 @@ def log_importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: st
     return seq.detach() + logp - logp.detach()
 
 
+def capped_ratio(log_ratio: Tensor) -> Tensor:
+    """r = exp(min(log r, MAX_LOG_RATIO)) (module docstring). [N, L] -> [N, L]."""
+    return log_ratio.clamp(max=MAX_LOG_RATIO).exp()
+
+
 def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, cfg: LossConfig) -> Tensor:
-    """Per-token -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with r capped at delta when set (and log r at
-    MAX_LOG_RATIO). [N, L], [N] -> [N, L]."""
-    ratio = log_ratio.clamp(max=MAX_LOG_RATIO).exp()
+    """Per-token -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with r = ``capped_ratio`` and capped at delta when
+    set. [N, L], [N] -> [N, L]."""
+    ratio = capped_ratio(log_ratio)
     clipped = ratio.clamp(1 - cfg.epsilon, 1 + cfg.epsilon_high)
     if cfg.delta is not None:
         ratio = ratio.clamp(max=cfg.delta)
@@ -229,7 +234,7 @@ def grpo_loss(*, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
         per_token = per_token - cfg.entropy_coef * entropy
     if entropy is not None:
         metrics["entropy"] = entropy
-    ratio = log_ratio.detach().clamp(max=MAX_LOG_RATIO).exp()
+    ratio = capped_ratio(log_ratio.detach())
     adv = advantages[:, None]
     low = ((ratio < 1 - cfg.epsilon) & (adv < 0)).float()
     high = ((ratio > 1 + cfg.epsilon_high) & (adv > 0)).float()

@@ -170,8 +170,11 @@ _compiled_order = torch.compile(counting_order, dynamic=True)
 
 
 def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """``V3Decoder._rope`` in real arithmetic (inductor does not fuse complex ops): each pair (a, b) becomes
-    (a cos - b sin, a sin + b cos), written adjacent. x [..., Dr], cos/sin broadcastable to [..., Dr/2]."""
+    """RoPE of x [..., Dr] with cos/sin broadcastable to [..., Dr/2] (attention factor included): each pair
+    (a, b) becomes (a cos - b sin, a sin + b cos), in real arithmetic (inductor does not fuse complex ops).
+    Pairs are transformers' ((2j, 2j+1) with rope_interleave, else (j, j+Dr/2)); the output keeps each pair
+    adjacent, a fixed permutation of transformers' layout that queries and cached keys share, so every q.k
+    is unchanged."""
     half = x.shape[-1] // 2
     a, b = (x.unflatten(-1, (half, 2)).unbind(-1) if interleave else x.chunk(2, dim=-1))
     a, b = a.float(), b.float()
@@ -332,7 +335,6 @@ class V3Decoder:
         cos, sin = model.model.rotary_emb(torch.empty(0, device=self.device, dtype=self.dtype), positions)
         half = cos.shape[-1] // 2  # cos/sin = cat(f, f) per position: one angle per rotated pair
         self.cos, self.sin = cos[0, :, :half].float(), sin[0, :, :half].float()  # [max_len, Dr/2]
-        self.rotation = torch.complex(self.cos, self.sin)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.rows = torch.arange(slots, device=self.device) * max_len  # first cache row of each slot
@@ -346,19 +348,16 @@ class V3Decoder:
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
         self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
-        fused = [layer.fused() for layer in self.layers]
-        self.fused = fused if self.device.type == "cuda" and self.dtype == torch.bfloat16 and all(fused) else None
+        self.fused = None
+        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
+            fused = [layer.fused() for layer in self.layers]
+            self.fused = fused if all(fused) else None
 
     # ---- rotary ------------------------------------------------------------------------------------------
-    def _rope(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """RoPE of x [..., T, heads, Dr] with rotation [T, Dr/2] (complex, attention factor included) as one
-        complex multiply per pair. Pairs are transformers' ((2j, 2j+1) with rope_interleave, else (j, j+Dr/2));
-        the output keeps each pair adjacent, a fixed permutation of transformers' layout that queries and
-        cached keys share, so every q.k is unchanged."""
-        half = x.shape[-1] // 2
-        pairs = x.unflatten(-1, (half, 2)) if self.interleave else x.unflatten(-1, (2, half)).transpose(-1, -2)
-        turned = torch.view_as_complex(pairs.float().contiguous()) * rotation[:, None]
-        return torch.view_as_real(turned).flatten(-2).to(x.dtype)
+    def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``rope_pairs`` of x [..., T, heads, Dr] with rotation = (cos, sin) [T, Dr/2]."""
+        cos, sin = rotation
+        return rope_pairs(x, cos[:, None], sin[:, None], self.interleave)
 
     # ---- decode ------------------------------------------------------------------------------------------
     def decode(self, n: int, span: int) -> torch.Tensor:
@@ -367,7 +366,7 @@ class V3Decoder:
         pos = self.positions[:n]
         if self.fused:
             return self._decode_fused(n, span, pos)
-        rotation = self.rotation[pos]
+        rotation = self.cos[pos], self.sin[pos]
         visible = self.span_range[:span] <= pos[:, None]
         mask = torch.zeros(n, 1, span, dtype=self.dtype, device=self.device).masked_fill_(~visible[:, None], float("-inf"))
         write_rows = self.rows[:n] + pos
@@ -428,7 +427,7 @@ class V3Decoder:
         ids = ids.to(self.device)
         src = torch.tensor(src, dtype=torch.long, device=self.device)
         dst = torch.tensor(dst, dtype=torch.long, device=self.device)
-        rotation = self.rotation[:width]
+        rotation = self.cos[:width], self.sin[:width]
         x = self.embed(ids).view(batch * width, -1)
         for i, layer in enumerate(self.layers):
             x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, rotation, src, dst)
