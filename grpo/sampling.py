@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from grpo import kernels
+
 
 def sample(
     logits: torch.Tensor,
@@ -141,8 +143,11 @@ def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """Positions [B, k] of the k largest entries of each row of x [B, n], in no particular order. On CPU
-    numpy's argpartition (introselect), about twice as fast as torch.topk there."""
+    numpy's argpartition (introselect), about twice as fast as torch.topk there; on CUDA a Triton row sort
+    (``grpo.kernels.topk_indices``) where it applies."""
     if x.device.type != "cpu":
+        if kernels.AVAILABLE and x.dtype == torch.float32 and x.shape[-1] <= kernels.TOPK_MAX_COLUMNS:
+            return kernels.topk_indices(x, k)
         return x.topk(k, dim=-1, sorted=False).indices
     n = x.shape[-1]
     return torch.from_numpy(np.argpartition(x.detach().numpy(), n - k, axis=-1)[:, n - k:])

@@ -43,6 +43,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MLP, DeepseekV3MoE
 
+from grpo import kernels
 from grpo.moe import route
 
 
@@ -182,47 +183,56 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 w: dict[str, torch.Tensor], *, dims: tuple, moe: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 w: dict[str, torch.Tensor], *, dims: tuple, moe: tuple | None,
+                 block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per sequence, as a pure function.
 
     x [n, D] hidden states; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
-    cos/sin [n, Dr/2]; w the layer's weights (``_Layer.weights``). dims = (heads, nope, rope, v_dim, rank,
+    cos/sin [n, Dr/2]; w the layer's weights (``_Layer.fused``; in_proj = [q_proj or q_a_proj ; kv_a_proj] and
+    gate_up_shared = [gate_proj ; up_proj] of the dense MLP or shared experts, each one GEMM). dims = (heads, nope, rope, v_dim, rank,
     scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a DeepSeekMoE block, None for a
     dense MLP. Returns (x [n, D] after the layer, latent [n, R+Dr] to write at each sequence's position).
     Attention: softmax over [q.k_s for s < pos ; q.k_self] with k_self from the returned latent, the same
-    distribution as writing the latent first and attending over s <= pos."""
+    distribution as writing the latent first and attending over s <= pos. block > 0: attention and routed
+    experts through ``grpo.kernels`` (Triton, CUDA), with MoE row blocks of that size."""
     heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
     act = ACT2FN[act]
     n, span = x.shape[0], keys.shape[1]
     h = F.rms_norm(x, x.shape[-1:], w["in_norm"], eps["in"])
-    if "q" in w:
-        q = F.linear(h, w["q"])
-    else:
-        qa = F.linear(h, w["q_a"])
-        q = F.linear(F.rms_norm(qa, qa.shape[-1:], w["q_norm"], eps["q"]), w["q_b"])
-    q = q.view(n, heads, nope + rope)
-    kv = F.linear(h, w["kv_a"])
+    q, kv = F.linear(h, w["in_proj"]).split([w["in_proj"].shape[0] - rank - rope, rank + rope], dim=-1)
+    if "q_b" in w:
+        q = F.linear(F.rms_norm(q, q.shape[-1:], w["q_norm"], eps["q"]), w["q_b"])
+    q = q.reshape(n, heads, nope + rope)
     c = F.rms_norm(kv[:, :rank], (rank,), w["kv_norm"], eps["kv"])
     latent = torch.cat((c, rope_pairs(kv[:, rank:], cos, sin, interleave)), dim=-1)  # [n, R+Dr]
     q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w["w_uk"]).transpose(0, 1)  # [n, H, R]
     q_full = torch.cat((q_latent, rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)), dim=-1)
-    scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, H, S]
-    scores = scores.masked_fill(torch.arange(span, device=x.device) >= pos[:, None, None], float("-inf"))
-    own = (q_full.float() * latent[:, None].float()).sum(dim=-1, keepdim=True) * scale  # [n, H, 1]
-    top = torch.maximum(scores.amax(dim=-1, keepdim=True), own)
-    e, e_own = (scores - top).exp(), (own - top).exp()
-    total = e.sum(dim=-1, keepdim=True) + e_own
-    probs = (e / total).to(x.dtype)  # [n, H, S], its own contiguous tensor (an odd-strided slice takes a slow GEMM)
-    out_latent = torch.bmm(probs, keys[..., :rank]) + (e_own / total).to(x.dtype) * c[:, None]  # [n, H, R]
+    if block:
+        out_latent = kernels.mla_decode(q_full, keys, latent, pos, scale, rank)
+    else:
+        scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, H, S]
+        scores = scores.masked_fill(torch.arange(span, device=x.device) >= pos[:, None, None], float("-inf"))
+        own = (q_full.float() * latent[:, None].float()).sum(dim=-1, keepdim=True) * scale  # [n, H, 1]
+        top = torch.maximum(scores.amax(dim=-1, keepdim=True), own)
+        e, e_own = (scores - top).exp(), (own - top).exp()
+        total = e.sum(dim=-1, keepdim=True) + e_own
+        probs = (e / total).to(x.dtype)  # [n, H, S], its own tensor (an odd-strided slice takes a slow GEMM)
+        out_latent = torch.bmm(probs, keys[..., :rank]) + (e_own / total).to(x.dtype) * c[:, None]  # [n, H, R]
     out = torch.bmm(out_latent.transpose(0, 1), w["w_uv_t"]).transpose(0, 1).reshape(n, heads * v_dim)
     x = x + F.linear(out, w["o"])
     h = F.rms_norm(x, x.shape[-1:], w["post_norm"], eps["post"])
-    shared = F.linear(act(F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
+    g, u = F.linear(h, w["gate_up_shared"]).chunk(2, dim=-1)
+    shared = F.linear(act(g) * u, w["down"])
     if moe is None:
         return x + shared, latent
     n_experts, kw = moe
     weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
     top_k = idx.shape[1]
+    if block:
+        pairs, block_expert = kernels.moe_schedule(idx, n_experts, block)
+        inner = kernels.moe_up(h, w["gate_up"], pairs, block_expert, top_k)
+        y = kernels.moe_down(inner, w["expert_down"], pairs, block_expert, weights.reshape(-1))
+        return x + (y.view(n, top_k, -1).sum(dim=1).to(h.dtype) + shared), latent
     perm, offs = counting_order(idx.reshape(-1), n_experts)
     g, u = F.grouped_mm(h[perm // top_k], w["gate_up"].transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(act(g) * u, w["expert_down"].transpose(1, 2), offs=offs) * weights.reshape(-1)[perm, None]
@@ -257,6 +267,18 @@ def _mlp(mlp: nn.Module, config):
     return foreign
 
 
+def _stacked(buffers: dict, key, *linears: nn.Linear) -> torch.Tensor:
+    """The linears' weights stacked by rows (one GEMM for all), in ``buffers[key]``, refilled in place."""
+    rows = sum(m.weight.shape[0] for m in linears)
+    buf = buffers.get(key)
+    if buf is None or buf.shape[0] != rows:
+        with torch.inference_mode(False):  # a normal tensor: later binds refill it, in inference mode or not
+            buf = buffers[key] = torch.empty(rows, linears[0].weight.shape[1], dtype=linears[0].weight.dtype,
+                                             device=linears[0].weight.device)
+    with torch.no_grad():
+        return torch.cat([m.weight for m in linears], out=buf)
+
+
 class _Layer:
     def __init__(self, layer: nn.Module, config):
         a = layer.self_attn
@@ -274,9 +296,10 @@ class _Layer:
         self.mlp = _mlp(layer.mlp, config)
         self.module, self.config = layer, config
 
-    def fused(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+    def fused(self, buffers: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(weights, static kwargs) of ``decode_layer`` for this layer, or None when a module is not
-        transformers' own (an adapter wrapper, an expert-parallel MoE block)."""
+        transformers' own (an adapter wrapper, an expert-parallel MoE block). The two stacked weights are
+        copies kept in ``buffers`` and refilled in place on every call (CUDA graphs hold their addresses)."""
         a, mlp, config = self.module.self_attn, self.module.mlp, self.config
         linears = ["kv_a_proj_with_mqa", "o_proj", *(["q_proj"] if a.q_lora_rank is None else ["q_a_proj", "q_b_proj"])]
         dense = mlp.shared_experts if isinstance(self.mlp, _Experts) else mlp
@@ -285,15 +308,15 @@ class _Layer:
                 for m in [getattr(a, name) for name in linears] + [dense.gate_proj, dense.up_proj, dense.down_proj]):
             return None
         w_uk, w_uv_t = self.absorbed_weights()
-        w = {"in_norm": self.in_norm.weight, "kv_a": a.kv_a_proj_with_mqa.weight, "kv_norm": a.kv_a_layernorm.weight,
-             "w_uk": w_uk, "w_uv_t": w_uv_t, "o": a.o_proj.weight, "post_norm": self.post_norm.weight,
-             "gate": dense.gate_proj.weight, "up": dense.up_proj.weight, "down": dense.down_proj.weight}
+        q = a.q_proj if a.q_lora_rank is None else a.q_a_proj
+        w = {"in_norm": self.in_norm.weight, "in_proj": _stacked(buffers, (self.module, "in_proj"), q, a.kv_a_proj_with_mqa),
+             "kv_norm": a.kv_a_layernorm.weight, "w_uk": w_uk, "w_uv_t": w_uv_t, "o": a.o_proj.weight,
+             "post_norm": self.post_norm.weight, "down": dense.down_proj.weight,
+             "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj, dense.up_proj)}
         eps = {"in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
                "post": self.post_norm.variance_epsilon}
-        if a.q_lora_rank is None:
-            w["q"] = a.q_proj.weight
-        else:
-            w.update(q_a=a.q_a_proj.weight, q_b=a.q_b_proj.weight, q_norm=a.q_a_layernorm.weight)
+        if a.q_lora_rank is not None:
+            w.update(q_b=a.q_b_proj.weight, q_norm=a.q_a_layernorm.weight)
             eps["q"] = a.q_a_layernorm.variance_epsilon
         moe = None
         if isinstance(self.mlp, _Experts):
@@ -326,6 +349,7 @@ class V3Decoder:
         self.model, self.config = model, config
         weight = model.lm_head.weight
         self.device, self.dtype, self.slots = weight.device, weight.dtype, slots
+        self._stacked: dict = {}  # the fused path's stacked weights (``_Layer.fused``)
         self.bind()
         self.interleave = bool(getattr(config, "rope_interleave", False))
         first = self.layers[0]
@@ -350,8 +374,11 @@ class V3Decoder:
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
         self.fused = None
         if self.device.type == "cuda" and self.dtype == torch.bfloat16:
-            fused = [layer.fused() for layer in self.layers]
+            fused = [layer.fused(self._stacked) for layer in self.layers]
             self.fused = fused if all(fused) else None
+        # The Triton kernels (grpo.kernels) take the routed experts' SiLU and row-major weights.
+        self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
+            w[name].stride(-1) == 1 for w, _ in self.fused for name in ("gate_up", "expert_down") if name in w)
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -382,14 +409,18 @@ class V3Decoder:
         # Batch and span are the only dynamic sizes: every other size and every int argument stays a constant
         # (symbolic model sizes broke inductor's code generation), and a second model with other sizes gets
         # its own static variants instead of turning the first one's sizes symbolic. Variants per model:
-        # dense / MoE layer x batch 1 / more x span < / = max_len (the cache view's strides).
+        # dense / MoE layer x batch 1 / more x span < / = max_len (the cache view's strides); with the Triton
+        # kernels, dense / MoE x MoE block size (16, 32, 64) x batch 1 / more (they read positions < pos
+        # of the whole cache, so the span does not matter).
+        block = kernels.moe_block(n * self.config.num_experts_per_tok, self.config.n_routed_experts) if self.kernels else 0
+        span = self.cache.max_len if self.kernels else span
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
             for i, (w, static) in enumerate(self.fused):
                 keys = self.cache.data[i, :n, :span]
                 for t in (x, pos, cos, sin, keys):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(keys, 1)
-                x, latent = _compiled_layer(x, keys, pos, cos, sin, w, **static)
+                x, latent = _compiled_layer(x, keys, pos, cos, sin, w, **static, block=block if static["moe"] else min(block, 1))
                 latents.append(latent)
         cache = self.cache.data.view(len(self.layers), -1, self.cache.data.shape[-1])
         cache.index_copy_(1, self.rows[:n] + pos, torch.stack(latents))

@@ -1,0 +1,95 @@
+"""grpo.kernels: the MoE block layout (everywhere), and the Triton kernels against torch references (CUDA;
+on a CPU with Triton installed they also run under TRITON_INTERPRET=1, in fp32)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grpo import kernels
+
+INTERPRET = kernels.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if kernels.AVAILABLE else "cpu"
+needs_triton = pytest.mark.skipif(not (kernels.AVAILABLE or INTERPRET), reason="needs Triton with CUDA (or TRITON_INTERPRET=1)")
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+TOL = dict(atol=3e-2, rtol=3e-2) if DEVICE == "cuda" else dict(atol=1e-5, rtol=1e-5)
+
+if INTERPRET:  # numpy 2 refuses int() of the interpreter's one-element scalars (a dynamic loop bound)
+    from triton.runtime import interpreter
+
+    _patch = interpreter._patch_lang_tensor
+
+    def _patch_index(tensor):
+        _patch(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = _patch_index
+
+
+@pytest.mark.parametrize("n,top_k,n_experts", [(1, 2, 8), (7, 2, 8), (64, 4, 32), (256, 4, 32)])
+def test_moe_schedule_groups_pairs_by_expert_in_padded_blocks(n, top_k, n_experts):
+    idx = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n)])
+    idx[0, 0] = 3
+    block = kernels.moe_block(n * top_k, n_experts)
+    pairs, block_expert = kernels.moe_schedule(idx, n_experts, block)
+    assert pairs.shape == (block_expert.shape[0] * block,)
+    assert sorted(pairs[pairs >= 0].tolist()) == list(range(n * top_k))  # every pair exactly once
+    flat = idx.reshape(-1)
+    for b, e in enumerate(block_expert.tolist()):
+        rows = pairs[b * block:(b + 1) * block]
+        real = rows[rows >= 0]
+        if e == n_experts:  # unused blocks come last and hold no pair
+            assert len(real) == 0 and (block_expert[b:] == n_experts).all()
+        else:
+            assert (flat[real] == e).all() and (real.diff() > 0).all()  # one expert, pair order
+            assert rows[0] >= 0  # a block of an expert starts with one of its pairs
+    used = int((block_expert < n_experts).sum())
+    assert used == sum(-(-int(c) // block) for c in torch.bincount(flat, minlength=n_experts))
+
+
+@needs_triton
+def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latent():
+    torch.manual_seed(0)
+    n, heads, rank, rope, span = 6, 4, 64, 16, 100
+    keys = torch.randn(n + 2, span + 20, rank + rope, device=DEVICE, dtype=DTYPE)[:n, :span]  # a strided view
+    q = torch.randn(n, heads, rank + rope, device=DEVICE, dtype=DTYPE)
+    own = torch.randn(n, rank + rope, device=DEVICE, dtype=DTYPE)
+    pos = torch.tensor([0, 1, 63, 64, 65, 99], device=DEVICE)
+    out = kernels.mla_decode(q, keys, own, pos, 0.3, rank)
+    every = torch.cat((keys, own[:, None]), dim=1).float()
+    scores = torch.einsum("nhd,nsd->nhs", q.float(), every) * 0.3
+    seen = torch.cat((torch.arange(span, device=DEVICE)[None] < pos[:, None], torch.ones(n, 1, dtype=torch.bool, device=DEVICE)), 1)
+    ref = torch.einsum("nhs,nsr->nhr", scores.masked_fill(~seen[:, None], float("-inf")).softmax(-1), every[..., :rank])
+    torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_fused_moe_equals_a_loop_over_pairs(n):
+    torch.manual_seed(n)
+    dim, inter, n_experts, top_k = 64, 32, 8, 2
+    h = torch.randn(n, dim, device=DEVICE, dtype=DTYPE)
+    gate_up = torch.randn(n_experts, 2 * inter, dim, device=DEVICE, dtype=DTYPE) / 8
+    down = torch.randn(n_experts, dim, inter, device=DEVICE, dtype=DTYPE) / 8
+    idx = torch.stack([torch.randperm(n_experts, device=DEVICE)[:top_k] for _ in range(n)])
+    weights = torch.rand(n * top_k, device=DEVICE)
+    pairs, block_expert = kernels.moe_schedule(idx, n_experts, kernels.moe_block(n * top_k, n_experts))
+    y = kernels.moe_down(kernels.moe_up(h, gate_up, pairs, block_expert, top_k), down, pairs, block_expert, weights)
+    ref = torch.empty(n * top_k, dim, device=DEVICE)
+    for m, e in enumerate(idx.reshape(-1).tolist()):
+        g, u = (gate_up[e].float() @ h[m // top_k].float()).chunk(2)
+        ref[m] = weights[m] * (down[e].float() @ (F.silu(g) * u).to(DTYPE).float())
+    torch.testing.assert_close(y, ref, **TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("cols,k", [(2000, 50), (800, 50), (17, 16), (4096, 1)])
+def test_topk_indices_equal_torch_topk(cols, k):
+    torch.manual_seed(cols)
+    x = torch.randn(5, cols, device=DEVICE) * 3
+    x[0, :3] = -float("inf")
+    x[1] = -x[1].abs()  # negative values order by magnitude the other way
+    idx = kernels.topk_indices(x, k)
+    ref = x.topk(k, dim=-1)
+    torch.testing.assert_close(x.gather(1, idx), ref.values, atol=0, rtol=0)
+    assert (idx.sort(dim=-1).values == ref.indices.sort(dim=-1).values).all()
