@@ -38,7 +38,7 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 MLA_CONFIG = dict(BS=64, num_warps=4, num_stages=2)
 MOE_UP_CONFIG = dict(BN=64, BK=64, num_warps=4, num_stages=3)
 MOE_DOWN_CONFIG = dict(BN=128, BK=64, num_warps=4, num_stages=3)
-TOPK_MAX_COLUMNS = 4096  # ``topk_indices`` sorts a whole row in registers
+TOPK_MAX_COLUMNS = 4096  # ``topk_indices`` holds a whole row in registers
 
 
 def _pow2(x: int, least: int = 16) -> int:
@@ -76,16 +76,15 @@ def moe_schedule(idx: torch.Tensor, n_experts: int, block: int) -> tuple[torch.T
 if triton is not None:
 
     @triton.jit
-    def _mla_decode_kernel(q_ptr, keys_ptr, own_ptr, pos_ptr, out_ptr, scale,
-                           s_qn, s_qh, s_kn, s_ks, s_own, s_on, s_oh,
+    def _mla_decode_kernel(q_ptr, qr_ptr, keys_ptr, own_ptr, pos_ptr, out_ptr, scale,
+                           s_qn, s_qh, s_rn, s_rh, s_kn, s_ks, s_own, s_on, s_oh,
                            H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
                            HB: tl.constexpr, RB: tl.constexpr, DB: tl.constexpr, BS: tl.constexpr):
         n = tl.program_id(0)
         hs, rs, ds = tl.arange(0, HB), tl.arange(0, RB), tl.arange(0, DB)
         hm, rm, dm = hs < H, rs < R, ds < DR
-        q_row = q_ptr + n * s_qn + hs[:, None] * s_qh
-        q_lat = tl.load(q_row + rs[None, :], mask=hm[:, None] & rm[None, :], other=0.0)  # [HB, RB]
-        q_rope = tl.load(q_row + R + ds[None, :], mask=hm[:, None] & dm[None, :], other=0.0)  # [HB, DB]
+        q_lat = tl.load(q_ptr + n * s_qn + hs[:, None] * s_qh + rs[None, :], mask=hm[:, None] & rm[None, :], other=0.0)
+        q_rope = tl.load(qr_ptr + n * s_rn + hs[:, None] * s_rh + ds[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
         own_c = tl.load(own_ptr + n * s_own + rs, mask=rm, other=0.0)
         own_r = tl.load(own_ptr + n * s_own + R + ds, mask=dm, other=0.0)
         top = (tl.sum(q_lat.to(tl.float32) * own_c[None, :].to(tl.float32), axis=1)
@@ -162,20 +161,139 @@ if triton is not None:
             tl.store(out_ptr + pair[:, None] * s_on + cols[None, :], acc, mask=real[:, None] & cm[None, :])
 
     @triton.jit
+    def _moe_schedule_kernel(idx_ptr, pairs_ptr, block_expert_ptr, M, n_experts, n_blocks,
+                             BLOCK: tl.constexpr, MP: tl.constexpr, EP: tl.constexpr):
+        e = tl.program_id(0)
+        ms = tl.arange(0, MP)
+        ids = tl.load(idx_ptr + ms, mask=ms < M, other=n_experts).to(tl.int32)
+        es = tl.arange(0, EP)
+        counts = tl.histogram(ids, EP)
+        padded = tl.where(es < n_experts, (counts + BLOCK - 1) // BLOCK * BLOCK, 0)
+        start = tl.sum(tl.where(es < e, padded, 0), axis=0)
+        count = tl.sum(tl.where(es == e, counts, 0), axis=0)
+        mine = tl.sum(tl.where(es == e, padded, 0), axis=0)
+        hit = ids == e
+        tl.store(pairs_ptr + start + tl.cumsum(hit.to(tl.int32), axis=0) - 1, ms.to(tl.int64), mask=hit)
+        rs = tl.arange(0, BLOCK)
+        tl.store(pairs_ptr + start + count + rs, tl.full((BLOCK,), -1, tl.int64), mask=rs < mine - count)
+        for b in range(start // BLOCK, (start + mine) // BLOCK):
+            tl.store(block_expert_ptr + b, e.to(tl.int64))
+        if e == n_experts - 1:  # the unused blocks after the last expert's
+            for b in range((start + mine) // BLOCK, n_blocks):
+                tl.store(pairs_ptr + b * BLOCK + rs, tl.full((BLOCK,), -1, tl.int64))
+                tl.store(block_expert_ptr + b, tl.full((), n_experts, tl.int64))
+
+    @torch.library.custom_op("grpo::moe_schedule_kernel", mutates_args=())
+    def moe_schedule_kernel(idx: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``moe_schedule`` (the same outputs) in one launch: program e counts every expert's pairs
+        (a histogram), places expert e's pairs, padding rows and blocks."""
+        m = idx.numel()
+        blocks = (m + n_experts * (block - 1) + block - 1) // block
+        pairs = torch.empty(blocks * block, dtype=torch.int64, device=idx.device)
+        block_expert = torch.empty(blocks, dtype=torch.int64, device=idx.device)
+        _moe_schedule_kernel[(n_experts,)](idx, pairs, block_expert, m, n_experts, blocks, BLOCK=block,
+                                           MP=_pow2(m), EP=_pow2(n_experts + 1), num_warps=4)
+        return pairs, block_expert
+
+    @moe_schedule_kernel.register_fake
+    def _(idx, n_experts, block):
+        blocks = (idx.numel() + n_experts * (block - 1) + block - 1) // block
+        return idx.new_empty(blocks * block), idx.new_empty(blocks)
+
+    @triton.jit
+    def _route_kernel(h_ptr, router_ptr, bias_ptr, weight_ptr, idx_ptr, N, D, scale, s_h, s_r,
+                      E: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                      NORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+        ts = tl.program_id(0) * BT + tl.arange(0, BT)
+        tm = ts < N
+        es = tl.arange(0, E)
+        cols = tl.arange(0, BK)
+        logits = tl.zeros((BT, E), tl.float32)
+        for k in range(0, D, BK):
+            cm = (k + cols) < D
+            a = tl.load(h_ptr + ts[:, None] * s_h + (k + cols)[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
+            w = tl.load(router_ptr + es[:, None] * s_r + (k + cols)[None, :], mask=cm[None, :], other=0.0)
+            if E >= 16:
+                logits = tl.dot(a, tl.trans(w), logits)
+            else:  # below the tensor cores' smallest tile
+                logits += tl.sum(a[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        scores = tl.sigmoid(logits)
+        choice = scores + tl.load(bias_ptr + es)[None, :]
+        if TOPG < G:
+            grouped = tl.reshape(choice, (BT, G, E // G))
+            first = tl.argmax(grouped, axis=2)
+            inner = tl.arange(0, E // G)[None, None, :]
+            group_score = tl.max(grouped, axis=2) + tl.max(tl.where(inner == first[:, :, None], float("-inf"), grouped), axis=2)
+            gs = tl.arange(0, G)[None, :]
+            kept = tl.zeros((BT, G), tl.int32)
+            for _ in tl.static_range(TOPG):
+                hit = gs == tl.argmax(group_score, axis=1)[:, None]
+                kept = tl.where(hit, 1, kept)
+                group_score = tl.where(hit, float("-inf"), group_score)
+            kept = tl.reshape(tl.broadcast_to(kept[:, :, None], (BT, G, E // G)), (BT, E))
+            choice = tl.where(kept != 0, choice, float("-inf"))
+        ks = tl.arange(0, KP)[None, :]
+        idx = tl.zeros((BT, KP), tl.int32)
+        weight = tl.zeros((BT, KP), tl.float32)
+        for k in tl.static_range(K):
+            pick = tl.argmax(choice, axis=1)
+            hit = es[None, :] == pick[:, None]
+            idx = tl.where(ks == k, pick[:, None], idx)
+            weight = tl.where(ks == k, tl.sum(tl.where(hit, scores, 0.0), axis=1)[:, None], weight)
+            choice = tl.where(hit, float("-inf"), choice)
+        if NORM:
+            weight = weight / (tl.sum(weight, axis=1)[:, None] + 1e-20)
+        out = ts[:, None] * K + ks
+        tl.store(idx_ptr + out, idx.to(tl.int64), mask=tm[:, None] & (ks < K))
+        tl.store(weight_ptr + out, weight * scale, mask=tm[:, None] & (ks < K))
+
+    @torch.library.custom_op("grpo::route", mutates_args=())
+    def route(h: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+              norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router GEMM and ``grpo.moe.route(h @ router^T, bias, ..., by_argmax=True)`` in one launch:
+        (weights [N, K] fp32, indices [N, K] int64) from h [N, D] and router [E, D] in bf16 (E a power of
+        two). The logits accumulate in fp32 over exact bf16 products (transformers upcasts both to fp32
+        first: the same products, another summation order); the same selection and order (argmax rounds,
+        ties to the lower index); sigmoid in Triton's arithmetic (within an ulp of torch's)."""
+        n, dim = h.shape
+        top = router.shape[0]
+        weights = torch.empty(n, top_k, dtype=torch.float32, device=h.device)
+        idx = torch.empty(n, top_k, dtype=torch.int64, device=h.device)
+        if n:
+            _route_kernel[(triton.cdiv(n, 16),)](
+                h, router, bias, weights, idx, n, dim, scale, h.stride(0), router.stride(0), E=top, G=n_group,
+                TOPG=topk_group, K=top_k, KP=_pow2(top_k, 1), NORM=norm, BT=16, BK=64, num_warps=4)
+        return weights, idx
+
+    @route.register_fake
+    def _(h, router, bias, n_group, topk_group, top_k, norm, scale):
+        n = h.shape[0]
+        return torch.empty(n, top_k, device=h.device), torch.empty(n, top_k, dtype=torch.int64, device=h.device)
+
+    @triton.jit
     def _topk_kernel(x_ptr, out_ptr, N, k, s_x, s_o, NP: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, NP)
         x = tl.load(x_ptr + row * s_x + cols, mask=cols < N, other=float("-inf"))
         bits = x.to(tl.int32, bitcast=True)
-        order = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # an int32 with the float order
-        keys = tl.sort((order.to(tl.int64) << 32) + (NP - 1 - cols), descending=True)  # ties: lower index first
-        tl.store(out_ptr + row * s_o + cols, NP - 1 - (keys & 0xFFFFFFFF), mask=cols < k)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # an int32 with the float order
+        lo = tl.full((), -2147483648, tl.int64)  # the largest T with #(key >= T) >= k, by bisection
+        hi = tl.full((), 2147483647, tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= k
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        above, tie = key > lo, key == lo
+        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= k - tl.sum(above.to(tl.int32), axis=0)))
+        tl.store(out_ptr + row * s_o + tl.cumsum(keep.to(tl.int32), axis=0) - 1, cols, mask=keep)
 
     @torch.library.custom_op("grpo::topk_indices", mutates_args=())
     def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
         """Column indices [B, k] (int64) of the k largest entries of each row of x [B, N] fp32 (N at most
-        ``TOPK_MAX_COLUMNS``), largest first (ties: the lower index first): one program sorts a row as
-        (value, index) keys, instead of torch.topk's radix select (about 30 us per call at [256, 2000])."""
+        ``TOPK_MAX_COLUMNS``), in column order (ties at the k-th value: the lower columns). One program per
+        row finds the k-th largest value by bisection on its bits (32 counting passes over the row in
+        registers), then writes the columns at or above it; torch.topk takes about 30 us at [256, 2000]."""
         out = torch.empty(x.shape[0], k, dtype=torch.int64, device=x.device)
         width = _pow2(x.shape[1])
         if x.shape[0]:
@@ -188,22 +306,24 @@ if triton is not None:
         return torch.empty(x.shape[0], k, dtype=torch.int64, device=x.device)
 
     @torch.library.custom_op("grpo::mla_decode", mutates_args=())
-    def mla_decode(q: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, pos: torch.Tensor,
-                   scale: float, rank: int) -> torch.Tensor:
-        """Attention of q [n, H, R+Dr] over keys [n, S, R+Dr] (positions < pos [n]) and the own latent own
-        [n, R+Dr]; returns [n, H, R] in q's dtype (module docstring)."""
-        n, heads, width = q.shape
-        out = q.new_empty(n, heads, rank)
+    def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor, own: torch.Tensor,
+                   pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of the query [q_latent ; q_rope] ([n, H, R] and [n, H, Dr], any strides with a unit
+        last one) over keys [n, S, R+Dr] (positions < pos [n]) and the own latent own [n, R+Dr]; returns
+        [n, H, R] in q_latent's dtype (module docstring)."""
+        n, heads, rank = q_latent.shape
+        rope = q_rope.shape[-1]
+        out = q_latent.new_empty(n, heads, rank)
         if n:
             _mla_decode_kernel[(n,)](
-                q, keys, own, pos, out, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-                own.stride(0), out.stride(0), out.stride(1), H=heads, R=rank, DR=width - rank,
-                HB=_pow2(heads), RB=_pow2(rank), DB=_pow2(width - rank), **MLA_CONFIG)
+                q_latent, q_rope, keys, own, pos, out, scale, q_latent.stride(0), q_latent.stride(1),
+                q_rope.stride(0), q_rope.stride(1), keys.stride(0), keys.stride(1), own.stride(0), out.stride(0),
+                out.stride(1), H=heads, R=rank, DR=rope, HB=_pow2(heads), RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
         return out
 
     @mla_decode.register_fake
-    def _(q, keys, own, pos, scale, rank):
-        return q.new_empty(q.shape[0], q.shape[1], rank)
+    def _(q_latent, q_rope, keys, own, pos, scale):
+        return torch.empty_like(q_latent, memory_format=torch.contiguous_format)
 
     @torch.library.custom_op("grpo::moe_up", mutates_args=())
     def moe_up(h: torch.Tensor, gate_up: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor,

@@ -124,7 +124,8 @@ def _block(vocab: int, sizes: tuple[int, ...]) -> int:
 
 def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk (sorted), exact, through groups: with the vocabulary split into G groups of g tokens
-    (group j = tokens j, j + G, j + 2G, ...: a strided view, so the group maxima are one vectorised pass),
+    (on CPU group j = tokens j, j + G, j + 2G, ...: a strided view, so the group maxima are one vectorised
+    pass; on CUDA g adjacent tokens),
     the k largest entries lie in the k groups with the largest maxima; only those k * g entries are ranked,
     and only the k winners are sorted."""
     batch, vocab = scores.shape
@@ -132,9 +133,12 @@ def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not size or 4 * k * size > vocab:
         return scores.topk(k, dim=-1)
     groups = vocab // size
-    best = _largest(scores.view(batch, size, groups).amax(dim=1), k)  # [B, k] groups
-    offsets = torch.arange(size, device=scores.device)[:, None] * groups
-    idx = (best[:, None, :] + offsets).view(batch, size * k)
+    if scores.device.type == "cpu":
+        best = _largest(scores.view(batch, size, groups).amax(dim=1), k)  # [B, k] groups
+        idx = (best[:, None, :] + torch.arange(size)[:, None] * groups).view(batch, size * k)
+    else:  # groups of adjacent tokens: coalesced reads
+        best = _largest(scores.view(batch, groups, size).amax(dim=2), k)
+        idx = (best[:, :, None] * size + torch.arange(size, device=scores.device)).view(batch, k * size)
     cand = scores.gather(1, idx)
     pos = _largest(cand, k)
     vals, order = cand.gather(1, pos).sort(dim=-1, descending=True)

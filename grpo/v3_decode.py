@@ -206,10 +206,11 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     c = F.rms_norm(kv[:, :rank], (rank,), w["kv_norm"], eps["kv"])
     latent = torch.cat((c, rope_pairs(kv[:, rank:], cos, sin, interleave)), dim=-1)  # [n, R+Dr]
     q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w["w_uk"]).transpose(0, 1)  # [n, H, R]
-    q_full = torch.cat((q_latent, rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)), dim=-1)
+    q_rope = rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)
     if block:
-        out_latent = kernels.mla_decode(q_full, keys, latent, pos, scale, rank)
+        out_latent = kernels.mla_decode(q_latent, q_rope, keys, latent, pos, scale)
     else:
+        q_full = torch.cat((q_latent, q_rope), dim=-1)
         scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, H, S]
         scores = scores.masked_fill(torch.arange(span, device=x.device) >= pos[:, None, None], float("-inf"))
         own = (q_full.float() * latent[:, None].float()).sum(dim=-1, keepdim=True) * scale  # [n, H, 1]
@@ -226,10 +227,13 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     if moe is None:
         return x + shared, latent
     n_experts, kw = moe
-    weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
+    if block:
+        weights, idx = kernels.route(h, w["router"], w["bias"], **kw)
+    else:
+        weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
     top_k = idx.shape[1]
     if block:
-        pairs, block_expert = kernels.moe_schedule(idx, n_experts, block)
+        pairs, block_expert = kernels.moe_schedule_kernel(idx, n_experts, block)
         inner = kernels.moe_up(h, w["gate_up"], pairs, block_expert, top_k)
         y = kernels.moe_down(inner, w["expert_down"], pairs, block_expert, weights.reshape(-1))
         return x + (y.view(n, top_k, -1).sum(dim=1).to(h.dtype) + shared), latent
@@ -376,9 +380,13 @@ class V3Decoder:
         if self.device.type == "cuda" and self.dtype == torch.bfloat16:
             fused = [layer.fused(self._stacked) for layer in self.layers]
             self.fused = fused if all(fused) else None
-        # The Triton kernels (grpo.kernels) take the routed experts' SiLU and row-major weights.
-        self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
-            w[name].stride(-1) == 1 for w, _ in self.fused for name in ("gate_up", "expert_down") if name in w)
+        # The Triton kernels (grpo.kernels) take the routed experts' SiLU, row-major bf16 weights (router
+        # included) and power-of-two expert and group counts.
+        c = self.config
+        self.kernels = bool(self.fused) and kernels.AVAILABLE and c.hidden_act == "silu" and all(
+            w[name].stride(-1) == 1 and w[name].dtype == torch.bfloat16
+            for w, _ in self.fused for name in ("gate_up", "expert_down", "router") if name in w) and all(
+            x & (x - 1) == 0 for x in (c.n_routed_experts, c.n_group or 1))
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

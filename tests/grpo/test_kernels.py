@@ -55,7 +55,8 @@ def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_ow
     q = torch.randn(n, heads, rank + rope, device=DEVICE, dtype=DTYPE)
     own = torch.randn(n, rank + rope, device=DEVICE, dtype=DTYPE)
     pos = torch.tensor([0, 1, 63, 64, 65, 99], device=DEVICE)
-    out = kernels.mla_decode(q, keys, own, pos, 0.3, rank)
+    q_latent = q[..., :rank].transpose(0, 1).contiguous().transpose(0, 1)  # strided, as the decode step's
+    out = kernels.mla_decode(q_latent, q[..., rank:], keys, own, pos, 0.3)
     every = torch.cat((keys, own[:, None]), dim=1).float()
     scores = torch.einsum("nhd,nsd->nhs", q.float(), every) * 0.3
     seen = torch.cat((torch.arange(span, device=DEVICE)[None] < pos[:, None], torch.ones(n, 1, dtype=torch.bool, device=DEVICE)), 1)
@@ -89,7 +90,40 @@ def test_topk_indices_equal_torch_topk(cols, k):
     x = torch.randn(5, cols, device=DEVICE) * 3
     x[0, :3] = -float("inf")
     x[1] = -x[1].abs()  # negative values order by magnitude the other way
+    x[2, 5:] = x[2, 4]  # ties at the k-th value: the lowest columns are kept
     idx = kernels.topk_indices(x, k)
+    assert (idx.diff(dim=-1) > 0).all()  # column order
     ref = x.topk(k, dim=-1)
-    torch.testing.assert_close(x.gather(1, idx), ref.values, atol=0, rtol=0)
-    assert (idx.sort(dim=-1).values == ref.indices.sort(dim=-1).values).all()
+    torch.testing.assert_close(x.gather(1, idx).sort(dim=-1, descending=True).values, ref.values, atol=0, rtol=0)
+    for r in (1, 3, 4):  # no ties
+        assert idx[r].tolist() == ref.indices[r].sort().values.tolist()
+    kth = ref.values[2, -1]
+    above = (x[2] > kth).nonzero().flatten()
+    ties = (x[2] == kth).nonzero().flatten()[: k - len(above)]
+    assert idx[2].tolist() == torch.cat((above, ties)).sort().values.tolist()
+
+
+@needs_triton
+@pytest.mark.parametrize("n,top_k,n_experts", [(1, 2, 8), (7, 2, 8), (64, 4, 32), (256, 4, 32)])
+def test_moe_schedule_kernel_equals_the_torch_layout(n, top_k, n_experts):
+    idx = torch.stack([torch.randperm(n_experts)[:top_k] for _ in range(n)]).to(DEVICE)
+    block = kernels.moe_block(n * top_k, n_experts)
+    for got, ref in zip(kernels.moe_schedule_kernel(idx, n_experts, block), kernels.moe_schedule(idx, n_experts, block)):
+        assert torch.equal(got, ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_experts,n_group,topk_group,top_k,norm,scale", [
+    (32, 4, 2, 4, True, 1.0), (64, 8, 4, 8, True, 2.5), (32, 1, 1, 2, False, 1.0), (32, 4, 4, 3, True, 1.0),
+    (8, 2, 1, 2, True, 1.0)])
+def test_route_kernel_selects_what_route_selects(n_experts, n_group, topk_group, top_k, norm, scale):
+    from grpo.moe import route
+    torch.manual_seed(top_k)
+    h = torch.randn(37, 100, device=DEVICE, dtype=DTYPE)
+    router = (torch.randn(n_experts, 100, device=DEVICE) / 5).to(DTYPE)
+    bias = torch.randn(n_experts, device=DEVICE) * 0.1
+    kw = dict(n_group=n_group, topk_group=topk_group, top_k=top_k, norm=norm, scale=scale)
+    weights, idx = kernels.route(h, router, bias, **kw)
+    ref_weights, ref_idx, _ = route(h.float() @ router.float().T, bias, **kw, by_argmax=True)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)

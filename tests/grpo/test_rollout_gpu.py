@@ -87,3 +87,14 @@ def test_bf16_compiled_decode_layers_match_the_module_path():
             logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
         ref = torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1).cpu()
         torch.testing.assert_close(ro.logprobs[r, :n].cpu(), ref, atol=0.1, rtol=0)
+
+
+def test_grouped_topk_on_cuda_equals_torch_topk():
+    """The sampler's top-k on CUDA (groups of adjacent tokens, the Triton row top-k) is torch.topk's."""
+    from grpo.sampling import _topk
+    torch.manual_seed(0)
+    for vocab in (32000, 128, 151936):
+        x = torch.randn(64, vocab, device="cuda")
+        vals, idx = _topk(x, 50)
+        ref = x.topk(50, dim=-1)
+        assert torch.equal(vals, ref.values) and torch.equal(x.gather(1, idx), ref.values)
