@@ -71,7 +71,7 @@ class SamplingConfig:
     stop_token_ids: Optional[list[int]] = None  # None: the tokenizer's eos (else the model config's)
     seed: int = 0
     max_batch: int = 64  # decode slots (sequences decoded together)
-    prefill_tokens: int = 8192  # padded prompt tokens prefilled at once between decode steps
+    prefill_tokens: int = 16384  # padded prompt tokens prefilled at once between decode steps
     backend: Literal["auto", "v3", "generic"] = "auto"  # auto: v3 for model_type deepseek_v3
     cuda_graphs: bool = True  # CUDA only
     cpu_threads: int = 0  # CPU only: intra-op threads while generating; 0 = auto (see cpu_threads)
