@@ -227,9 +227,9 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     if moe is None:
         return x + shared, latent
     n_experts, kw = moe
-    if block:
+    if block and w["router"].dtype == torch.bfloat16 and all(v & (v - 1) == 0 for v in (n_experts, kw["n_group"])):
         weights, idx = kernels.route(h, w["router"], w["bias"], **kw)
-    else:
+    else:  # transformers keeps a loaded model's router weight in fp32: its logits are an fp32 GEMM
         weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
     top_k = idx.shape[1]
     if block:
@@ -380,13 +380,11 @@ class V3Decoder:
         if self.device.type == "cuda" and self.dtype == torch.bfloat16:
             fused = [layer.fused(self._stacked) for layer in self.layers]
             self.fused = fused if all(fused) else None
-        # The Triton kernels (grpo.kernels) take the routed experts' SiLU, row-major bf16 weights (router
-        # included) and power-of-two expert and group counts.
-        c = self.config
-        self.kernels = bool(self.fused) and kernels.AVAILABLE and c.hidden_act == "silu" and all(
+        # The Triton kernels (grpo.kernels) take the routed experts' SiLU and row-major weights (the fused
+        # routing kernel also a bf16 router and power-of-two expert and group counts: ``decode_layer``).
+        self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
             w[name].stride(-1) == 1 and w[name].dtype == torch.bfloat16
-            for w, _ in self.fused for name in ("gate_up", "expert_down", "router") if name in w) and all(
-            x & (x - 1) == 0 for x in (c.n_routed_experts, c.n_group or 1))
+            for w, _ in self.fused for name in ("gate_up", "expert_down") if name in w)
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -62,13 +62,19 @@ def test_bf16_grouped_experts_match_transformers():
             torch.testing.assert_close(experts(h), moe(h[None])[0], atol=2e-2, rtol=2e-2)
 
 
-def test_bf16_compiled_decode_layers_match_the_module_path():
+@pytest.mark.parametrize("policy", [False, True])
+def test_bf16_compiled_decode_layers_match_the_module_path(policy):
     """In bf16 on CUDA each layer's decode is the compiled ``decode_layer``: same logits and cache as the
     module path (within bf16 rounding), and sampled logprobs through CUDA graphs match teacher forcing."""
+    from grpo import kernels
+    from grpo.model import DeepseekV3Policy
     from grpo.v3_decode import V3Decoder
     model = v3_cuda().to(torch.bfloat16)
+    if policy:  # the project's policy class in bf16: transformers keeps its router weight in fp32
+        model = DeepseekV3Policy._from_config(model.config, dtype=torch.bfloat16).cuda().eval()
+        assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     dec = V3Decoder(model, slots=8, max_len=64)
-    assert dec.fused
+    assert dec.fused and dec.kernels == kernels.AVAILABLE
     with torch.no_grad():
         dec.prefill(PROMPTS, [[0, 5], [1, 6], [2, 7], [3], [4]])
         dec.positions[:] = torch.tensor([5, 3, 8, 2, 4, 5, 3, 8])
