@@ -1,6 +1,9 @@
 """Triton kernels for the V3 decode step on CUDA (``grpo.v3_decode.decode_layer``): MLA attention over the
-latent cache, and the routed experts as two fused MoE GEMMs. Optional: ``AVAILABLE`` is False without Triton
-(or without CUDA), and the decoder then runs the same math as torch ops.
+latent cache, routing (router GEMM + group-limited top-k), the routed experts as two fused MoE GEMMs, and
+the sampler's row top-k (``grpo.sampling``). Optional: ``AVAILABLE`` is False without Triton (or without
+CUDA), and the decoder and sampler then run the same math as torch ops. Each kernel is a
+``torch.library.custom_op``, so the compiled decode layer calls it as one opaque op; tests check each against
+a torch reference (tests/grpo/test_kernels.py; on a CPU also under TRITON_INTERPRET=1).
 
 ``mla_decode`` (absorbed MLA, one new token per sequence; H heads, latent rank R, rope dim Dr):
 
@@ -20,7 +23,12 @@ The pairs are laid out by ``moe_schedule``: grouped by expert, each expert's row
 the block size, so every block of rows has one expert and a program multiplies its rows by one weight tile
 (vLLM's fused-MoE layout). The block size is chosen so that at decode most experts fill one block, and each
 expert's weights are read about once per step. The activation is applied in fp32 before the one rounding
-(the torch path rounds the two GEMM outputs to bf16 first).
+(the torch path rounds the two GEMM outputs to bf16 first). ``moe_schedule`` is the torch form of the layout
+(runs anywhere); ``moe_schedule_kernel`` gives the same tensors in one launch.
+
+``route``: the router GEMM (fp32 accumulation of exact bf16 products) and ``grpo.moe.route(...,
+by_argmax=True)``, 16 tokens per program. ``topk_indices``: the k largest entries of each row by bisection
+on the bits of the k-th value (one program per row).
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ except ImportError:
     triton = None
 
 AVAILABLE = triton is not None and torch.cuda.is_available()
-# Launch parameters, picked by timing on one H200 (v3-mini, batch 64 and 256; .scratch-free: see the README).
+# Launch parameters, picked by timing block sizes, warps and pipeline stages on one H200 at v3-mini shapes
+# (batch 64 and 256).
 MLA_CONFIG = dict(BS=64, num_warps=4, num_stages=2)
 MOE_UP_CONFIG = dict(BN=64, BK=64, num_warps=4, num_stages=3)
 MOE_DOWN_CONFIG = dict(BN=128, BK=64, num_warps=4, num_stages=3)

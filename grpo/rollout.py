@@ -13,7 +13,8 @@ max_new_tokens tokens ('length').
 Two backends with the same sampler and logprob semantics:
 
 - DeepSeek-V3 policies (config.model_type == "deepseek_v3"): ``grpo.v3_decode`` (MLA latent cache,
-  absorbed-attention decode, grouped expert GEMMs) under a continuous-batching scheduler. ``max_batch``
+  absorbed-attention decode, grouped expert GEMMs; on CUDA the Triton kernels of ``grpo.kernels``) under a
+  continuous-batching scheduler. ``max_batch``
   slots; groups queue until G slots are free; newly admitted groups are prefilled once per prompt (latents
   copied to the G slots) between decode steps, at most ``prefill_tokens`` (padded) prompt tokens at a time.
   Finished sequences free their slot at once and active slots are kept contiguous (the last active slot

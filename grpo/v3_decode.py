@@ -32,6 +32,7 @@ pure function (``decode_layer``: weights, the layer's cache and the positions in
 the token's latent out), so inductor fuses the norms, RoPE, masking, softmax and routing around the GEMMs;
 the cache is only read there (the token attends to the cached positions < t, and to itself through its own
 latent, merged in one softmax) and all layers' latents are written with one scatter after the last layer.
+With Triton (``grpo.kernels``), that function's attention, routing and routed experts are Triton kernels.
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
 MTP modules are not used for generation.
 """
