@@ -234,7 +234,8 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
         weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
     top_k = idx.shape[1]
     if block:
-        pairs, block_expert = kernels.moe_schedule_kernel(idx, n_experts, block)
+        schedule = kernels.moe_schedule_kernel if n * top_k <= kernels.SCHEDULE_MAX_PAIRS else kernels.moe_schedule
+        pairs, block_expert = schedule(idx, n_experts, block)
         inner = kernels.moe_up(h, w["gate_up"], pairs, block_expert, top_k)
         y = kernels.moe_down(inner, w["expert_down"], pairs, block_expert, weights.reshape(-1))
         return x + (y.view(n, top_k, -1).sum(dim=1).to(h.dtype) + shared), latent
