@@ -10,8 +10,9 @@ a torch reference (tests/grpo/test_kernels.py; on a CPU also under TRITON_INTERP
     s_h,t = scale * [q^L_h ; q^R_h] . keys_t          for cached positions t < pos, and t = own latent
     out_h = sum_t softmax_t(s_h)_t * keys_t[:R]        [n, H, R]
 
-one program per sequence, all heads together, so each cached latent is read once for all heads (the torch
-form reads the cache twice: scores, then probs @ latents); online softmax in fp32 over blocks of positions.
+one program per sequence and 16 heads (all heads of v3-mini), so each cached latent is read once for 16 heads
+(the torch form reads the cache twice: scores, then probs @ latents); online softmax in fp32 over blocks of
+positions.
 Departure from the torch path: the scores stay in fp32 (the torch path rounds q.k to bf16 first).
 
 ``moe_up`` / ``moe_down`` (routed experts; token-expert pairs m = (t, k) of expert e_m, weight w_m):
@@ -91,7 +92,7 @@ if triton is not None:
                            H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
                            HB: tl.constexpr, RB: tl.constexpr, DB: tl.constexpr, BS: tl.constexpr):
         n = tl.program_id(0)
-        hs, rs, ds = tl.arange(0, HB), tl.arange(0, RB), tl.arange(0, DB)
+        hs, rs, ds = tl.program_id(1) * HB + tl.arange(0, HB), tl.arange(0, RB), tl.arange(0, DB)
         hm, rm, dm = hs < H, rs < R, ds < DR
         q_lat = tl.load(q_ptr + n * s_qn + hs[:, None] * s_qh + rs[None, :], mask=hm[:, None] & rm[None, :], other=0.0)
         q_rope = tl.load(qr_ptr + n * s_rn + hs[:, None] * s_rh + ds[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
@@ -325,10 +326,10 @@ if triton is not None:
         rope = q_rope.shape[-1]
         out = q_latent.new_empty(n, heads, rank)
         if n:
-            _mla_decode_kernel[(n,)](
+            _mla_decode_kernel[(n, triton.cdiv(heads, 16))](
                 q_latent, q_rope, keys, own, pos, out, scale, q_latent.stride(0), q_latent.stride(1),
                 q_rope.stride(0), q_rope.stride(1), keys.stride(0), keys.stride(1), own.stride(0), out.stride(0),
-                out.stride(1), H=heads, R=rank, DR=rope, HB=_pow2(heads), RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
+                out.stride(1), H=heads, R=rank, DR=rope, HB=16, RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
         return out
 
     @mla_decode.register_fake

@@ -496,7 +496,7 @@ class CudaGraphStep:
 
     ``sampler(logits [b, V], uniform [b]) -> (tokens [b], logprobs [b])`` must be free of host syncs.
     Batch buckets are powers of two up to the slot count (and the slot count); spans are rounded up to a
-    multiple of ``span_step``. Rows n..bucket-1 are free slots: they are decoded at position 0 and ignored
+    multiple of ``span_step`` (one span, the cache length, with the decoder's Triton kernels). Rows n..bucket-1 are free slots: they are decoded at position 0 and ignored
     (their cache rows are rewritten by the prefill of their next sequence before being read). Graphs share
     one memory pool, so the returned tensors are only valid until the next call. A step is idempotent for
     fixed inputs (it rewrites the same latents), so the warm-up run before each capture is harmless.
@@ -515,7 +515,9 @@ class CudaGraphStep:
     def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [n] and logprobs [n] sampled for slots 0..n-1 (attention over positions < span)."""
         batch = next(b for b in self.buckets if b >= n)
-        span = min(self.decoder.cache.max_len, -(-span // self.span_step) * self.span_step)
+        max_len = self.decoder.cache.max_len
+        # the Triton kernels read positions < pos whatever the span: then one graph per batch bucket
+        span = max_len if self.decoder.kernels else min(max_len, -(-span // self.span_step) * self.span_step)
         self.decoder.positions[n:batch] = 0
         torch.rand(batch, generator=self.generator, out=self.uniform[:batch])
         if (batch, span) not in self.graphs:

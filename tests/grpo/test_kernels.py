@@ -48,9 +48,10 @@ def test_moe_schedule_groups_pairs_by_expert_in_padded_blocks(n, top_k, n_expert
 
 
 @needs_triton
-def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latent():
+@pytest.mark.parametrize("heads", [4, 20])  # one program per 16 heads
+def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latent(heads):
     torch.manual_seed(0)
-    n, heads, rank, rope, span = 6, 4, 64, 16, 100
+    n, rank, rope, span = 6, 64, 16, 100
     keys = torch.randn(n + 2, span + 20, rank + rope, device=DEVICE, dtype=DTYPE)[:n, :span]  # a strided view
     q = torch.randn(n, heads, rank + rope, device=DEVICE, dtype=DTYPE)
     own = torch.randn(n, rank + rope, device=DEVICE, dtype=DTYPE)
