@@ -62,12 +62,18 @@ def moe_block(pairs: int, n_experts: int) -> int:
     return min(64, _pow2(-(-pairs // n_experts)))
 
 
+def moe_blocks(pairs: int, n_experts: int, block: int) -> int:
+    """Blocks of ``block`` rows that any routing of ``pairs`` pairs over ``n_experts`` fills at most:
+    ceil((pairs + E (block - 1)) / block) (each expert pads fewer than ``block`` rows)."""
+    return (pairs + n_experts * (block - 1) + block - 1) // block
+
+
 def moe_schedule(idx: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Block layout of the token-expert pairs. idx [n, K] expert of each pair (pair m = t * K + k).
 
     Returns pairs [blocks * block] (the pair in each row, -1 in padding rows; within an expert in pair
     order) and block_expert [blocks] (the expert of each block; n_experts for unused blocks), with
-    blocks = ceil((n K + E (block - 1)) / block), the most any routing needs. Counting, no sort: a few
+    blocks = ``moe_blocks(n K, E, block)``, the most any routing needs. Counting, no sort: a few
     fused kernels under torch.compile, no host sync.
     """
     flat = idx.reshape(-1)
@@ -77,7 +83,7 @@ def moe_schedule(idx: torch.Tensor, n_experts: int, block: int) -> tuple[torch.T
     padded = (counts + block - 1) // block * block
     ends = padded.cumsum(dim=0)
     rows = ends[flat] - padded[flat] + (onehot.cumsum(dim=0) * onehot).sum(dim=1) - 1
-    blocks = (m + n_experts * (block - 1) + block - 1) // block
+    blocks = moe_blocks(m, n_experts, block)
     pairs = torch.full((blocks * block,), -1, dtype=flat.dtype, device=flat.device)
     pairs = pairs.scatter(0, rows, torch.arange(m, device=flat.device))
     block_expert = (torch.arange(blocks, device=flat.device)[:, None] * block >= ends).sum(dim=1)
@@ -199,7 +205,7 @@ if triton is not None:
         """``moe_schedule`` (the same outputs) in one launch: program e counts every expert's pairs
         (a histogram), places expert e's pairs, padding rows and blocks."""
         m = idx.numel()
-        blocks = (m + n_experts * (block - 1) + block - 1) // block
+        blocks = moe_blocks(m, n_experts, block)
         pairs = torch.empty(blocks * block, dtype=torch.int64, device=idx.device)
         block_expert = torch.empty(blocks, dtype=torch.int64, device=idx.device)
         _moe_schedule_kernel[(n_experts,)](idx, pairs, block_expert, m, n_experts, blocks, BLOCK=block,
@@ -208,7 +214,7 @@ if triton is not None:
 
     @moe_schedule_kernel.register_fake
     def _(idx, n_experts, block):
-        blocks = (idx.numel() + n_experts * (block - 1) + block - 1) // block
+        blocks = moe_blocks(idx.numel(), n_experts, block)
         return idx.new_empty(blocks * block), idx.new_empty(blocks)
 
     @triton.jit

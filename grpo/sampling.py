@@ -147,8 +147,8 @@ def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """Positions [B, k] of the k largest entries of each row of x [B, n], in no particular order. On CPU
-    numpy's argpartition (introselect), about twice as fast as torch.topk there; on CUDA a Triton row sort
-    (``grpo.kernels.topk_indices``) where it applies."""
+    numpy's argpartition (introselect), about twice as fast as torch.topk there; on CUDA Triton's row top-k
+    by bisection (``grpo.kernels.topk_indices``) where it applies."""
     if x.device.type != "cpu":
         if kernels.AVAILABLE and x.dtype == torch.float32 and x.shape[-1] <= kernels.TOPK_MAX_COLUMNS:
             return kernels.topk_indices(x, k)
