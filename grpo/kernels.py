@@ -128,8 +128,8 @@ if triton is not None:
                  mask=hm[:, None] & rm[None, :])
 
     @triton.jit
-    def _moe_up_kernel(h_ptr, w_ptr, pairs_ptr, block_expert_ptr, out_ptr, D, I, n_experts,
-                       s_hn, s_we, s_wn, s_on,
+    def _moe_up_kernel(h_ptr, w_ptr, s_ptr, pairs_ptr, block_expert_ptr, out_ptr, D, I, SI, n_routed, n_experts,
+                       s_hn, s_we, s_wn, s_sn, s_on,
                        TOP_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         b, j = tl.program_id(0), tl.program_id(1)
         e = tl.load(block_expert_ptr + b)
@@ -141,22 +141,29 @@ if triton is not None:
             cols = j * BN + tl.arange(0, BN)
             cm = cols < I
             ks = tl.arange(0, BK)
-            w_rows = w_ptr + e.to(tl.int64) * s_we
+            if e < n_routed:  # gate rows, then up rows, of expert e
+                g_rows = w_ptr + e.to(tl.int64) * s_we
+                u_rows = g_rows + I * s_wn
+                s_n = s_wn
+            else:  # the shared expert's slice e - n_routed: gate rows of it, up rows SI further
+                g_rows = s_ptr + (e - n_routed).to(tl.int64) * I * s_sn
+                u_rows = g_rows + SI * s_sn
+                s_n = s_sn
             gate = tl.zeros((BM, BN), tl.float32)
             up = tl.zeros((BM, BN), tl.float32)
             for k in range(0, D, BK):
                 km = (k + ks) < D
                 a = tl.load(h_ptr + tok[:, None] * s_hn + (k + ks)[None, :], mask=real[:, None] & km[None, :], other=0.0)
-                wg = tl.load(w_rows + cols[:, None] * s_wn + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
-                wu = tl.load(w_rows + (I + cols)[:, None] * s_wn + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+                wg = tl.load(g_rows + cols[:, None] * s_n + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+                wu = tl.load(u_rows + cols[:, None] * s_n + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
                 gate = tl.dot(a, tl.trans(wg), gate)
                 up = tl.dot(a, tl.trans(wu), up)
             act = gate * tl.sigmoid(gate) * up
             tl.store(out_ptr + rows[:, None] * s_on + cols[None, :], act.to(out_ptr.dtype.element_ty), mask=cm[None, :])
 
     @triton.jit
-    def _moe_down_kernel(x_ptr, w_ptr, pairs_ptr, block_expert_ptr, weight_ptr, out_ptr, D, I, n_experts,
-                         s_xn, s_we, s_wn, s_on,
+    def _moe_down_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, block_expert_ptr, weight_ptr, out_ptr, D, I, n_routed,
+                         n_experts, s_xn, s_we, s_wn, s_sn, s_on,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         b, j = tl.program_id(0), tl.program_id(1)
         e = tl.load(block_expert_ptr + b)
@@ -167,12 +174,17 @@ if triton is not None:
             cols = j * BN + tl.arange(0, BN)
             cm = cols < D
             ks = tl.arange(0, BK)
-            w_rows = w_ptr + e.to(tl.int64) * s_we
+            if e < n_routed:
+                w_rows = w_ptr + e.to(tl.int64) * s_we
+                s_n = s_wn
+            else:  # columns (e - n_routed) I.. of the shared expert's down projection
+                w_rows = s_ptr + (e - n_routed).to(tl.int64) * I
+                s_n = s_sn
             acc = tl.zeros((BM, BN), tl.float32)
             for k in range(0, I, BK):
                 km = (k + ks) < I
                 a = tl.load(x_ptr + rows[:, None] * s_xn + (k + ks)[None, :], mask=km[None, :], other=0.0)
-                w = tl.load(w_rows + cols[:, None] * s_wn + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+                w = tl.load(w_rows + cols[:, None] * s_n + (k + ks)[None, :], mask=cm[:, None] & km[None, :], other=0.0)
                 acc = tl.dot(a, tl.trans(w), acc)
             acc = acc * tl.load(weight_ptr + pair, mask=real, other=0.0)[:, None]
             tl.store(out_ptr + pair[:, None] * s_on + cols[None, :], acc, mask=real[:, None] & cm[None, :])
@@ -219,8 +231,8 @@ if triton is not None:
 
     @triton.jit
     def _route_kernel(h_ptr, router_ptr, bias_ptr, weight_ptr, idx_ptr, N, D, scale, s_h, s_r,
-                      E: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                      NORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+                      E: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr, K: tl.constexpr, SHARED: tl.constexpr,
+                      KP: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
         ts = tl.program_id(0) * BT + tl.arange(0, BT)
         tm = ts < N
         es = tl.arange(0, E)
@@ -260,32 +272,38 @@ if triton is not None:
             choice = tl.where(hit, float("-inf"), choice)
         if NORM:
             weight = weight / (tl.sum(weight, axis=1)[:, None] + 1e-20)
-        out = ts[:, None] * K + ks
-        tl.store(idx_ptr + out, idx.to(tl.int64), mask=tm[:, None] & (ks < K))
-        tl.store(weight_ptr + out, weight * scale, mask=tm[:, None] & (ks < K))
+        extra = (ks >= K) & (ks < K + SHARED)
+        idx = tl.where(extra, E + ks - K, idx)
+        weight = tl.where(extra, 1.0, weight * scale)
+        out = ts[:, None] * (K + SHARED) + ks
+        tl.store(idx_ptr + out, idx.to(tl.int64), mask=tm[:, None] & (ks < K + SHARED))
+        tl.store(weight_ptr + out, weight, mask=tm[:, None] & (ks < K + SHARED))
 
     @torch.library.custom_op("grpo::route", mutates_args=())
     def route(h: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
-              norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+              norm: bool, scale: float, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The router GEMM and ``grpo.moe.route(h @ router^T, bias, ..., by_argmax=True)`` in one launch:
         (weights [N, K] fp32, indices [N, K] int64) from h [N, D] and router [E, D] in bf16 (E a power of
         two). The logits accumulate in fp32 over exact bf16 products (transformers upcasts both to fp32
         first: the same products, another summation order); the same selection and order (argmax rounds,
-        ties to the lower index); sigmoid in Triton's arithmetic (within an ulp of torch's)."""
+        ties to the lower index); sigmoid in Triton's arithmetic (within an ulp of torch's). ``shared`` more
+        columns per token name experts E..E+shared-1 with weight 1 (the shared expert's slices, ``moe_up``)."""
         n, dim = h.shape
         top = router.shape[0]
-        weights = torch.empty(n, top_k, dtype=torch.float32, device=h.device)
-        idx = torch.empty(n, top_k, dtype=torch.int64, device=h.device)
+        weights = torch.empty(n, top_k + shared, dtype=torch.float32, device=h.device)
+        idx = torch.empty(n, top_k + shared, dtype=torch.int64, device=h.device)
         if n:
             _route_kernel[(triton.cdiv(n, 16),)](
                 h, router, bias, weights, idx, n, dim, scale, h.stride(0), router.stride(0), E=top, G=n_group,
-                TOPG=topk_group, K=top_k, KP=_pow2(top_k, 1), NORM=norm, BT=16, BK=64, num_warps=4)
+                TOPG=topk_group, K=top_k, SHARED=shared, KP=_pow2(top_k + shared, 1), NORM=norm, BT=16, BK=64,
+                num_warps=4)
         return weights, idx
 
     @route.register_fake
-    def _(h, router, bias, n_group, topk_group, top_k, norm, scale):
+    def _(h, router, bias, n_group, topk_group, top_k, norm, scale, shared=0):
         n = h.shape[0]
-        return torch.empty(n, top_k, device=h.device), torch.empty(n, top_k, dtype=torch.int64, device=h.device)
+        return (torch.empty(n, top_k + shared, device=h.device),
+                torch.empty(n, top_k + shared, dtype=torch.int64, device=h.device))
 
     @triton.jit
     def _topk_kernel(x_ptr, out_ptr, N, k, s_x, s_o, NP: tl.constexpr):
@@ -343,35 +361,41 @@ if triton is not None:
         return torch.empty_like(q_latent, memory_format=torch.contiguous_format)
 
     @torch.library.custom_op("grpo::moe_up", mutates_args=())
-    def moe_up(h: torch.Tensor, gate_up: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor,
-               top_k: int) -> torch.Tensor:
+    def moe_up(h: torch.Tensor, gate_up: torch.Tensor, shared_gate_up: torch.Tensor, pairs: torch.Tensor,
+               block_expert: torch.Tensor, per_token: int) -> torch.Tensor:
         """silu(gate) * up of every row of the ``moe_schedule`` layout: h [n, D], gate_up [E, 2I, D]
-        (transformers' fused layout). Returns [rows, I] in h's dtype (padding rows are 0)."""
-        n_experts, inter2, dim = gate_up.shape
+        (transformers' fused layout) for experts e < E, shared_gate_up [2 SI, D] (the shared expert's gate
+        rows, then its up rows) for experts E + j, j < SI / I (its columns jI..(j+1)I - 1); pair m is token
+        m // per_token. Returns [rows, I] in h's dtype (padding rows are 0)."""
+        n_routed, inter2, dim = gate_up.shape
         block = pairs.shape[0] // block_expert.shape[0]
+        shared_inter = shared_gate_up.shape[0] // 2
         out = h.new_empty(pairs.shape[0], inter2 // 2)
         _moe_up_kernel[(block_expert.shape[0], triton.cdiv(inter2 // 2, MOE_UP_CONFIG["BN"]))](
-            h, gate_up, pairs, block_expert, out, dim, inter2 // 2, n_experts,
-            h.stride(0), gate_up.stride(0), gate_up.stride(1), out.stride(0), TOP_K=top_k, BM=block, **MOE_UP_CONFIG)
+            h, gate_up, shared_gate_up, pairs, block_expert, out, dim, inter2 // 2, shared_inter, n_routed,
+            n_routed + shared_inter // (inter2 // 2), h.stride(0), gate_up.stride(0), gate_up.stride(1),
+            shared_gate_up.stride(0), out.stride(0), TOP_K=per_token, BM=block, **MOE_UP_CONFIG)
         return out
 
     @moe_up.register_fake
-    def _(h, gate_up, pairs, block_expert, top_k):
+    def _(h, gate_up, shared_gate_up, pairs, block_expert, per_token):
         return h.new_empty(pairs.shape[0], gate_up.shape[1] // 2)
 
     @torch.library.custom_op("grpo::moe_down", mutates_args=())
-    def moe_down(x: torch.Tensor, down: torch.Tensor, pairs: torch.Tensor, block_expert: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-        """w_m * W_down[e_m] x_row for each pair m: x [rows, I] (``moe_up``'s output), down [E, D, I],
-        weights [n*K] fp32 routing weights in pair order. Returns [n*K, D] fp32 in pair order."""
-        n_experts, dim, inter = down.shape
+    def moe_down(x: torch.Tensor, down: torch.Tensor, shared_down: torch.Tensor, pairs: torch.Tensor,
+                 block_expert: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """w_m * W_down[e_m] x_row for each pair m: x [rows, I] (``moe_up``'s output), down [E, D, I] for
+        experts e < E, shared_down [D, SI] for experts E + j (its columns jI..(j+1)I - 1), weights [pairs]
+        fp32 in pair order. Returns [pairs, D] fp32 in pair order."""
+        n_routed, dim, inter = down.shape
         block = pairs.shape[0] // block_expert.shape[0]
         out = torch.empty(weights.shape[0], dim, device=x.device, dtype=torch.float32)
         _moe_down_kernel[(block_expert.shape[0], triton.cdiv(dim, MOE_DOWN_CONFIG["BN"]))](
-            x, down, pairs, block_expert, weights, out, dim, inter, n_experts,
-            x.stride(0), down.stride(0), down.stride(1), out.stride(0), BM=block, **MOE_DOWN_CONFIG)
+            x, down, shared_down, pairs, block_expert, weights, out, dim, inter, n_routed,
+            n_routed + shared_down.shape[1] // inter, x.stride(0), down.stride(0), down.stride(1),
+            shared_down.stride(0), out.stride(0), BM=block, **MOE_DOWN_CONFIG)
         return out
 
     @moe_down.register_fake
-    def _(x, down, pairs, block_expert, weights):
+    def _(x, down, shared_down, pairs, block_expert, weights):
         return torch.empty(weights.shape[0], down.shape[1], device=x.device, dtype=torch.float32)

@@ -223,27 +223,42 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     out = torch.bmm(out_latent.transpose(0, 1), w["w_uv_t"]).transpose(0, 1).reshape(n, heads * v_dim)
     x = x + F.linear(out, w["o"])
     h = F.rms_norm(x, x.shape[-1:], w["post_norm"], eps["post"])
+    if moe is not None and block:
+        return x + _experts_by_kernels(h, w, *moe, block), latent
     g, u = F.linear(h, w["gate_up_shared"]).chunk(2, dim=-1)
     shared = F.linear(act(g) * u, w["down"])
     if moe is None:
         return x + shared, latent
     n_experts, kw = moe
-    if block and w["router"].dtype == torch.bfloat16 and all(v & (v - 1) == 0 for v in (n_experts, kw["n_group"])):
-        weights, idx = kernels.route(h, w["router"], w["bias"], **kw)
-    else:  # transformers keeps a loaded model's router weight in fp32: its logits are an fp32 GEMM
-        weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
+    weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
     top_k = idx.shape[1]
-    if block:
-        schedule = kernels.moe_schedule_kernel if n * top_k <= kernels.SCHEDULE_MAX_PAIRS else kernels.moe_schedule
-        pairs, block_expert = schedule(idx, n_experts, block)
-        inner = kernels.moe_up(h, w["gate_up"], pairs, block_expert, top_k)
-        y = kernels.moe_down(inner, w["expert_down"], pairs, block_expert, weights.reshape(-1))
-        return x + (y.view(n, top_k, -1).sum(dim=1).to(h.dtype) + shared), latent
     perm, offs = counting_order(idx.reshape(-1), n_experts)
     g, u = F.grouped_mm(h[perm // top_k], w["gate_up"].transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(act(g) * u, w["expert_down"].transpose(1, 2), offs=offs) * weights.reshape(-1)[perm, None]
     routed = torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1)
     return x + (routed.to(h.dtype) + shared), latent
+
+
+def _experts_by_kernels(h: torch.Tensor, w: dict, n_experts: int, kw: dict, block: int) -> torch.Tensor:
+    """Routed + shared experts of h [n, D] through ``grpo.kernels``. The shared expert (intermediate size
+    c I) joins the routed ones as c more experts of every token with weight 1, expert E + j being its
+    intermediate columns jI..(j+1)I - 1 (exact: SiLU * up is per column, the down projection a sum over
+    columns), so one pair of MoE GEMMs computes both. The fused routing kernel needs a bf16 router and
+    power-of-two expert and group counts."""
+    n = h.shape[0]
+    c = w["down"].shape[1] // (w["gate_up"].shape[1] // 2)
+    if w["router"].dtype == torch.bfloat16 and all(v & (v - 1) == 0 for v in (n_experts, kw["n_group"])):
+        weights, idx = kernels.route(h, w["router"], w["bias"], **kw, shared=c)
+    else:  # transformers keeps a loaded model's router weight in fp32: its logits are an fp32 GEMM
+        weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
+        idx = torch.cat((idx, torch.arange(n_experts, n_experts + c, device=h.device).expand(n, c)), dim=1)
+        weights = torch.cat((weights, weights.new_ones(n, c)), dim=1)
+    per_token = idx.shape[1]
+    schedule = kernels.moe_schedule_kernel if n * per_token <= kernels.SCHEDULE_MAX_PAIRS else kernels.moe_schedule
+    pairs, block_expert = schedule(idx, n_experts + c, block)
+    inner = kernels.moe_up(h, w["gate_up"], w["gate_up_shared"], pairs, block_expert, per_token)
+    y = kernels.moe_down(inner, w["expert_down"], w["down"], pairs, block_expert, weights.reshape(-1))
+    return y.view(n, per_token, -1).sum(dim=1).to(h.dtype)
 
 
 # One compiled function for all layers: weights are inputs, so the dense first layer and the MoE layers are
@@ -382,11 +397,11 @@ class V3Decoder:
         if self.device.type == "cuda" and self.dtype == torch.bfloat16:
             fused = [layer.fused(self._stacked) for layer in self.layers]
             self.fused = fused if all(fused) else None
-        # The Triton kernels (grpo.kernels) take the routed experts' SiLU and row-major weights (the fused
+        # The Triton kernels (grpo.kernels) take the experts' SiLU and row-major bf16 weights (the fused
         # routing kernel also a bf16 router and power-of-two expert and group counts: ``decode_layer``).
         self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
             w[name].stride(-1) == 1 and w[name].dtype == torch.bfloat16
-            for w, _ in self.fused for name in ("gate_up", "expert_down") if name in w)
+            for w, static in self.fused if static["moe"] for name in ("gate_up", "expert_down", "down"))
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -66,22 +66,38 @@ def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_ow
 
 
 @needs_triton
-@pytest.mark.parametrize("n", [1, 7, 64])
-def test_fused_moe_equals_a_loop_over_pairs(n):
+@pytest.mark.parametrize("n,shared", [(1, 1), (7, 2), (64, 1), (64, 0)])
+def test_fused_moe_equals_a_loop_over_pairs(n, shared):
+    """Routed pairs and the shared expert's slices (experts E + j: its columns jI..(j+1)I - 1)."""
     torch.manual_seed(n)
     dim, inter, n_experts, top_k = 64, 32, 8, 2
     h = torch.randn(n, dim, device=DEVICE, dtype=DTYPE)
     gate_up = torch.randn(n_experts, 2 * inter, dim, device=DEVICE, dtype=DTYPE) / 8
     down = torch.randn(n_experts, dim, inter, device=DEVICE, dtype=DTYPE) / 8
+    shared_gate_up = torch.randn(2 * shared * inter, dim, device=DEVICE, dtype=DTYPE) / 8
+    shared_down = torch.randn(dim, shared * inter, device=DEVICE, dtype=DTYPE) / 8
     idx = torch.stack([torch.randperm(n_experts, device=DEVICE)[:top_k] for _ in range(n)])
-    weights = torch.rand(n * top_k, device=DEVICE)
-    pairs, block_expert = kernels.moe_schedule(idx, n_experts, kernels.moe_block(n * top_k, n_experts))
-    y = kernels.moe_down(kernels.moe_up(h, gate_up, pairs, block_expert, top_k), down, pairs, block_expert, weights)
-    ref = torch.empty(n * top_k, dim, device=DEVICE)
+    idx = torch.cat((idx, torch.arange(n_experts, n_experts + shared, device=DEVICE).expand(n, shared)), dim=1)
+    per_token = top_k + shared
+    weights = torch.rand(n * per_token, device=DEVICE)
+    pairs, block_expert = kernels.moe_schedule(idx, n_experts + shared, kernels.moe_block(n * top_k, n_experts))
+    inner = kernels.moe_up(h, gate_up, shared_gate_up, pairs, block_expert, per_token)
+    y = kernels.moe_down(inner, down, shared_down, pairs, block_expert, weights)
+    ref = torch.empty(n * per_token, dim, device=DEVICE)
     for m, e in enumerate(idx.reshape(-1).tolist()):
-        g, u = (gate_up[e].float() @ h[m // top_k].float()).chunk(2)
-        ref[m] = weights[m] * (down[e].float() @ (F.silu(g) * u).to(DTYPE).float())
+        if e < n_experts:
+            w_gate_up, w_down = gate_up[e], down[e]
+        else:
+            cols = torch.arange((e - n_experts) * inter, (e - n_experts + 1) * inter, device=DEVICE)
+            w_gate_up, w_down = shared_gate_up[torch.cat((cols, shared * inter + cols))], shared_down[:, cols]
+        g, u = (w_gate_up.float() @ h[m // per_token].float()).chunk(2)
+        ref[m] = weights[m] * (w_down.float() @ (F.silu(g) * u).to(DTYPE).float())
     torch.testing.assert_close(y, ref, **TOL)
+    if shared:  # the slices together are the shared expert
+        g, u = (shared_gate_up.float() @ h.float().T).chunk(2)
+        whole = (shared_down.float() @ (F.silu(g) * u)).T
+        slices = (ref / weights[:, None]).view(n, per_token, dim)[:, top_k:].sum(dim=1)
+        torch.testing.assert_close(slices, whole, **(TOL if DEVICE == "cuda" else dict(atol=1e-4, rtol=1e-4)))
 
 
 @needs_triton
@@ -128,3 +144,39 @@ def test_route_kernel_selects_what_route_selects(n_experts, n_group, topk_group,
     ref_weights, ref_idx, _ = route(h.float() @ router.float().T, bias, **kw, by_argmax=True)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    weights, idx = kernels.route(h, router, bias, **kw, shared=2)  # two shared slices: experts E, E + 1
+    assert torch.equal(idx[:, :top_k], ref_idx) and (idx[:, top_k:] == torch.tensor([n_experts, n_experts + 1], device=DEVICE)).all()
+    torch.testing.assert_close(weights[:, :top_k], ref_weights, atol=1e-6, rtol=1e-5)
+    assert (weights[:, top_k:] == 1).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False, n_shared_experts=2)])
+def test_decode_layers_through_the_kernels_equal_the_module_path(monkeypatch, overrides):
+    """A whole decode step with every layer's attention and experts (routed + shared) in the kernels."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from grpo import v3_decode
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(**{**dict(
+        vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64, pad_token_id=0), **overrides})
+    model = DeepseekV3ForCausalLM(cfg).eval().to(DEVICE, DTYPE)
+    dec = v3_decode.V3Decoder(model, slots=4, max_len=32)
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
+        dec.prefill([[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]])
+        dec.positions[:] = torch.tensor([6, 3, 6, 3])
+        dec.tokens[:] = torch.tensor([20, 21, 22, 23])
+        dec.fused = None
+        ref, ref_cache = dec.decode(4, 16).float(), dec.cache.data.float()
+        dec.bind()
+        dec.cache.data[:, torch.arange(4), dec.positions] = 0
+        dec.fused, dec.kernels = [layer.fused(dec._stacked) for layer in dec.layers], True
+        monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
+        out = dec.decode(4, 16).float()
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(dec.cache.data.float(), ref_cache, **TOL)
