@@ -113,6 +113,7 @@ class _Experts:
         cuda = self.gate.weight.device.type == "cuda"
         self.route = _compiled_route if cuda else route
         self.order = _compiled_order if cuda else sorted_order
+        self.combine = _compiled_combine if cuda else combine
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h.float(), self.gate.weight.float())
@@ -129,14 +130,12 @@ class _Experts:
 
     def grouped(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Token-expert pairs sorted by expert, two grouped GEMMs."""
-        n_tok, top_k = idx.shape
+        top_k = idx.shape[1]
         perm, offs = self.order(idx.reshape(-1), self.n_experts)
         g, u = F.grouped_mm(h[perm // top_k], self.experts.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         y = F.grouped_mm(self.experts.act_fn(g) * u, self.experts.down_proj.transpose(1, 2), offs=offs)
-        y = y * weights.reshape(-1)[perm, None]  # fp32, as transformers accumulates
-        out = torch.empty_like(y)
-        out[perm] = y
-        return out.view(n_tok, top_k, -1).sum(dim=1).to(h.dtype)
+        rank = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.shape[0], device=perm.device))
+        return self.combine(y, rank, weights)
 
     def dense(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token (E/K times the expert FLOPs) as batched GEMMs; static shapes, no sync."""
@@ -165,10 +164,19 @@ def counting_order(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor,
     return perm, ends.to(torch.int32)
 
 
+def combine(y: torch.Tensor, rank: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t, k] * y[rank[t K + k]] for the expert outputs y [n K, D] in expert order, rank [n K]
+    the row of each pair, weights [n, K] fp32: products and sum in fp32 (as transformers accumulates), [n, D]
+    in y's dtype. One gather-multiply-reduce kernel under torch.compile."""
+    n, top_k = weights.shape
+    return (y[rank].view(n, top_k, -1) * weights[..., None]).sum(dim=1).to(y.dtype)
+
+
 # Compiled once per process for all batch sizes (inputs of size 1 get their own specialisation); made here,
 # not per decoder, so that rebinding the decoder on every generate call reuses the compiled code.
 _compiled_route = torch.compile(route, dynamic=True)
 _compiled_order = torch.compile(counting_order, dynamic=True)
+_compiled_combine = torch.compile(combine, dynamic=True)
 
 
 def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
