@@ -198,12 +198,13 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
 
     x [n, D] hidden states; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
     cos/sin [n, Dr/2]; w the layer's weights (``_Layer.fused``; in_proj = [q_proj or q_a_proj ; kv_a_proj] and
-    gate_up_shared = [gate_proj ; up_proj] of the dense MLP or shared experts, each one GEMM). dims = (heads, nope, rope, v_dim, rank,
+    gate_up_shared = [gate_proj ; up_proj] of the dense MLP or shared experts, each one GEMM; the query
+    projection, q_b or in_proj's first rows, with W_UK folded in). dims = (heads, nope, rope, v_dim, rank,
     scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a DeepSeekMoE block, None for a
     dense MLP. Returns (x [n, D] after the layer, latent [n, R+Dr] to write at each sequence's position).
     Attention: softmax over [q.k_s for s < pos ; q.k_self] with k_self from the returned latent, the same
     distribution as writing the latent first and attending over s <= pos. block > 0: attention and routed
-    experts through ``grpo.kernels`` (Triton, CUDA), with MoE row blocks of that size."""
+    and shared experts through ``grpo.kernels`` (Triton, CUDA), with MoE row blocks of that size."""
     heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
     act = ACT2FN[act]
     n, span = x.shape[0], keys.shape[1]
@@ -211,11 +212,11 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     q, kv = F.linear(h, w["in_proj"]).split([w["in_proj"].shape[0] - rank - rope, rank + rope], dim=-1)
     if "q_b" in w:
         q = F.linear(F.rms_norm(q, q.shape[-1:], w["q_norm"], eps["q"]), w["q_b"])
-    q = q.reshape(n, heads, nope + rope)
+    q = q.reshape(n, heads, rank + rope)  # [q^L ; q^R] per head: W_UK is folded into the query projection
     c = F.rms_norm(kv[:, :rank], (rank,), w["kv_norm"], eps["kv"])
     latent = torch.cat((c, rope_pairs(kv[:, rank:], cos, sin, interleave)), dim=-1)  # [n, R+Dr]
-    q_latent = torch.bmm(q[..., :nope].transpose(0, 1), w["w_uk"]).transpose(0, 1)  # [n, H, R]
-    q_rope = rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)
+    q_latent = q[..., :rank]  # [n, H, R]
+    q_rope = rope_pairs(q[..., rank:], cos[:, None], sin[:, None], interleave)
     if block:
         out_latent = kernels.mla_decode(q_latent, q_rope, keys, latent, pos, scale)
     else:
@@ -296,16 +297,15 @@ def _mlp(mlp: nn.Module, config):
     return foreign
 
 
-def _stacked(buffers: dict, key, *linears: nn.Linear) -> torch.Tensor:
-    """The linears' weights stacked by rows (one GEMM for all), in ``buffers[key]``, refilled in place."""
-    rows = sum(m.weight.shape[0] for m in linears)
+def _stacked(buffers: dict, key, *weights: torch.Tensor) -> torch.Tensor:
+    """The weights stacked by rows (one GEMM for all), in ``buffers[key]``, refilled in place."""
+    rows = sum(w.shape[0] for w in weights)
     buf = buffers.get(key)
     if buf is None or buf.shape[0] != rows:
         with torch.inference_mode(False):  # a normal tensor: later binds refill it, in inference mode or not
-            buf = buffers[key] = torch.empty(rows, linears[0].weight.shape[1], dtype=linears[0].weight.dtype,
-                                             device=linears[0].weight.device)
+            buf = buffers[key] = torch.empty(rows, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     with torch.no_grad():
-        return torch.cat([m.weight for m in linears], out=buf)
+        return torch.cat(weights, out=buf)
 
 
 class _Layer:
@@ -327,8 +327,9 @@ class _Layer:
 
     def fused(self, buffers: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
         """(weights, static kwargs) of ``decode_layer`` for this layer, or None when a module is not
-        transformers' own (an adapter wrapper, an expert-parallel MoE block). The two stacked weights are
-        copies kept in ``buffers`` and refilled in place on every call (CUDA graphs hold their addresses)."""
+        transformers' own (an adapter wrapper, an expert-parallel MoE block). The stacked weights and the
+        query projection with W_UK folded in (``absorbed_query``) are copies kept in ``buffers`` and refilled
+        in place on every call (CUDA graphs hold their addresses)."""
         a, mlp, config = self.module.self_attn, self.module.mlp, self.config
         linears = ["kv_a_proj_with_mqa", "o_proj", *(["q_proj"] if a.q_lora_rank is None else ["q_a_proj", "q_b_proj"])]
         dense = mlp.shared_experts if isinstance(self.mlp, _Experts) else mlp
@@ -336,16 +337,18 @@ class _Layer:
                 type(m) is not nn.Linear or m.bias is not None
                 for m in [getattr(a, name) for name in linears] + [dense.gate_proj, dense.up_proj, dense.down_proj]):
             return None
-        w_uk, w_uv_t = self.absorbed_weights()
-        q = a.q_proj if a.q_lora_rank is None else a.q_a_proj
-        w = {"in_norm": self.in_norm.weight, "in_proj": _stacked(buffers, (self.module, "in_proj"), q, a.kv_a_proj_with_mqa),
-             "kv_norm": a.kv_a_layernorm.weight, "w_uk": w_uk, "w_uv_t": w_uv_t, "o": a.o_proj.weight,
+        with torch.no_grad():
+            query = self.absorbed_query((a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight)
+        first = query if a.q_lora_rank is None else a.q_a_proj.weight
+        w = {"in_norm": self.in_norm.weight, "kv_norm": a.kv_a_layernorm.weight,
+             "in_proj": _stacked(buffers, (self.module, "in_proj"), first, a.kv_a_proj_with_mqa.weight),
+             "w_uv_t": self.absorbed_weights()[1], "o": a.o_proj.weight,
              "post_norm": self.post_norm.weight, "down": dense.down_proj.weight,
-             "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj, dense.up_proj)}
+             "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj.weight, dense.up_proj.weight)}
         eps = {"in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
                "post": self.post_norm.variance_epsilon}
         if a.q_lora_rank is not None:
-            w.update(q_b=a.q_b_proj.weight, q_norm=a.q_a_layernorm.weight)
+            w.update(q_b=_stacked(buffers, (self.module, "q_b"), query), q_norm=a.q_a_layernorm.weight)
             eps["q"] = a.q_a_layernorm.variance_epsilon
         moe = None
         if isinstance(self.mlp, _Experts):
@@ -360,6 +363,14 @@ class _Layer:
         """W_UK [H, Dn, R] and W_UV^T [H, R, Dv]: views of kv_b_proj.weight [H*(Dn+Dv), R]."""
         w = self.kv_b.weight.view(self.heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
+
+    def absorbed_query(self, weight: torch.Tensor) -> torch.Tensor:
+        """The query projection with W_UK folded in (DeepSeek-V2's absorption): weight [H (Dn + Dr), in]
+        of q_proj or q_b_proj -> [H (R + Dr), in], per head [W_UK,h^T W^C_h ; W^R_h], so that one GEMM gives
+        [q^L_h ; q^R_h] with q^L_h = W_UK,h^T q^C_h. The product is taken in fp32 and rounded once."""
+        q = weight.view(self.heads, self.nope + self.rope, -1)
+        latent = torch.bmm(self.absorbed_weights()[0].transpose(1, 2).float(), q[:, : self.nope].float())
+        return torch.cat((latent.to(weight.dtype), q[:, self.nope:]), dim=1).view(-1, weight.shape[1])
 
 
 class V3Decoder:

@@ -168,8 +168,9 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, overrides):
 
 
 def test_stacked_fused_weights_are_refilled_in_place():
-    """The fused path's stacked weights (one GEMM for q_a and kv_a, one for gate and up) are copies: each
-    bind refills the same buffers (CUDA graphs hold their addresses) with the current weights."""
+    """The fused path's stacked weights (one GEMM for q_a and kv_a, one for gate and up) and its query
+    projection with W_UK folded in are copies: each bind refills the same buffers (CUDA graphs hold their
+    addresses) with the current weights."""
     model = v3_model()
     dec = V3Decoder(model, slots=2, max_len=16)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp.shared_experts
@@ -177,10 +178,18 @@ def test_stacked_fused_weights_are_refilled_in_place():
     with torch.no_grad():
         attn.kv_a_proj_with_mqa.weight.mul_(2)
         mlp.up_proj.weight.add_(1)
+        attn.kv_b_proj.weight.mul_(3)
     after = [layer.fused(dec._stacked)[0] for layer in dec.layers][1]
     for name, parts in {"in_proj": [attn.q_a_proj, attn.kv_a_proj_with_mqa], "gate_up_shared": [mlp.gate_proj, mlp.up_proj]}.items():
         assert after[name].data_ptr() == before[name].data_ptr()
         assert torch.equal(after[name], torch.cat([m.weight for m in parts]))
+    assert after["q_b"].data_ptr() == before["q_b"].data_ptr()
+    # per head h: rows [W_UK,h^T W^C_h ; W^R_h] of the absorbed query projection
+    heads, nope, rope, rank = 4, 16, 8, 16
+    q = attn.q_b_proj.weight.view(heads, nope + rope, -1)
+    w_uk = attn.kv_b_proj.weight.view(heads, nope + 16, rank)[:, :nope]
+    ref = torch.cat((w_uk.transpose(1, 2) @ q[:, :nope], q[:, nope:]), dim=1).reshape(heads * (rank + rope), -1)
+    torch.testing.assert_close(after["q_b"], ref, atol=1e-6, rtol=1e-5)
 
 
 def test_counting_order_equals_a_stable_sort():
