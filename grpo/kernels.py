@@ -48,6 +48,7 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 MLA_CONFIG = dict(BS=64, num_warps=4, num_stages=2)
 MOE_UP_CONFIG = dict(BN=64, BK=64, num_warps=4, num_stages=3)
 MOE_DOWN_CONFIG = dict(BN=128, BK=64, num_warps=4, num_stages=3)
+ROUTE_CONFIG = dict(BK=64, num_warps=4)
 TOPK_MAX_COLUMNS = 4096  # ``topk_indices`` holds a whole row in registers
 SCHEDULE_MAX_PAIRS = 16384  # ``moe_schedule_kernel`` holds every pair's expert in each program's registers
 
@@ -295,8 +296,8 @@ if triton is not None:
         if n:
             _route_kernel[(triton.cdiv(n, 16),)](
                 h, router, bias, weights, idx, n, dim, scale, h.stride(0), router.stride(0), E=top, G=n_group,
-                TOPG=topk_group, K=top_k, SHARED=shared, KP=_pow2(top_k + shared, 1), NORM=norm, BT=16, BK=64,
-                num_warps=4)
+                TOPG=topk_group, K=top_k, SHARED=shared, KP=_pow2(top_k + shared, 1), NORM=norm, BT=16,
+                **ROUTE_CONFIG)
         return weights, idx
 
     @route.register_fake

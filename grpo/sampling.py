@@ -55,8 +55,8 @@ def sample(
         tokens = z.argmax(dim=-1)
         lse = _logsumexp(z, z.amax(dim=-1, keepdim=True))
     elif 0 < top_k < z.shape[-1]:  # softmax is monotonic: the top-k of z is that of p_T
-        top, idx = _topk(z, top_k)
-        lse = _logsumexp(z, top[:, :1])
+        top, idx = _topk(z, top_k, ordered=top_p < 1.0)  # only top-p needs them sorted
+        lse = _logsumexp(z, top.amax(dim=-1, keepdim=True))
         cand = _cut((top - lse).exp(), top_p=top_p, min_p=min_p)
         tokens = idx.gather(1, _inverse_cdf(cand, uniform)[:, None]).squeeze(1)
     else:  # the distribution over the whole vocabulary is needed
@@ -122,16 +122,16 @@ def _block(vocab: int, sizes: tuple[int, ...]) -> int:
     return next((b for b in sizes if vocab % b == 0), 0)
 
 
-def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk (sorted), exact, through groups: with the vocabulary split into G groups of g tokens
+def _topk(scores: torch.Tensor, k: int, ordered: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk, exact, through groups: with the vocabulary split into G groups of g tokens
     (on CPU group j = tokens j, j + G, j + 2G, ...: a strided view, so the group maxima are one vectorised
     pass; on CUDA g adjacent tokens),
     the k largest entries lie in the k groups with the largest maxima; only those k * g entries are ranked,
-    and only the k winners are sorted."""
+    and only the k winners are sorted (descending; in no particular order when not ``ordered``)."""
     batch, vocab = scores.shape
     size = _block(vocab, (16, 8, 32))
     if not size or 4 * k * size > vocab:
-        return scores.topk(k, dim=-1)
+        return scores.topk(k, dim=-1, sorted=ordered)
     groups = vocab // size
     if scores.device.type == "cpu":
         best = _largest(scores.view(batch, size, groups).amax(dim=1), k)  # [B, k] groups
@@ -141,6 +141,8 @@ def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = (best[:, :, None] * size + torch.arange(size, device=scores.device)).view(batch, k * size)
     cand = scores.gather(1, idx)
     pos = _largest(cand, k)
+    if not ordered:
+        return cand.gather(1, pos), idx.gather(1, pos)
     vals, order = cand.gather(1, pos).sort(dim=-1, descending=True)
     return vals, idx.gather(1, pos.gather(1, order))
 
