@@ -47,8 +47,8 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 # (batch 64 and 256).
 MLA_CONFIG = dict(BS=64, num_warps=4, num_stages=2)
 MOE_UP_CONFIG = dict(BN=64, BK=64, num_warps=4, num_stages=3)
-MOE_DOWN_CONFIG = dict(BN=128, BK=64, num_warps=4, num_stages=3)
-ROUTE_CONFIG = dict(BK=64, num_warps=4)
+MOE_DOWN_CONFIG = dict(BN=128, BK=128, num_warps=4, num_stages=3)
+ROUTE_CONFIG = dict(BK=256, num_warps=2, num_stages=3)
 TOPK_MAX_COLUMNS = 4096  # ``topk_indices`` holds a whole row in registers
 SCHEDULE_MAX_PAIRS = 16384  # ``moe_schedule_kernel`` holds every pair's expert in each program's registers
 

@@ -191,24 +191,25 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 w: dict[str, torch.Tensor], *, dims: tuple, moe: tuple | None,
-                 block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_layer(x: torch.Tensor, h: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, w: dict[str, torch.Tensor], *, dims: tuple, moe: tuple | None,
+                 block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per sequence, as a pure function.
 
-    x [n, D] hidden states; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
+    x [n, D] hidden states and h [n, D] their RMSNorm by the layer's input norm; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
     cos/sin [n, Dr/2]; w the layer's weights (``_Layer.fused``; in_proj = [q_proj or q_a_proj ; kv_a_proj] and
     gate_up_shared = [gate_proj ; up_proj] of the dense MLP or shared experts, each one GEMM; the query
     projection, q_b or in_proj's first rows, with W_UK folded in). dims = (heads, nope, rope, v_dim, rank,
     scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a DeepSeekMoE block, None for a
-    dense MLP. Returns (x [n, D] after the layer, latent [n, R+Dr] to write at each sequence's position).
+    dense MLP. Returns (x [n, D] after the layer, its RMSNorm by w["next_norm"] (the next layer's input norm,
+    or the final norm after the last layer: computed here, it fuses with the residual add), latent [n, R+Dr]
+    to write at each sequence's position).
     Attention: softmax over [q.k_s for s < pos ; q.k_self] with k_self from the returned latent, the same
     distribution as writing the latent first and attending over s <= pos. block > 0: attention and routed
     and shared experts through ``grpo.kernels`` (Triton, CUDA), with MoE row blocks of that size."""
     heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
     act = ACT2FN[act]
     n, span = x.shape[0], keys.shape[1]
-    h = F.rms_norm(x, x.shape[-1:], w["in_norm"], eps["in"])
     q, kv = F.linear(h, w["in_proj"]).split([w["in_proj"].shape[0] - rank - rope, rank + rope], dim=-1)
     if "q_b" in w:
         q = F.linear(F.rms_norm(q, q.shape[-1:], w["q_norm"], eps["q"]), w["q_b"])
@@ -233,19 +234,22 @@ def decode_layer(x: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: to
     x = x + F.linear(out, w["o"])
     h = F.rms_norm(x, x.shape[-1:], w["post_norm"], eps["post"])
     if moe is not None and block:
-        return x + _experts_by_kernels(h, w, *moe, block), latent
-    g, u = F.linear(h, w["gate_up_shared"]).chunk(2, dim=-1)
-    shared = F.linear(act(g) * u, w["down"])
-    if moe is None:
-        return x + shared, latent
-    n_experts, kw = moe
+        x = x + _experts_by_kernels(h, w, *moe, block)
+    else:
+        g, u = F.linear(h, w["gate_up_shared"]).chunk(2, dim=-1)
+        shared = F.linear(act(g) * u, w["down"])
+        x = x + (shared if moe is None else _routed_by_grouped_mm(h, w, *moe, act) + shared)
+    return x, F.rms_norm(x, x.shape[-1:], w["next_norm"], eps["next"]), latent
+
+
+def _routed_by_grouped_mm(h: torch.Tensor, w: dict, n_experts: int, kw: dict, act) -> torch.Tensor:
+    """Routed experts of h [n, D]: token-expert pairs in expert order (``counting_order``), two grouped GEMMs."""
     weights, idx, _ = route(F.linear(h.float(), w["router"].float()), w["bias"], **kw, by_argmax=True)
-    top_k = idx.shape[1]
+    n, top_k = idx.shape
     perm, offs = counting_order(idx.reshape(-1), n_experts)
     g, u = F.grouped_mm(h[perm // top_k], w["gate_up"].transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(act(g) * u, w["expert_down"].transpose(1, 2), offs=offs) * weights.reshape(-1)[perm, None]
-    routed = torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1)
-    return x + (routed.to(h.dtype) + shared), latent
+    return torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1).to(h.dtype)
 
 
 def _experts_by_kernels(h: torch.Tensor, w: dict, n_experts: int, kw: dict, block: int) -> torch.Tensor:
@@ -325,8 +329,9 @@ class _Layer:
         self.mlp = _mlp(layer.mlp, config)
         self.module, self.config = layer, config
 
-    def fused(self, buffers: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(weights, static kwargs) of ``decode_layer`` for this layer, or None when a module is not
+    def fused(self, buffers: dict, next_norm: nn.Module) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(weights, static kwargs) of ``decode_layer`` for this layer (``next_norm``: the next layer's input
+        norm, or the final norm), or None when a module is not
         transformers' own (an adapter wrapper, an expert-parallel MoE block). The stacked weights and the
         query projection with W_UK folded in (``absorbed_query``) are copies kept in ``buffers`` and refilled
         in place on every call (CUDA graphs hold their addresses)."""
@@ -340,12 +345,12 @@ class _Layer:
         with torch.no_grad():
             query = self.absorbed_query((a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight)
         first = query if a.q_lora_rank is None else a.q_a_proj.weight
-        w = {"in_norm": self.in_norm.weight, "kv_norm": a.kv_a_layernorm.weight,
+        w = {"next_norm": next_norm.weight, "kv_norm": a.kv_a_layernorm.weight,
              "in_proj": _stacked(buffers, (self.module, "in_proj"), first, a.kv_a_proj_with_mqa.weight),
              "w_uv_t": self.absorbed_weights()[1], "o": a.o_proj.weight,
              "post_norm": self.post_norm.weight, "down": dense.down_proj.weight,
              "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj.weight, dense.up_proj.weight)}
-        eps = {"in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
+        eps = {"next": next_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
                "post": self.post_norm.variance_epsilon}
         if a.q_lora_rank is not None:
             w.update(q_b=_stacked(buffers, (self.module, "q_b"), query), q_norm=a.q_a_layernorm.weight)
@@ -412,15 +417,19 @@ class V3Decoder:
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
         self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
-        self.fused = None
-        if self.device.type == "cuda" and self.dtype == torch.bfloat16:
-            fused = [layer.fused(self._stacked) for layer in self.layers]
-            self.fused = fused if all(fused) else None
+        self.fused = self.fused_layers() if self.device.type == "cuda" and self.dtype == torch.bfloat16 else None
         # The Triton kernels (grpo.kernels) take the experts' SiLU and row-major bf16 weights (the fused
         # routing kernel also a bf16 router and power-of-two expert and group counts: ``decode_layer``).
         self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
             w[name].stride(-1) == 1 and w[name].dtype == torch.bfloat16
             for w, static in self.fused if static["moe"] for name in ("gate_up", "expert_down", "down"))
+
+    def fused_layers(self) -> list | None:
+        """``_Layer.fused`` of every layer (each with the next one's input norm; the last with the final
+        norm), or None when one of them has no fused form."""
+        norms = [layer.in_norm for layer in self.layers[1:]] + [self.final_norm]
+        fused = [layer.fused(self._stacked, norm) for layer, norm in zip(self.layers, norms)]
+        return fused if all(fused) else None
 
     # ---- rotary ------------------------------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -448,6 +457,7 @@ class V3Decoder:
     def _decode_fused(self, n: int, span: int, pos: torch.Tensor) -> torch.Tensor:
         cos, sin, latents = self.cos[pos], self.sin[pos], []
         x = self.embed(self.tokens[:n])
+        h = _rms(x, self.layers[0].in_norm)  # each layer returns the next one's normed input
         # Batch and span are the only dynamic sizes: every other size and every int argument stays a constant
         # (symbolic model sizes broke inductor's code generation), and a second model with other sizes gets
         # its own static variants instead of turning the first one's sizes symbolic. Variants per model:
@@ -459,14 +469,15 @@ class V3Decoder:
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
             for i, (w, static) in enumerate(self.fused):
                 keys = self.cache.data[i, :n, :span]
-                for t in (x, pos, cos, sin, keys):
+                for t in (x, h, pos, cos, sin, keys):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(keys, 1)
-                x, latent = _compiled_layer(x, keys, pos, cos, sin, w, **static, block=block if static["moe"] else min(block, 1))
+                x, h, latent = _compiled_layer(x, h, keys, pos, cos, sin, w, **static,
+                                               block=block if static["moe"] else min(block, 1))
                 latents.append(latent)
         cache = self.cache.data.view(len(self.layers), -1, self.cache.data.shape[-1])
         cache.index_copy_(1, self.rows[:n] + pos, torch.stack(latents))
-        return self.decode_head(_rms(x, self.final_norm))
+        return self.decode_head(h)  # h: the last layer's output under the final norm
 
     def _attend_decode(self, layer: _Layer, cache: torch.Tensor, h, rotation, mask, write_rows, span) -> torch.Tensor:
         n, heads, rank = h.shape[0], layer.heads, layer.rank

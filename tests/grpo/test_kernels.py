@@ -175,7 +175,7 @@ def test_decode_layers_through_the_kernels_equal_the_module_path(monkeypatch, ov
         ref, ref_cache = dec.decode(4, 16).float(), dec.cache.data.float()
         dec.bind()
         dec.cache.data[:, torch.arange(4), dec.positions] = 0
-        dec.fused, dec.kernels = [layer.fused(dec._stacked) for layer in dec.layers], True
+        dec.fused, dec.kernels = dec.fused_layers(), True
         monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
         out = dec.decode(4, 16).float()
     torch.testing.assert_close(out, ref, **TOL)

@@ -107,7 +107,7 @@ def test_fused_layer_decode_through_the_engine_matches_teacher_forcing(monkeypat
 
     def fused_bind(self):
         bind(self)
-        self.fused = [layer.fused(self._stacked) for layer in self.layers]
+        self.fused = self.fused_layers()
 
     monkeypatch.setattr(V3Decoder, "bind", fused_bind)
     monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
@@ -159,7 +159,7 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, overrides):
         dec.tokens[:] = torch.tensor([20, 21, 22, 23])
         ref, ref_cache = dec.decode(4, 16), dec.cache.data.clone()
         dec.cache.data[:, torch.arange(4), dec.positions] = 0
-        dec.fused = [layer.fused(dec._stacked) for layer in dec.layers]
+        dec.fused = dec.fused_layers()
         assert all(dec.fused)
         monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
         fused = dec.decode(4, 16)
@@ -174,12 +174,12 @@ def test_stacked_fused_weights_are_refilled_in_place():
     model = v3_model()
     dec = V3Decoder(model, slots=2, max_len=16)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp.shared_experts
-    before = [layer.fused(dec._stacked)[0] for layer in dec.layers][1]
+    before = dec.fused_layers()[1][0]
     with torch.no_grad():
         attn.kv_a_proj_with_mqa.weight.mul_(2)
         mlp.up_proj.weight.add_(1)
         attn.kv_b_proj.weight.mul_(3)
-    after = [layer.fused(dec._stacked)[0] for layer in dec.layers][1]
+    after = dec.fused_layers()[1][0]
     for name, parts in {"in_proj": [attn.q_a_proj, attn.kv_a_proj_with_mqa], "gate_up_shared": [mlp.gate_proj, mlp.up_proj]}.items():
         assert after[name].data_ptr() == before[name].data_ptr()
         assert torch.equal(after[name], torch.cat([m.weight for m in parts]))
