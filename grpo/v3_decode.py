@@ -252,6 +252,36 @@ def _routed_by_grouped_mm(h: torch.Tensor, w: dict, n_experts: int, kw: dict, ac
     return torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1).to(h.dtype)
 
 
+def prefill_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: dict[str, torch.Tensor], *, dims: tuple,
+                  moe: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer over a batch of prompts, as a pure function (the prefill counterpart of
+    ``decode_layer``, compiled on CUDA in bf16 with the batch and width dynamic): x [B, P, D] (prompts padded
+    on the right), cos/sin [P, Dr/2]. Returns (x [B, P, D] after the layer, latents [B, P, R+Dr] to cache).
+    Attention in the ordinary (non-absorbed) form, causal SDPA over each prompt; routed experts as grouped
+    GEMMs (``_routed_by_grouped_mm``; the Triton MoE kernels are tuned for decode's few rows per expert)."""
+    heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
+    act = ACT2FN[act]
+    batch, width, dim = x.shape
+    h = F.rms_norm(x, (dim,), w["in_norm"], eps["in"])
+    q = F.linear(F.rms_norm(F.linear(h, w["q_a"]), w["q_norm"].shape, w["q_norm"], eps["q"]) if "q_a" in w else h, w["q_up"])
+    q = q.view(batch, width, heads, nope + rope)
+    kv = F.linear(h, w["kv_a"])
+    c = F.rms_norm(kv[..., :rank], (rank,), w["kv_norm"], eps["kv"])
+    k_rope = rope_pairs(kv[..., rank:], cos, sin, interleave)  # [B, P, Dr]
+    kv_up = F.linear(c, w["kv_b"]).view(batch, width, heads, nope + v_dim)
+    keys = torch.cat((kv_up[..., :nope], k_rope[:, :, None].expand(-1, -1, heads, -1)), dim=-1)
+    queries = torch.cat((q[..., :nope], rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleave)), dim=-1)
+    out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), kv_up[..., nope:].transpose(1, 2),
+                                         is_causal=True, scale=scale)  # [B, H, P, Dv]
+    x = x + F.linear(out.transpose(1, 2).reshape(batch, width, heads * v_dim), w["o"])
+    h = F.rms_norm(x, (dim,), w["post_norm"], eps["post"])
+    g, u = F.linear(h, w["gate_up_shared"]).chunk(2, dim=-1)
+    shared = F.linear(act(g) * u, w["down"])
+    if moe is not None:
+        shared = _routed_by_grouped_mm(h.view(batch * width, dim), w, *moe, act).view_as(shared) + shared
+    return x + shared, torch.cat((c, k_rope), dim=-1)
+
+
 def _experts_by_kernels(h: torch.Tensor, w: dict, n_experts: int, kw: dict, block: int) -> torch.Tensor:
     """Routed + shared experts of h [n, D] through ``grpo.kernels``. The shared expert (intermediate size
     c I) joins the routed ones as c more experts of every token with weight 1, expert E + j being its
@@ -277,6 +307,7 @@ def _experts_by_kernels(h: torch.Tensor, w: dict, n_experts: int, kw: dict, bloc
 # One compiled function for all layers: weights are inputs, so the dense first layer and the MoE layers are
 # its only two variants; only the batch and span dimensions are dynamic (``V3Decoder._decode_fused``).
 _compiled_layer = torch.compile(decode_layer)
+_compiled_prefill = torch.compile(prefill_layer)
 
 
 class _DenseMLP:
@@ -345,15 +376,17 @@ class _Layer:
         with torch.no_grad():
             query = self.absorbed_query((a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight)
         first = query if a.q_lora_rank is None else a.q_a_proj.weight
-        w = {"next_norm": next_norm.weight, "kv_norm": a.kv_a_layernorm.weight,
+        w = {"next_norm": next_norm.weight, "kv_norm": a.kv_a_layernorm.weight, "in_norm": self.in_norm.weight,
+             "q_up": (a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight, "kv_a": a.kv_a_proj_with_mqa.weight,
+             "kv_b": a.kv_b_proj.weight,
              "in_proj": _stacked(buffers, (self.module, "in_proj"), first, a.kv_a_proj_with_mqa.weight),
              "w_uv_t": self.absorbed_weights()[1], "o": a.o_proj.weight,
              "post_norm": self.post_norm.weight, "down": dense.down_proj.weight,
              "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj.weight, dense.up_proj.weight)}
-        eps = {"next": next_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
+        eps = {"next": next_norm.variance_epsilon, "in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
                "post": self.post_norm.variance_epsilon}
         if a.q_lora_rank is not None:
-            w.update(q_b=_stacked(buffers, (self.module, "q_b"), query), q_norm=a.q_a_layernorm.weight)
+            w.update(q_b=_stacked(buffers, (self.module, "q_b"), query), q_norm=a.q_a_layernorm.weight, q_a=a.q_a_proj.weight)
             eps["q"] = a.q_a_layernorm.variance_epsilon
         moe = None
         if isinstance(self.mlp, _Experts):
@@ -372,7 +405,8 @@ class _Layer:
     def absorbed_query(self, weight: torch.Tensor) -> torch.Tensor:
         """The query projection with W_UK folded in (DeepSeek-V2's absorption): weight [H (Dn + Dr), in]
         of q_proj or q_b_proj -> [H (R + Dr), in], per head [W_UK,h^T W^C_h ; W^R_h], so that one GEMM gives
-        [q^L_h ; q^R_h] with q^L_h = W_UK,h^T q^C_h. The product is taken in fp32 and rounded once."""
+        [q^L_h ; q^R_h] with q^L_h = W_UK,h^T q^C_h. The product is taken in fp32 and rounded once. It holds
+        (R + Dr) / (Dn + Dr) times the projection's parameters (3x for V3's shapes)."""
         q = weight.view(self.heads, self.nope + self.rope, -1)
         latent = torch.bmm(self.absorbed_weights()[0].transpose(1, 2).float(), q[:, : self.nope].float())
         return torch.cat((latent.to(weight.dtype), q[:, self.nope:]), dim=1).view(-1, weight.shape[1])
@@ -512,10 +546,21 @@ class V3Decoder:
         src = torch.tensor(src, dtype=torch.long, device=self.device)
         dst = torch.tensor(dst, dtype=torch.long, device=self.device)
         rotation = self.cos[:width], self.sin[:width]
-        x = self.embed(ids).view(batch * width, -1)
-        for i, layer in enumerate(self.layers):
-            x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, rotation, src, dst)
-            x = x + layer.mlp(_rms(x, layer.post_norm))
+        x = self.embed(ids)
+        if self.fused:  # as for decode: batch and width dynamic, every other size static
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+                for i, (w, static) in enumerate(self.fused):
+                    for t, dims in ((x, (0, 1)), *((r, (0,)) for r in rotation)):
+                        for d in dims:
+                            torch._dynamo.maybe_mark_dynamic(t, d)
+                    x, latent = _compiled_prefill(x, *rotation, w, **static)
+                    self.cache.data[i].view(-1, latent.shape[-1]).index_copy_(0, dst, latent.view(batch * width, -1)[src])
+            x = x.view(batch * width, -1)
+        else:
+            x = x.view(batch * width, -1)
+            for i, layer in enumerate(self.layers):
+                x = x + self._attend_prefill(layer, self.cache.data[i], _rms(x, layer.in_norm), batch, width, rotation, src, dst)
+                x = x + layer.mlp(_rms(x, layer.post_norm))
         last = torch.tensor([b * width + n - 1 for b, n in enumerate(lens)], device=self.device)
         return self.lm_head(_rms(x[last], self.final_norm))
 

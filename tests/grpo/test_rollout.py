@@ -101,8 +101,9 @@ def test_sampled_logprobs_equal_teacher_forcing_with_refill(make, sampling):
 
 
 def test_fused_layer_decode_through_the_engine_matches_teacher_forcing(monkeypatch):
-    """The engine (refill, stop tokens, mixed lengths) with every decode step through ``decode_layer`` (the
-    function compiled on CUDA in bf16; here uncompiled, fp32): logprobs equal a teacher-forced forward pass."""
+    """The engine (refill, stop tokens, mixed lengths) with every prefill through ``prefill_layer`` and every
+    decode step through ``decode_layer`` (the functions compiled on CUDA in bf16; here uncompiled, fp32):
+    logprobs equal a teacher-forced forward pass."""
     bind = V3Decoder.bind
 
     def fused_bind(self):
@@ -111,6 +112,7 @@ def test_fused_layer_decode_through_the_engine_matches_teacher_forcing(monkeypat
 
     monkeypatch.setattr(V3Decoder, "bind", fused_bind)
     monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
+    monkeypatch.setattr(v3_decode, "_compiled_prefill", v3_decode.prefill_layer)
     model = v3_model()
     stop = [40, 41]  # 1/64 of the vocabulary: some rows stop, some run past the first 64-position span
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=70, stop_token_ids=stop, max_batch=7, seed=3)
@@ -164,6 +166,23 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, overrides):
         monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
         fused = dec.decode(4, 16)
     torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dec.cache.data, ref_cache, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False)])
+def test_fused_prefill_layer_equals_the_module_path(monkeypatch, overrides):
+    """The pure per-layer prefill function (compiled on CUDA in bf16; uncompiled here in fp32): the same
+    last-token logits and cached latents as the module path, for padded prompts copied to several slots."""
+    model = v3_model(**overrides)
+    dec = V3Decoder(model, slots=4, max_len=32)
+    prompts, slots = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]]
+    with torch.no_grad():
+        ref, ref_cache = dec.prefill(prompts, slots), dec.cache.data.clone()
+        dec.cache.data.zero_()
+        dec.fused = dec.fused_layers()
+        monkeypatch.setattr(v3_decode, "_compiled_prefill", v3_decode.prefill_layer)
+        logits = dec.prefill(prompts, slots)
+    torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(dec.cache.data, ref_cache, atol=1e-6, rtol=0)
 
 

@@ -64,8 +64,9 @@ def test_bf16_grouped_experts_match_transformers():
 
 @pytest.mark.parametrize("policy", [False, True])
 def test_bf16_compiled_decode_layers_match_the_module_path(policy):
-    """In bf16 on CUDA each layer's decode is the compiled ``decode_layer``: same logits and cache as the
-    module path (within bf16 rounding), and sampled logprobs through CUDA graphs match teacher forcing."""
+    """In bf16 on CUDA each layer's prefill and decode are the compiled ``prefill_layer`` and ``decode_layer``:
+    same logits and cache as the module path (within bf16 rounding), and sampled logprobs through CUDA graphs
+    match teacher forcing."""
     from grpo import kernels
     from grpo.model import DeepseekV3Policy
     from grpo.v3_decode import V3Decoder
@@ -75,8 +76,14 @@ def test_bf16_compiled_decode_layers_match_the_module_path(policy):
         assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     dec = V3Decoder(model, slots=8, max_len=64)
     assert dec.fused and dec.kernels == kernels.AVAILABLE
+    slots = [[0, 5], [1, 6], [2, 7], [3], [4]]
     with torch.no_grad():
-        dec.prefill(PROMPTS, [[0, 5], [1, 6], [2, 7], [3], [4]])
+        prefill, prefill_cache = dec.prefill(PROMPTS, slots).float(), dec.cache.data.clone()
+        layers, dec.fused = dec.fused, None
+        ref = dec.prefill(PROMPTS, slots).float()
+        dec.fused = layers
+        assert (prefill - ref).abs().max() < 0.05 * ref.abs().max()
+        torch.testing.assert_close(prefill_cache, dec.cache.data, atol=2e-2, rtol=2e-2)
         dec.positions[:] = torch.tensor([5, 3, 8, 2, 4, 5, 3, 8])
         dec.tokens[:] = torch.arange(30, 38)
         fused, fused_cache = dec.decode(8, 64).float(), dec.cache.data.clone()
