@@ -20,6 +20,8 @@ Departure from the torch path: the scores stay in fp32 (the torch path rounds q.
     a_m = silu(W_gate[e_m] h_t) * (W_up[e_m] h_t)      [pairs, I]    (``moe_up``, bf16 out)
     y_m = w_m * W_down[e_m] a_m                         [n*K, D] fp32 (``moe_down``, in pair order)
 
+The shared expert (intermediate size c I) rides along as experts E..E+c-1 of every token with weight 1, each
+one I-column slice of it, so the same two launches compute routed and shared experts.
 The pairs are laid out by ``moe_schedule``: grouped by expert, each expert's rows padded to a multiple of
 the block size, so every block of rows has one expert and a program multiplies its rows by one weight tile
 (vLLM's fused-MoE layout). The block size is chosen so that at decode most experts fill one block, and each

@@ -28,11 +28,14 @@ fp32/fp16 (no fast grouped kernel) the routed experts run as batched GEMMs of ev
 transformers' layout (e.g. DeepSpeed AutoEP's replacement) is called as a module, so expert parallelism
 stays inside it.
 On CUDA in bf16 with transformers' own modules, each decoder layer's decode runs as one ``torch.compile``d
-pure function (``decode_layer``: weights, the layer's cache and the positions in; the new hidden state and
-the token's latent out), so inductor fuses the norms, RoPE, masking, softmax and routing around the GEMMs;
-the cache is only read there (the token attends to the cached positions < t, and to itself through its own
-latent, merged in one softmax) and all layers' latents are written with one scatter after the last layer.
-With Triton (``grpo.kernels``), that function's attention, routing and routed experts are Triton kernels.
+pure function (``decode_layer``: weights, the layer's cache and the positions in; the new hidden state, the
+next layer's normed input and the token's latent out), so inductor fuses the norms, RoPE, masking, softmax
+and routing around the GEMMs; W_UK is folded into the query projection (``_Layer.absorbed_query``: one GEMM
+gives the latent-space query); the cache is only read there (the token attends to the cached positions < t,
+and to itself through its own latent, merged in one softmax) and all layers' latents are written with one
+scatter after the last layer. With Triton (``grpo.kernels``), that function's attention, routing and experts
+are Triton kernels, the shared expert computed with the routed ones. Each layer's prefill is likewise one
+compiled function (``prefill_layer``, batch and prompt width dynamic).
 Departure from transformers' eager forward: same math, different summation order (fp32 differences ~1e-6).
 MTP modules are not used for generation.
 """
