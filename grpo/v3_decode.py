@@ -199,17 +199,17 @@ def decode_layer(x: torch.Tensor, h: torch.Tensor, keys: torch.Tensor, pos: torc
                  block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer for one new token per sequence, as a pure function.
 
-    x [n, D] hidden states and h [n, D] their RMSNorm by the layer's input norm; keys [n, S, R+Dr] the layer's cache (only positions < pos are read); pos [n];
-    cos/sin [n, Dr/2]; w the layer's weights (``_Layer.fused``; in_proj = [q_proj or q_a_proj ; kv_a_proj] and
-    gate_up_shared = [gate_proj ; up_proj] of the dense MLP or shared experts, each one GEMM; the query
-    projection, q_b or in_proj's first rows, with W_UK folded in). dims = (heads, nope, rope, v_dim, rank,
-    scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a DeepSeekMoE block, None for a
-    dense MLP. Returns (x [n, D] after the layer, its RMSNorm by w["next_norm"] (the next layer's input norm,
-    or the final norm after the last layer: computed here, it fuses with the residual add), latent [n, R+Dr]
-    to write at each sequence's position).
-    Attention: softmax over [q.k_s for s < pos ; q.k_self] with k_self from the returned latent, the same
-    distribution as writing the latent first and attending over s <= pos. block > 0: attention and routed
-    and shared experts through ``grpo.kernels`` (Triton, CUDA), with MoE row blocks of that size."""
+    x [n, D] hidden states and h [n, D] their RMSNorm by the layer's input norm; keys [n, S, R+Dr] the layer's
+    cache (only positions < pos are read); pos [n]; cos/sin [n, Dr/2]; w the layer's weights (``_Layer.fused``;
+    in_proj = [q_proj or q_a_proj ; kv_a_proj] and gate_up_shared = [gate_proj ; up_proj] of the dense MLP or
+    shared experts, each one GEMM; the query projection, q_b or in_proj's first rows, with W_UK folded in). dims =
+    (heads, nope, rope, v_dim, rank, scale, interleave, hidden_act, eps); moe = (n_experts, route kwargs) for a
+    DeepSeekMoE block, None for a dense MLP. Returns (x [n, D] after the layer, its RMSNorm by w["next_norm"] (the
+    next layer's input norm, or the final norm after the last layer: computed here, it fuses with the residual
+    add), latent [n, R+Dr] to write at each sequence's position). Attention: softmax over [q.k_s for s < pos ;
+    q.k_self] with k_self from the returned latent, the same distribution as writing the latent first and
+    attending over s <= pos. block > 0: attention and routed and shared experts through ``grpo.kernels`` (Triton,
+    CUDA), with MoE row blocks of that size."""
     heads, nope, rope, v_dim, rank, scale, interleave, act, eps = dims
     act = ACT2FN[act]
     n, span = x.shape[0], keys.shape[1]
@@ -308,7 +308,8 @@ def _experts_by_kernels(h: torch.Tensor, w: dict, n_experts: int, kw: dict, bloc
 
 
 # One compiled function for all layers: weights are inputs, so the dense first layer and the MoE layers are
-# its only two variants; only the batch and span dimensions are dynamic (``V3Decoder._decode_fused``).
+# its only two variants; only the batch and span dimensions are dynamic (``V3Decoder._decode_fused``), and
+# for the prefill the batch and prompt width (``V3Decoder.prefill``).
 _compiled_layer = torch.compile(decode_layer)
 _compiled_prefill = torch.compile(prefill_layer)
 
@@ -364,9 +365,9 @@ class _Layer:
         self.module, self.config = layer, config
 
     def fused(self, buffers: dict, next_norm: nn.Module) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(weights, static kwargs) of ``decode_layer`` for this layer (``next_norm``: the next layer's input
-        norm, or the final norm), or None when a module is not
-        transformers' own (an adapter wrapper, an expert-parallel MoE block). The stacked weights and the
+        """(weights, static kwargs) of ``decode_layer`` and ``prefill_layer`` for this layer (``next_norm``: the
+        next layer's input norm, or the final norm), or None when a module is not transformers' own (an
+        adapter wrapper, an expert-parallel MoE block). The stacked weights and the
         query projection with W_UK folded in (``absorbed_query``) are copies kept in ``buffers`` and refilled
         in place on every call (CUDA graphs hold their addresses)."""
         a, mlp, config = self.module.self_attn, self.module.mlp, self.config
@@ -376,18 +377,19 @@ class _Layer:
                 type(m) is not nn.Linear or m.bias is not None
                 for m in [getattr(a, name) for name in linears] + [dense.gate_proj, dense.up_proj, dense.down_proj]):
             return None
+        q_up, kv_a = (a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight, a.kv_a_proj_with_mqa.weight
         with torch.no_grad():
-            query = self.absorbed_query((a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight)
-        first = query if a.q_lora_rank is None else a.q_a_proj.weight
-        w = {"next_norm": next_norm.weight, "kv_norm": a.kv_a_layernorm.weight, "in_norm": self.in_norm.weight,
-             "q_up": (a.q_proj if a.q_lora_rank is None else a.q_b_proj).weight, "kv_a": a.kv_a_proj_with_mqa.weight,
-             "kv_b": a.kv_b_proj.weight,
-             "in_proj": _stacked(buffers, (self.module, "in_proj"), first, a.kv_a_proj_with_mqa.weight),
-             "w_uv_t": self.absorbed_weights()[1], "o": a.o_proj.weight,
-             "post_norm": self.post_norm.weight, "down": dense.down_proj.weight,
-             "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj.weight, dense.up_proj.weight)}
-        eps = {"next": next_norm.variance_epsilon, "in": self.in_norm.variance_epsilon, "kv": a.kv_a_layernorm.variance_epsilon,
-               "post": self.post_norm.variance_epsilon}
+            query = self.absorbed_query(q_up)
+        w = {"in_norm": self.in_norm.weight, "next_norm": next_norm.weight, "kv_norm": a.kv_a_layernorm.weight,
+             "post_norm": self.post_norm.weight, "o": a.o_proj.weight, "down": dense.down_proj.weight,
+             "gate_up_shared": _stacked(buffers, (self.module, "gate_up_shared"), dense.gate_proj.weight, dense.up_proj.weight),
+             # decode: the absorbed form
+             "in_proj": _stacked(buffers, (self.module, "in_proj"), query if a.q_lora_rank is None else a.q_a_proj.weight, kv_a),
+             "w_uv_t": self.absorbed_weights()[1],
+             # prefill: the ordinary form
+             "q_up": q_up, "kv_a": kv_a, "kv_b": a.kv_b_proj.weight}
+        eps = {"in": self.in_norm.variance_epsilon, "next": next_norm.variance_epsilon,
+               "kv": a.kv_a_layernorm.variance_epsilon, "post": self.post_norm.variance_epsilon}
         if a.q_lora_rank is not None:
             w.update(q_b=_stacked(buffers, (self.module, "q_b"), query), q_norm=a.q_a_layernorm.weight, q_a=a.q_a_proj.weight)
             eps["q"] = a.q_a_layernorm.variance_epsilon
@@ -589,7 +591,8 @@ class CudaGraphStep:
 
     ``sampler(logits [b, V], uniform [b]) -> (tokens [b], logprobs [b])`` must be free of host syncs.
     Batch buckets are powers of two up to the slot count (and the slot count); spans are rounded up to a
-    multiple of ``span_step`` (one span, the cache length, with the decoder's Triton kernels). Rows n..bucket-1 are free slots: they are decoded at position 0 and ignored
+    multiple of ``span_step`` (one span, the cache length, with the decoder's Triton kernels). Rows
+    n..bucket-1 are free slots: they are decoded at position 0 and ignored
     (their cache rows are rewritten by the prefill of their next sequence before being read). Graphs share
     one memory pool, so the returned tensors are only valid until the next call. A step is idempotent for
     fixed inputs (it rewrites the same latents), so the warm-up run before each capture is harmless.
