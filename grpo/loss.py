@@ -36,8 +36,8 @@ the trainer's makes r = inf, which the min() hides in the loss but turns into a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,12 @@ class LossConfig:
     beta: float = 0.0  # k3 KL coefficient; 0 = no reference model is loaded
     entropy_coef: float = 0.0  # alpha, entropy bonus
     mask_truncated_completions: bool = False  # completions cut at max_new_tokens get no loss tokens
+    # rollout/trainer mismatch (the "Rollout correction" section of the module docstring)
+    old_logprobs: Literal["rollout", "recompute"] = "rollout"  # where log pi_old comes from
+    rollout_is: Literal["none", "token", "sequence"] = "none"  # truncated importance sampling (TIS)
+    rollout_is_cap: float = 2.0  # C of TIS
+    rollout_mask: Literal["none", "token", "sequence"] = "none"  # masked importance sampling (MIS)
+    rollout_mask_band: list[float] = field(default_factory=lambda: [0.5, 2.0])  # kept weights: low <= w <= high
 
     def __post_init__(self):
         if self.epsilon_high is None:
@@ -72,6 +78,15 @@ class LossConfig:
             raise ConfigError("delta", f"must be > 1 + epsilon_high = {1 + self.epsilon_high}, got {self.delta}")
         if self.beta < 0:
             raise ConfigError("beta", f"must be >= 0, got {self.beta}")
+        if (self.rollout_is != "none" or self.rollout_mask != "none") and self.old_logprobs != "recompute":
+            raise ConfigError("old_logprobs", "rollout_is / rollout_mask weight by pi_old(train) / pi_rollout: they "
+                              "need old_logprobs: recompute (with 'rollout' the two are the same numbers)")
+        if self.rollout_is_cap < 1:
+            raise ConfigError("rollout_is_cap", f"must be >= 1, got {self.rollout_is_cap}")
+        low, high = (self.rollout_mask_band + [None, None])[:2]
+        if len(self.rollout_mask_band) != 2 or not 0 <= low < 1 < high:
+            raise ConfigError("rollout_mask_band", f"must be [low, high] with 0 <= low < 1 < high, got "
+                              f"{self.rollout_mask_band}")
 
 
 @dataclass(kw_only=True)
@@ -190,6 +205,70 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return d.exp() - d - 1
 
 
+class Mismatch(NamedTuple):
+    """Sums over the tokens of a batch of the rollout/trainer log-prob gap d = log pi_train - log pi_rollout
+    (``mismatch`` divides by ``tokens``); max_abs is a maximum."""
+
+    tokens: float
+    abs_diff: float  # sum |d|
+    max_abs: float
+    k3: float  # sum of rho - 1 - log rho, rho = e^d: the k3 estimate of KL(pi_rollout || pi_train), samples from pi_rollout
+    outside: float  # tokens whose rho is outside [1 - eps_low, 1 + eps_high] (the clip would act on noise)
+
+    @staticmethod
+    def of(train_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cfg: "LossConfig") -> "Mismatch":
+        """[N, L] each (mask 1 = a sampled completion token)."""
+        on = mask.bool()
+        d = (train_logp.detach().float() - rollout_logp.float())[on]
+        rho = capped_ratio(d)
+        return Mismatch(tokens=float(on.sum()), abs_diff=float(d.abs().sum()),
+                        max_abs=float(d.abs().max()) if d.numel() else 0.0,
+                        k3=float((rho - 1 - d.clamp(max=MAX_LOG_RATIO)).sum()),
+                        outside=float(((rho < 1 - cfg.epsilon) | (rho > 1 + cfg.epsilon_high)).sum()))
+
+    def __add__(self, other: "Mismatch") -> "Mismatch":
+        return Mismatch(*(a + b for a, b in zip(self[:2], other[:2])), max(self.max_abs, other.max_abs),
+                        *(a + b for a, b in zip(self[3:], other[3:])))
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.tokens, 1.0)
+        return {"mismatch/mean_abs": self.abs_diff / n, "mismatch/max_abs": self.max_abs, "mismatch/k3": self.k3 / n,
+                "mismatch/outside_clip": self.outside / n}
+
+
+class Correction(NamedTuple):
+    weights: Tensor | None  # [N, L] fp32 truncated IS weights (TIS), None without
+    keep: Tensor  # [N, L] fp32 1 = token kept by MIS (all ones without)
+    metrics: dict[str, float]
+
+
+def rollout_correction(train_old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cfg: "LossConfig") -> Correction:
+    """TIS weights and MIS mask from w_it = pi_old^train / pi_rollout (module docstring), [N, L] each."""
+    m = mask.float()
+    log_w = (train_old_logp.float() - rollout_logp.float()) * m
+    n_tok, n_seq = m.sum().clamp(min=1), (m.sum(-1) > 0).sum().clamp(min=1)
+    metrics: dict[str, float] = {}
+    weights = None
+    if cfg.rollout_is != "none":
+        log_tis = log_w if cfg.rollout_is == "token" else log_w.sum(-1, keepdim=True).expand_as(log_w)
+        raw = capped_ratio(log_tis)
+        weights = raw.clamp(max=cfg.rollout_is_cap) * m
+        metrics["mismatch/tis_weight"] = float(weights.sum() / n_tok)
+        metrics["mismatch/tis_capped"] = float(((raw > cfg.rollout_is_cap) & m.bool()).sum() / n_tok)
+    keep = m.new_ones(m.shape)
+    if cfg.rollout_mask != "none":
+        low, high = cfg.rollout_mask_band
+        if cfg.rollout_mask == "token":
+            w = capped_ratio(log_w)
+        else:  # per-token geometric mean of the sequence: the band means the same at every length
+            w = capped_ratio(log_w.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).expand_as(log_w)
+        keep = ((w >= low) & (w <= high)).float()
+        metrics["mismatch/mis_masked"] = float(((1 - keep) * m).sum() / n_tok)
+        if cfg.rollout_mask == "sequence":
+            metrics["mismatch/mis_masked_sequences"] = float((((1 - keep) * m).sum(-1) > 0).sum() / n_seq)
+    return Correction(weights, keep, metrics)
+
+
 def loss_mask(completion_mask: Tensor, truncated: Tensor, cfg: LossConfig) -> Tensor:
     """Tokens that enter the loss: completion_mask [N, L], minus whole truncated rows (truncated [N] bool) if asked."""
     if not cfg.mask_truncated_completions:
@@ -212,7 +291,8 @@ def aggregate(per_token: Tensor, mask: Tensor, loss_type: str, norm: LossNorm) -
 
 
 def grpo_loss(*, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: LossConfig, norm: LossNorm,
-              ref_logp: Tensor | None = None, entropy: Tensor | None = None) -> LossOutput:
+              ref_logp: Tensor | None = None, entropy: Tensor | None = None,
+              is_weights: Tensor | None = None) -> LossOutput:
     """The policy loss of one micro-batch.
 
     logp [N, L] (with grad), old_logp [N, L] (rollout), advantages [N], mask [N, L] (1 = completion token
@@ -221,6 +301,8 @@ def grpo_loss(*, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tenso
     mask = mask.to(logp.dtype)
     log_ratio = log_importance_ratio(logp, old_logp, mask, cfg.importance_sampling_level)
     per_token = clipped_surrogate(log_ratio, advantages, cfg)
+    if is_weights is not None:
+        per_token = per_token * is_weights
     metrics: dict[str, Tensor] = {}
     if cfg.beta > 0:
         if ref_logp is None:

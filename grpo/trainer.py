@@ -8,22 +8,28 @@ One step (what ``max_steps`` counts) on each process:
      drawn, for at most ``max_sampling_rounds`` rounds (all processes run the same number of rounds); a
      batch still short is filled with dropped groups (zero advantage; logged as ``sampling/shortfall``).
   2. rewards (``rewards.registry``) -> advantages (``grpo.advantages``) over the batch of every process.
-  3. once per batch: reference log-probs (beta > 0) and, with ``routing_replay``, the experts pi_old
-     picks under teacher forcing (replayed in every update forward, GSPO's Routing Replay).
+  3. once per batch: reference log-probs (beta > 0); with ``routing_replay``, the experts pi_old
+     picks under teacher forcing (replayed in every update forward, GSPO's Routing Replay); with
+     ``loss.old_logprobs: recompute``, log pi_old by the trainer's forward and the TIS/MIS correction.
   4. mu passes over the B*G rows, each shuffled and split into ``minibatches`` optimizer steps accumulated
-     over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; clip; step; LR
-     schedule; ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
+     over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; then one
+     ``grpo.optim`` step (clip, AdamW on fp32 masters, LR schedule); ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
      ``max_bad_steps`` in a row stop the run. On CPU the updates (like the engine's decoding) run on one
      intra-op thread when the machine is oversubscribed, unless ``cpu_threads`` fixes the count.
   5. reference reset every ``ref_reset_every`` steps; metrics; checkpoint every ``save_every`` steps.
 
+Mismatch metrics (``mismatch/*``, grpo.loss.Mismatch): the gap between the engine's log-probs and the trainer's
+for the same tokens, from a forward the step runs anyway: the recompute pass (all rows), else the forwards of
+the step's first optimizer step (all rows when ``minibatches`` = 1), before any update changes the policy.
+
 The policy log-probs are recomputed with the rollout temperature (logits / T) so that the ratio compares
 the same distributions. Resuming (``resume_from``) restores policy, optimizer, scheduler, reference,
 RNG states (the engine's sampler generator included), data position and counters: a resumed run continues
-exactly as the uninterrupted one. Devices and processes come from accelerate; ``prepare_training`` is the
-one place that wraps model and optimizer: with ``parallel.ep_size > 1`` (or ``parallel.zero_stage``) a DeepSpeed
-engine from ``grpo.parallel.parallelize`` (routed experts sharded over ep_size ranks, ZeRO), which reduces, clips
-and steps in ``engine.step()``; its ranks decode rollouts in lockstep (``RolloutEngine(ep_group=...)``).
+exactly as the uninterrupted one. Devices and processes come from accelerate; ``grpo.optim.build_step`` is the
+one place that wraps model and optimizer (DDP, or with ``parallel.ep_size > 1`` / ``parallel.zero_stage`` a DeepSpeed
+engine from ``grpo.parallel.parallelize``, routed experts sharded over ep_size ranks); under EP the ranks decode
+rollouts in lockstep (``RolloutEngine(ep_group=...)``). The engine decodes with the policy's own parameters: in
+bf16 they are the bf16 copy of the fp32 masters, refreshed in place by every optimizer step.
 """
 from __future__ import annotations
 
@@ -40,15 +46,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
-from transformers import get_scheduler
 
 from grpo import checkpoint
 from grpo.advantages import AdvantageConfig, combine_rewards, compute_advantages, group_stats, rewards_tensor
 from grpo.config import ConfigError
 from grpo.logger import MetricsLogger
-from grpo.loss import LossConfig, LossNorm, grpo_loss, logprobs_and_entropy, loss_mask
+from grpo.loss import (LossConfig, LossNorm, Mismatch, grpo_loss, logprobs_and_entropy, loss_mask,
+                       rollout_correction)
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
-from grpo.parallel import ParallelConfig, expert_parallel_group, parallelize
+from grpo.optim import AdamWConfig, build_step, uses_deepspeed
+from grpo.parallel import ParallelConfig, expert_parallel_group
 from grpo.rollout import RolloutEngine, SamplingConfig, cpu_threads
 from rewards.registry import RewardScores
 
@@ -113,7 +120,12 @@ class TrainerConfig:
     @property
     def deepspeed(self) -> bool:
         """Model and optimizer are a DeepSpeed engine (grpo.parallel: experts sharded over ep_size ranks, ZeRO)."""
-        return self.parallel.ep_size > 1 or self.parallel.zero_stage is not None
+        return uses_deepspeed(self.parallel)
+
+    @property
+    def adamw(self) -> AdamWConfig:
+        return AdamWConfig(lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, schedule=self.lr_scheduler, warmup_steps=self.warmup_steps)
 
     @property
     def completions_per_step(self) -> int:
@@ -160,6 +172,8 @@ class RolloutBatch:
     loss_mask: Tensor  # [N, L] fp32: tokens in the loss
     advantages: Tensor  # [N] fp32
     ref_logprobs: Tensor | None = None  # [N, L] fp32
+    train_old_logprobs: Tensor | None = None  # [N, L] fp32 log pi_old by the trainer's forward (old_logprobs: recompute)
+    is_weights: Tensor | None = None  # [N, L] fp32 TIS weights (loss.rollout_is)
     routing: dict[int, Tensor] | None = None  # MoE layer -> [N, P+L, K] experts chosen by pi_old
 
     def __len__(self) -> int:
@@ -210,23 +224,6 @@ class PromptStream:
         self._order = self._permutation()
 
 
-def prepare_training(model, cfg: TrainerConfig, accelerator: Accelerator, total_optimizer_steps: int):
-    """Optimizer, LR schedule and device/process wrapping: returns (model, optimizer, scheduler)."""
-    if cfg.deepspeed:  # the engine reduces, clips (max_grad_norm) and steps; the same AdamW groups
-        adamw = {"lr": cfg.lr, "betas": cfg.adam_betas, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
-        model, optimizer = parallelize(model, adamw, **dataclasses.asdict(cfg.parallel))
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=True)
-        model, optimizer = accelerator.prepare(model, optimizer)
-    # The schedule wraps the raw optimizer: accelerate's scheduler wrapper would step once per process.
-    scheduler = get_scheduler(cfg.lr_scheduler, getattr(optimizer, "optimizer", optimizer),
-                              num_warmup_steps=cfg.warmup_steps, num_training_steps=total_optimizer_steps)
-    return model, optimizer, scheduler
-
-
 RewardFn = Callable[..., RewardScores]  # (prompts, completions, **columns) -> RewardScores (a RewardSet)
 
 
@@ -261,9 +258,10 @@ class GRPOTrainer:
         self.reference = None
         if cfg.loss.beta > 0:  # frozen copy; not built at all when beta = 0
             self.reference = copy.deepcopy(model).to(acc.device).eval().requires_grad_(False)
-        self.model, self.optimizer, self.scheduler = prepare_training(
-            model, cfg, acc, cfg.max_steps * self.updates_per_step)
-        self.policy = acc.unwrap_model(self.model)
+        self.optim = build_step(model, cfg.adamw, total_steps=cfg.max_steps * self.updates_per_step,
+                                parallel=cfg.parallel, accelerator=acc)
+        self.model, self.policy = self.optim.model, self.optim.module
+        self._mismatch = Mismatch(0.0, 0.0, 0.0, 0.0, 0.0)
         engine_cfg = dataclasses.replace(sampling, seed=sampling.seed + acc.process_index)
         ep_group = expert_parallel_group(self.model) if cfg.deepspeed else None  # EP ranks decode in lockstep
         self.engine = RolloutEngine(self.policy, tokenizer, engine_cfg, ep_group=ep_group)
@@ -283,8 +281,8 @@ class GRPOTrainer:
     # ---- checkpointing ---------------------------------------------------------------------------------
     def save(self) -> Path:
         path = checkpoint.save_checkpoint(
-            self.ckpt_root, model=self.model, tokenizer=self.tokenizer, step=self.step, optimizer=self.optimizer,
-            scheduler=self.scheduler, data_state=self.stream.state(), generators={"rollout": self.engine.generator},
+            self.ckpt_root, model=self.model, tokenizer=self.tokenizer, step=self.step, optimizer=self.optim.optimizer,
+            scheduler=self.optim.scheduler, data_state=self.stream.state(), generators={"rollout": self.engine.generator},
             extra={"bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "ref_step": self.ref_step},
             config=self.run_config, keep_last=self.cfg.keep_last, accelerator=self.accelerator)
         if self.reference is not None and self.ref_step > 0:
@@ -292,7 +290,7 @@ class GRPOTrainer:
         return path
 
     def _resume(self, where) -> None:
-        state = checkpoint.load_checkpoint(where, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+        state = checkpoint.load_checkpoint(where, model=self.model, optimizer=self.optim.optimizer, scheduler=self.optim.scheduler,
                                            generators={"rollout": self.engine.generator}, accelerator=self.accelerator)
         self.step = state.step
         self.stream.load_state(state.data_state)
@@ -398,30 +396,45 @@ class GRPOTrainer:
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     @torch.no_grad()
-    def _precompute(self, batch: RolloutBatch) -> None:
-        """Reference log-probs and the experts pi_old routes to, once per batch, in micro-batches."""
-        if self.reference is None and not self.cfg.routing_replay:
-            return
+    def _precompute(self, batch: RolloutBatch) -> dict[str, float]:
+        """Once per batch, in micro-batches: reference log-probs, the experts pi_old routes to, and with
+        ``old_logprobs: recompute`` log pi_old from the trainer's own forward, its gap to the rollout's (the
+        mismatch metrics) and the TIS weights / MIS mask (grpo.loss). Returns the correction's metrics."""
+        cfg = self.cfg
+        recompute = cfg.loss.old_logprobs == "recompute"
+        if self.reference is None and not cfg.routing_replay and not recompute:
+            return {}
         n_main = getattr(self.policy.config, "num_hidden_layers", 0)
-        refs, routes = [], {}
-        for idx in torch.arange(len(batch)).split(self.cfg.micro_batch_size):
+        refs, routes, olds = [], {}, []
+        for idx in torch.arange(len(batch)).split(cfg.micro_batch_size):
             if self.reference is not None:
                 refs.append(self._forward(self.reference, batch, idx, grad=False, entropy=False)[0].float().cpu())
-            if self.cfg.routing_replay:
-                self._forward(self.model, batch, idx, grad=False, entropy=False)
+            if cfg.routing_replay or recompute:
+                olds.append(self._forward(self.model, batch, idx, grad=False, entropy=False)[0].float().cpu())
+            if cfg.routing_replay:
                 for layer, chosen in last_routing(self.policy).items():
                     if layer < n_main:
                         routes.setdefault(layer, []).append(chosen.view(len(idx), -1, chosen.shape[-1]).cpu())
         if refs:
             batch.ref_logprobs = torch.cat(refs)
-        if self.cfg.routing_replay:
+        if cfg.routing_replay:
             if not routes:
                 raise ValueError("routing_replay needs a DeepSeek-V3 policy (grpo.model); this model has no MoE routers")
             batch.routing = {layer: torch.cat(parts) for layer, parts in routes.items()}
+        if not recompute:
+            return {}
+        batch.train_old_logprobs = torch.cat(olds) * batch.completion_mask
+        self._mismatch = Mismatch.of(batch.train_old_logprobs, batch.old_logprobs, batch.completion_mask, cfg.loss)
+        fix = rollout_correction(batch.train_old_logprobs, batch.old_logprobs, batch.completion_mask, cfg.loss)
+        batch.is_weights = fix.weights
+        batch.loss_mask = batch.loss_mask * fix.keep
+        return fix.metrics
 
     # ---- updates ----------------------------------------------------------------------------------------
-    def _optimizer_step(self, batch: RolloutBatch, idx: Tensor, sums: dict[str, float]) -> None:
-        cfg, acc, dev = self.cfg, self.accelerator, self.accelerator.device
+    def _optimizer_step(self, batch: RolloutBatch, idx: Tensor, sums: dict[str, float], first: bool) -> None:
+        """One optimizer step over rows ``idx``. ``first``: no update yet this step, so the forward is pi_old as
+        the trainer computes it: with ``old_logprobs: rollout`` its gap to the rollout's log-probs is logged."""
+        cfg, acc, dev, opt = self.cfg, self.accelerator, self.accelerator.device, self.optim
         micro = idx.split(cfg.micro_batch_size)
         tokens = batch.loss_mask[idx].sum().to(dev)
         if acc.num_processes > 1:
@@ -430,47 +443,38 @@ class GRPOTrainer:
                         max_completion_length=self.sampling.max_new_tokens)
         step_loss = torch.zeros((), device=dev)
         for k, m in enumerate(micro):
-            last = k == len(micro) - 1 or cfg.deepspeed  # DeepSpeed reduces in step()
-            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-            with sync:
+            with opt.micro_batch(last=k == len(micro) - 1):
                 logp, ent, aux = self._forward(self.model, batch, m, grad=True)
-                out = grpo_loss(logp=logp, old_logp=batch.old_logprobs[m].to(dev), advantages=batch.advantages[m].to(dev),
+                old = batch.old_logprobs[m].to(dev)
+                if first and batch.train_old_logprobs is None:
+                    self._mismatch += Mismatch.of(logp, old, batch.completion_mask[m].to(dev), cfg.loss)
+                if batch.train_old_logprobs is not None:
+                    old = batch.train_old_logprobs[m].to(dev)
+                out = grpo_loss(logp=logp, old_logp=old, advantages=batch.advantages[m].to(dev),
                                 mask=batch.loss_mask[m].to(dev), cfg=cfg.loss, norm=norm, entropy=ent,
-                                ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[m].to(dev))
+                                ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[m].to(dev),
+                                is_weights=None if batch.is_weights is None else batch.is_weights[m].to(dev))
                 loss = out.loss + (aux.float() / len(micro) if aux is not None else 0.0)
-                if cfg.deepspeed:
-                    self.model.backward(loss, scale_wrt_gas=False)
-                else:
-                    acc.backward(loss)
+                opt.backward(loss)
             step_loss += loss.detach()
             for key, v in out.metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * out.tokens
             sums["tokens"] = sums.get("tokens", 0.0) + out.tokens
             if aux is not None:
                 sums["aux_loss"] = sums.get("aux_loss", 0.0) + float(aux.detach())
-        if cfg.deepspeed:  # reduce, clip, AdamW, zero grads; DeepSpeed skips the update on a non-finite gradient
-            self.model.step()
-            grad_norm = torch.tensor(float(self.model.get_global_grad_norm()))
-        else:
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
-            if not cfg.deepspeed:
-                self.optimizer.step()
-            self.scheduler.step()
+        result = opt.step()
+        if result.stepped and math.isfinite(float(step_loss)):
             self.bad_in_a_row = 0
             sums["loss"] = sums.get("loss", 0.0) + float(step_loss)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm
             sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
         else:
             self.bad_in_a_row += 1
             self.skipped_total += 1
-        if not cfg.deepspeed:
-            self.optimizer.zero_grad(set_to_none=True)
         update_router_bias(self.model)  # also after a skipped step: it consumes (and resets) that step's loads
         if self.bad_in_a_row >= cfg.max_bad_steps:
             raise RuntimeError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
-                               f"(last loss {float(step_loss)}, grad norm {float(grad_norm)}) at step {self.step + 1}; "
+                               f"(last loss {float(step_loss)}, grad norm {result.grad_norm}) at step {self.step + 1}; "
                                f"stopping (max_bad_steps={cfg.max_bad_steps}). Lower the lr or check the rewards.")
 
     def _update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -481,8 +485,8 @@ class GRPOTrainer:
         for epoch in range(cfg.mu):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(
                 (cfg.seed * 1_000_003 + self.step) * 1_009 + epoch)) if self.updates_per_step > 1 else torch.arange(n)
-            for idx in order.split(per_minibatch):
-                self._optimizer_step(batch, idx, sums)
+            for k, idx in enumerate(order.split(per_minibatch)):
+                self._optimizer_step(batch, idx, sums, first=epoch == 0 and k == 0)
         tokens, steps = max(sums.pop("tokens", 0.0), 1.0), max(sums.pop("optimizer_steps", 0.0), 1.0)
         metrics = {k: sums.pop(k) / tokens for k in ("kl", "entropy", "clip_low", "clip_high", "clip", "ratio") if k in sums}
         metrics.update({k: v / steps for k, v in sums.items()})
@@ -501,9 +505,12 @@ class GRPOTrainer:
         advantages = self._advantages(batch_samples)
         batch = self._to_batch(batch_samples, advantages)
         train_start = time.perf_counter()
+        self._mismatch = Mismatch(0.0, 0.0, 0.0, 0.0, 0.0)
         with cpu_threads(self.accelerator.device, self.cfg.cpu_threads):
-            self._precompute(batch)
-            metrics.update(self._reduce(self._update(batch)))
+            metrics.update(self._precompute(batch))
+            metrics.update(self._update(batch))
+            metrics.update(self._mismatch.metrics())
+            metrics = self._reduce(metrics)
         self.step += 1
         if self.reference is not None and cfg.ref_reset_every and self.step % cfg.ref_reset_every == 0:
             self.reference.load_state_dict(self.policy.state_dict())
@@ -513,7 +520,7 @@ class GRPOTrainer:
         metrics.update(self._sample_metrics(generated))
         metrics.update(moe_metrics(self.policy))
         metrics.update({
-            "lr": self.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_total,
+            "lr": self.optim.scheduler.get_last_lr()[0], "skipped_steps": self.skipped_total,
             "tokens_per_s/rollout": generated_tokens / max(rollout_s, 1e-9),
             "tokens_per_s/train": metrics.pop("train_tokens") / max(train_s, 1e-9),
             "time/rollout_s": rollout_s, "time/train_s": train_s, "time/step_s": time.perf_counter() - start,

@@ -34,12 +34,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from data.loaders import DataConfig, load_rows
 from grpo.checkpoint import export_model, mark_done
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
+from grpo.optim import AdamWConfig, build_step
 from rewards.reward_model import encode
 
 
@@ -60,6 +61,7 @@ class RMTrainConfig:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_steps: int = 100
     batch_size: int = 16  # pairs per step
     max_length: int = 512  # tokens per rendered (prompt, response), left-truncated
@@ -75,6 +77,12 @@ class RMTrainConfig:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.max_length < 2:
             raise ConfigError("max_length", f"must be >= 2, got {self.max_length}")
+        self.adamw  # validates the optimizer settings
+
+    @property
+    def adamw(self) -> AdamWConfig:
+        return AdamWConfig(lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, schedule=self.lr_scheduler, warmup_steps=self.warmup_steps)
 
 
 @dataclass(kw_only=True)
@@ -143,11 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                dtype=getattr(torch, cfg.model.dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=tc.lr)
-    scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps,
-                              num_training_steps=tc.max_steps)
+    optim = build_step(model, tc.adamw, total_steps=tc.max_steps)  # fp32 masters when model.dtype is bfloat16
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
 
     # ---- loop: seeded passes over the pairs
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     order: list[int] = []
     logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
                            total_steps=tc.max_steps)
-    logger.write(f"reward model: {len(pairs)} pairs, {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+    logger.write(f"reward model: {len(pairs)} pairs, {n_params / 1e6:.2f}M parameters, "
                  f"{type(model).__name__} from {cfg.model.init}; held-out pairwise accuracy before: {before}")
     model.train()
     sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
@@ -165,18 +170,15 @@ def main(argv: list[str] | None = None) -> dict:
         idx, order = order[:tc.batch_size], order[tc.batch_size:]
         chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
         loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optim.backward(loss)
+        grad_norm = optim.step().grad_norm
         chosen, rejected = chosen.detach(), rejected.detach()
         sums["loss"] += float(loss.detach())
         sums["accuracy"] += float((chosen > rejected).float().mean())
         sums["margin"] += float((chosen - rejected).mean())
         if step % tc.log_every == 0 or step == tc.max_steps:
             n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-            logger.log({**{k: v / n for k, v in sums.items()}, "lr": scheduler.get_last_lr()[0],
+            logger.log({**{k: v / n for k, v in sums.items()}, "lr": optim.scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm)}, step=step)
             sums = dict.fromkeys(sums, 0.0)
     logger.close()

@@ -32,7 +32,6 @@ by ``AutoModelForCausalLM.from_pretrained`` and as ``model.init`` of the next st
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import time
@@ -44,7 +43,7 @@ import datasets
 import torch
 import transformers
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer
 
 from data.chat import encode_chat
 from data.loaders import DataConfig, DataError, load_dataset_split, load_rows
@@ -52,7 +51,8 @@ from grpo.checkpoint import export_model, latest_checkpoint, load_checkpoint, ma
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
 from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
-from grpo.parallel import ParallelConfig, make_accelerator, parallelize
+from grpo.optim import AdamWConfig, build_step
+from grpo.parallel import ParallelConfig, make_accelerator
 from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
 
 POOL = 64  # micro-batches per length-sorting pool
@@ -74,7 +74,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_len: int = 512  # longer conversations are truncated (rows with no assistant token left are dropped)
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
-    bf16: bool = False  # mixed precision: autocast over fp32 weights; under DeepSpeed bf16 weights, fp32 masters
+    bf16: bool = False  # bf16 autocast over fp32 weights; under DeepSpeed bf16 weights (fp32 masters, grpo.optim)
     seed: int = 0  # model init, data order
     log_every: int = 10  # steps
     save_every: int = 0  # steps between checkpoints; 0 = only the final one
@@ -94,8 +94,12 @@ class TrainConfig:
             raise ConfigError("max_steps", f"must be >= 1 or null (then epochs counts), got {self.max_steps}")
         if self.max_seq_len < 2:
             raise ConfigError("max_seq_len", f"must be >= 2, got {self.max_seq_len}")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ConfigError("adam_betas", f"must be two numbers in [0, 1), got {self.adam_betas}")
+        self.adamw  # validates the optimizer settings
+
+    @property
+    def adamw(self) -> AdamWConfig:
+        return AdamWConfig(lr=self.lr, betas=self.adam_betas, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, schedule=self.lr_scheduler, warmup_steps=self.warmup_steps)
 
 
 @dataclass(kw_only=True)
@@ -196,25 +200,6 @@ def step_stream(lengths: list[int], batch_size: int, seed: int, per_step: int, e
         epoch, index = epoch + 1, 0
 
 
-# ---- optimisation -----------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas))
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    """Linear warm-up over warmup_steps, then cosine / linear decay to 0 at total_steps, or constant."""
-    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli(SFTConfig, description="Stage 1: cold-start chain-of-thought SFT.", argv=argv)
     datasets.disable_progress_bars()
@@ -244,15 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_policy(cfg.model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    if cfg.deepspeed:  # a DeepSpeed engine (experts sharded over ep_size ranks, ZeRO) reduces, clips and steps
-        adamw = dict(lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay, max_grad_norm=tc.max_grad_norm)
-        model, optimizer = parallelize(model.to(torch.bfloat16) if tc.bf16 else model, adamw,
-                                       **dataclasses.asdict(cfg.parallel))
-        scheduler = build_schedule(optimizer.optimizer, tc, total_steps)
-    else:
-        optimizer = build_optimizer(model, tc)
-        scheduler = build_schedule(optimizer, tc, total_steps)  # on the raw optimizer: stepped once per step
-        model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.deepspeed and tc.bf16:  # DeepSpeed computes in its parameters' dtype: bf16 weights, fp32 masters
+        model = model.to(torch.bfloat16)
+    optim = build_step(model, tc.adamw, total_steps=total_steps, parallel=cfg.parallel, accelerator=accelerator)
+    model, optimizer, scheduler = optim.model, optim.optimizer, optim.scheduler
     step, epoch, index = 0, 0, 0
     resume = latest_checkpoint(ckpt_root) if tc.resume_from == "latest" else tc.resume_from
     if resume:
@@ -273,25 +253,14 @@ def main(argv: list[str] | None = None) -> dict:
         mine = micro_batches[rank::world]
         for k, ids in enumerate(mine):
             batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in ids], pad_id).items()}
-            last = k == len(mine) - 1 or cfg.deepspeed
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with optim.micro_batch(last=k == len(mine) - 1):
                 output = model(**batch, use_cache=False)
-                if cfg.deepspeed:
-                    model.backward(output.loss / len(mine), scale_wrt_gas=False)
-                else:
-                    accelerator.backward(output.loss / len(mine))
+                optim.backward(output.loss / len(mine))
             for key in ("loss", "lm_loss", "aux_loss"):  # the last two only from the V3 policy
                 if (value := getattr(output, key, None)) is not None:
                     sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
             tokens += int(batch["attention_mask"].sum())
-        if cfg.deepspeed:
-            model.step()
-            grad_norm = model.get_global_grad_norm()
-        else:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        grad_norm = optim.step().grad_norm  # a non-finite norm skips the update (logged as such)
         update_router_bias(model)
         step += 1
 
