@@ -213,3 +213,71 @@ def test_missing_inputs_and_bad_config():
     with pytest.raises(ConfigError, match="epsilon"):
         LossConfig(epsilon=1.5)
     assert LossConfig(epsilon=0.3).epsilon_high == 0.3
+
+
+# ---- rollout/trainer mismatch: metrics, TIS, MIS ------------------------------------------------------------
+from grpo.loss import Mismatch, rollout_correction  # noqa: E402
+
+# two sequences; row 0 has 3 tokens, row 1 has 2 (last column padding)
+TRAIN = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+ROLLOUT = torch.tensor([[-1.5, -2.0, -0.1], [-0.3, -3.2, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+# d = train - rollout: row 0: 0.5, 0, -0.4; row 1: 0, 2.0
+
+
+def test_mismatch_metrics_by_hand():
+    m = Mismatch.of(TRAIN, ROLLOUT, MASK, LossConfig(epsilon=0.2, epsilon_high=0.28)).metrics()
+    d = [0.5, 0.0, -0.4, 0.0, 2.0]
+    assert m["mismatch/mean_abs"] == pytest.approx(sum(abs(x) for x in d) / 5)
+    assert m["mismatch/max_abs"] == pytest.approx(2.0)
+    assert m["mismatch/k3"] == pytest.approx(sum(math.exp(x) - 1 - x for x in d) / 5)
+    # rho = e^d: 1.65 (> 1.28), 1, 0.67 (< 0.8), 1, 7.39 (> 1.28)
+    assert m["mismatch/outside_clip"] == pytest.approx(3 / 5)
+    both = Mismatch.of(TRAIN[:1], ROLLOUT[:1], MASK[:1], LossConfig()) + Mismatch.of(TRAIN[1:], ROLLOUT[1:], MASK[1:], LossConfig())
+    assert both.metrics() == pytest.approx(Mismatch.of(TRAIN, ROLLOUT, MASK, LossConfig()).metrics())
+
+
+def test_truncated_importance_sampling_by_hand():
+    token = rollout_correction(TRAIN, ROLLOUT, MASK, LossConfig(old_logprobs="recompute", rollout_is="token",
+                                                                rollout_is_cap=2.0))
+    expected = torch.tensor([[math.exp(0.5), 1.0, math.exp(-0.4)], [1.0, 2.0, 0.0]])  # e^2 = 7.39 capped at 2
+    torch.testing.assert_close(token.weights, expected)
+    assert token.metrics["mismatch/tis_capped"] == pytest.approx(1 / 5)
+    assert torch.equal(token.keep, torch.ones(2, 3))
+    seq = rollout_correction(TRAIN, ROLLOUT, MASK, LossConfig(old_logprobs="recompute", rollout_is="sequence",
+                                                              rollout_is_cap=2.0))
+    # row 0: prod w = e^(0.5 + 0 - 0.4) = e^0.1; row 1: e^2 -> capped at 2; padding weight 0
+    torch.testing.assert_close(seq.weights, torch.tensor([[math.exp(0.1)] * 3, [2.0, 2.0, 0.0]]))
+
+
+def test_masked_importance_sampling_by_hand():
+    token = rollout_correction(TRAIN, ROLLOUT, MASK, LossConfig(old_logprobs="recompute", rollout_mask="token",
+                                                                rollout_mask_band=[0.7, 1.5]))
+    # w = 1.65 (out), 1, 0.67 (out), 1, 7.39 (out)
+    torch.testing.assert_close(token.keep, torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]))
+    assert token.weights is None and token.metrics["mismatch/mis_masked"] == pytest.approx(3 / 5)
+    seq = rollout_correction(TRAIN, ROLLOUT, MASK, LossConfig(old_logprobs="recompute", rollout_mask="sequence",
+                                                              rollout_mask_band=[0.5, 2.0]))
+    # geometric means: row 0 e^(0.1/3) = 1.03 (kept), row 1 e^(2/2) = 2.72 (dropped)
+    torch.testing.assert_close(seq.keep, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert seq.metrics["mismatch/mis_masked_sequences"] == pytest.approx(1 / 2)
+
+
+def test_tis_weights_scale_the_surrogate_only():
+    cfg = LossConfig(loss_type="bnpo", beta=0.1, old_logprobs="recompute", rollout_is="token")
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    args = dict(old_logp=logp.detach(), advantages=torch.tensor([1.0]), mask=torch.ones(1, 2), cfg=cfg,
+                norm=LossNorm.of(torch.ones(1, 2)), ref_logp=torch.tensor([[-1.5, -2.0]]))
+    plain = grpo_loss(logp=logp, **args).loss
+    weighted = grpo_loss(logp=logp, is_weights=torch.tensor([[2.0, 0.5]]), **args).loss
+    # ratio 1: surrogate -A per token; plain = mean(-1 + beta kl), weighted = mean(-w + beta kl)
+    kl = (math.exp(-0.5) + 0.5 - 1) * 0.1
+    assert float(plain.detach()) == pytest.approx((-1 - 1 + kl) / 2)
+    assert float(weighted.detach()) == pytest.approx((-2.0 - 0.5 + kl) / 2)
+
+
+def test_corrections_need_recompute():
+    with pytest.raises(ConfigError, match="old_logprobs"):
+        LossConfig(rollout_is="token")
+    with pytest.raises(ConfigError, match="rollout_mask_band"):
+        LossConfig(old_logprobs="recompute", rollout_mask="token", rollout_mask_band=[1.1, 2.0])
