@@ -1,0 +1,105 @@
+"""Where the rollout engine's log-probs and the trainer's differ, by precision, with the bf16 gap taken apart.
+
+    python bench/mismatch.py [--device cpu|cuda] [--preset tiny|v3-mini] [--sharpen 8]
+
+A random-weight V3 policy (output layer scaled by ``--sharpen``: sharper next-token distributions, as a trained
+model has) samples G completions per prompt with ``RolloutEngine``; the trainer's teacher-forced forward
+(``GRPOTrainer._forward``'s arithmetic: one batched forward, ``logprobs_and_entropy``) recomputes their log-probs.
+Rows (d = log pi_train - log pi_rollout over the sampled tokens; k3 = KL(pi_rollout || pi_train)):
+
+  engine vs trainer        the gap the trainer sees at its first update, per precision: bf16 weights (what
+                           ``model.dtype: bfloat16`` trains: bf16 compute copy of fp32 masters), fp32 weights +
+                           bf16 autocast, fp32
+  trainer vs trainer       bf16 only: the same forward over the same tokens, each sequence alone instead of in
+                           the batch: no function differs, only the blocking of bf16 sums (the noise floor of
+                           bf16 arithmetic that no engine change can remove)
+  bf16 logits rounding     bf16 only: the trainer's head in bf16 vs in fp32 (F.linear of fp32 copies): the
+                           share that comes from rounding logits of large magnitude to bf16's 8 bits
+  routing flips            bf16 only: share of tokens per MoE layer whose top-k experts differ between the
+                           batched and the alone forward
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import DeepseekV3Config  # noqa: E402
+
+from grpo.loss import LossConfig, Mismatch, logprobs_and_entropy  # noqa: E402
+from grpo.model import DeepseekV3Policy, last_routing  # noqa: E402
+from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+
+
+def teacher_forced(policy, prompts: torch.Tensor, completion: torch.Tensor, *, autocast: bool, fp32_head: bool = False):
+    """log pi(completion) [N, L] from one forward over prompt + completion (the trainer's arithmetic)."""
+    ids = torch.cat([prompts, completion], 1)
+    keep = torch.arange(prompts.shape[1] - 1, ids.shape[1] - 1, device=ids.device)
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = policy.model(input_ids=ids, use_cache=False)
+        h = out.last_hidden_state[:, keep]
+        logits = F.linear(h.float(), policy.lm_head.weight.float()) if fp32_head else policy.lm_head(h)
+        routes = {k: v.clone() for k, v in last_routing(policy).items()}
+        return logprobs_and_entropy(logits.float(), completion, 1.0, entropy=False)[0], routes
+
+
+def stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
+    m = Mismatch.of(a, b, mask, LossConfig(epsilon=0.2, epsilon_high=0.2)).metrics()
+    return {k.split("/")[1]: round(v, 7) for k, v in m.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--sharpen", type=float, default=8.0)
+    args = ap.parse_args()
+    dev = args.device
+    prompts_n, G, L = (8, 4, 32) if dev == "cpu" else (64, 4, 256)
+    vocab = 300 if args.preset == "tiny" else 32000
+    torch.manual_seed(0)
+    root = Path(__file__).resolve().parents[1]
+    cfg = DeepseekV3Config(**{**yaml.safe_load((root / f"recipes/{args.preset}/model.yaml").read_text()),
+                              "vocab_size": vocab, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1})
+    fp32 = DeepseekV3Policy._from_config(cfg, dtype=torch.float32).to(dev).eval()
+    with torch.no_grad():
+        fp32.lm_head.weight.mul_(args.sharpen)
+    bf16 = DeepseekV3Policy._from_config(cfg, dtype=torch.bfloat16).to(dev).eval()
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    prompts = torch.randint(3, vocab, (prompts_n, 16)).tolist()
+    print(f"{args.preset}, {dev}, {prompts_n} prompts x {G} samples x {L} tokens, sharpen {args.sharpen}")
+    for name, policy, autocast in [("bf16 weights", bf16, False), ("fp32 weights + bf16 autocast", fp32, True),
+                                   ("fp32", fp32, False)]:
+        engine = RolloutEngine(policy, None, SamplingConfig(temperature=1.0, max_new_tokens=L, stop_token_ids=[],
+                                                            max_batch=prompts_n * G, cuda_graphs=dev == "cuda"))
+        ro = engine.generate(prompts, G)
+        p = torch.tensor([q for q in prompts for _ in range(G)], device=dev)
+        comp, mask = ro.completion_ids.to(dev), ro.completion_mask.to(dev).float()
+        train, routes = teacher_forced(policy, p, comp, autocast=autocast)
+        print(json.dumps({"rows": "engine vs trainer", "precision": name, **stats(train, ro.logprobs.to(dev), mask)}))
+        if name != "bf16 weights":
+            continue
+        alone = [teacher_forced(policy, p[i:i + 1], comp[i:i + 1], autocast=False) for i in range(len(p))]
+        alone_logp = torch.cat([a for a, _ in alone])
+        print(json.dumps({"rows": "trainer batched vs alone", "precision": name, **stats(train, alone_logp, mask)}))
+        head32, _ = teacher_forced(policy, p, comp, autocast=False, fp32_head=True)
+        print(json.dumps({"rows": "bf16 vs fp32 head (trainer)", "precision": name, **stats(train, head32, mask)}))
+        print(json.dumps({"rows": "engine vs trainer with fp32 head", "precision": name,
+                          **stats(head32, ro.logprobs.to(dev), mask)}))
+        flips = {}
+        for layer, chosen in routes.items():
+            batched = chosen.view(len(p), -1, chosen.shape[-1]).sort(-1).values
+            single = torch.cat([r[layer].view(1, -1, chosen.shape[-1]) for _, r in alone]).sort(-1).values
+            flips[layer] = round(float((batched != single).any(-1).float().mean()), 5)
+        print(json.dumps({"rows": "routing flips per layer (batched vs alone)", "precision": name, **flips}))
+
+
+if __name__ == "__main__":
+    main()
