@@ -2,49 +2,55 @@
 
 Reward (``accuracy``)::
 
-    r(y, a) = 1  if every distinct final answer extracted from completion y is equivalent to gold a
-              0  otherwise (no answer, hedged answers with a wrong one, parse failure, timeout)
+    r(y, a) = 1  if the final answer extracted from completion y is equivalent to gold a
+              0  otherwise (no answer, a hedge with a wrong candidate, parse failure, timeout)
               None when the row has no gold answer (e.g. a code row in a mixed batch)
 
-Extraction (``extract_answers``), applied to the text after the last ``</think>`` if there is one,
-else to the whole completion, in this order of precedence:
-  1. every ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched); several DIFFERENT boxed values
-     are a hedge: each of them must be equivalent to the gold, so ``\\boxed{3} or \\boxed{4}`` scores 0;
-  2. the last ``<answer>...</answer>``;
-  3. the last "the (final) answer is X" / "final answer: X" (up to the end of its sentence or line);
-  4. the last GSM8K-style ``#### X``.
+Extraction (``rewards.math_extract.final_answers``; its docstring has the precedence): after the last
+``</think>``, a bare formula, else every ``\\boxed{}``, else the last ``<answer>``, else the last "final answer"
+/ "the answer is" phrase, else ``####``, else the last math span (``$..$``, ``\\[..\\]``...), else the last
+number. The gold goes through the same extraction (``$x = 11$``, ``\\boxed{1}\\boxed{2}``). Several different
+final answers are a hedge: the completion is right when every one of them equals the gold, or when together,
+as one list, they equal a gold of several parts (``\\boxed{3}, \\boxed{5}`` vs ``\\{3, 5\\}``); so
+``\\boxed{3} or \\boxed{4}`` scores 0 against 3 (``multiple_answers="last"`` grades the last one only).
 
-Normalisation policy (``normalize``): ``$`` and ``\\(\\)`` delimiters, ``\\left``/``\\right``/``\\big``,
-spacing commands (``\\! \\, \\; \\quad``), ``\\displaystyle`` and a trailing period are dropped;
-``\\dfrac``/``\\tfrac``/``\\cfrac`` -> ``\\frac``; ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt3`` -> ``\\sqrt{3}``;
-degrees (``^\\circ``, ``°``) and percent signs (``\\%``) are dropped, so ``50\\%`` equals ``50``; units
-(a trailing ``\\text{ cm}`` or plain words after a number) are dropped; other ``\\text{..}``/``\\mathrm{..}``
-wrappers are unwrapped; thousands separators (``1,000``, ``1{,}000``, ``1\\,000``) are removed when the
-whole answer is one number; ``(C)`` -> ``C``; letters compare case-insensitively (as sympy symbols do).
+Normalisation (``normalize``): ``$``/``\\(\\)`` delimiters, ``\\left``/``\\right``, spacing commands,
+``\\displaystyle`` and a trailing period are dropped; ``\\dfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``;
+``>=``/``\\geq``/``\\geqslant`` -> ``\\geq`` (likewise ``<=``, ``!=``/``\\ne``, unicode); ``km²`` -> ``km^2``;
+with ``units``: degrees, percent, currency (``\\$``, ``€``, ``£``, ``USD``...) and unit suffixes (``\\text{ kg}``,
+``5 km²``, ``12 meters``, ``5 m``) are dropped; ``\\text{..}``/``\\mathrm{..}`` are unwrapped (``\\mathrm{e}`` = ``e``);
+thousands separators in either locale (``1,000``, ``1{,}000``, ``1\\,000``, ``2.500,50``, ``1.000.000``) are
+removed when the answer is one number, and ``3,75`` may also read as 3.75 when the other side is a number;
+``[[1, 2], [3, 4]]`` is a matrix; a chain ``y = 2 + 3 = 5`` keeps its last side; ``(C)`` -> ``C``.
 
-Equivalence (``is_equivalent`` / ``verify_batch``):
-  * fast path, in-process, no sympy: equal normalised strings; or both sides simple numbers
-    (integers, decimals, ``a/b``, ``\\frac{a}{b}``, mixed ``2\\frac{1}{2}``): exact rational equality when
-    both are exact, else relative tolerance ``REL_TOL = 5e-6`` (|g - p| <= 5e-6 * max(|g|, |p|): every
-    correct rounding to 6 significant digits passes, roundings to 5 digits or fewer generally do not);
-  * otherwise a worker process parses both sides with latex2sympy2_extended and compares them:
-    numbers exactly (difference zero at 60 significant digits) unless a decimal is involved (REL_TOL);
-    expressions with symbols by evaluation at several fixed random points (identity testing), falling back
-    to ``simplify``; ``x = 3`` vs ``3`` by the assignment's right-hand side; equations by proportional
-    ``lhs - rhs``; univariate inequalities and intervals as solution sets; finite sets as unordered,
-    tuples as ordered; intervals with bracket types respected (``(1,2]`` != ``(1,2)``, and an open
-    interval ``(a,b)`` equals the pair ``(a,b)``); matrices element-wise; the symbol ``i`` is the
-    imaginary unit.
+Equivalence (``verify_batch`` / ``is_equivalent`` / ``correctness``, options in ``MathConfig``):
+  * labels: with ``assignment``, a side written as ``label = value`` (``x = 3``, ``f(x) = ..``, ``(a, b) = (5, 1)``,
+    ``PQ = 6, RS = 2``, ``S_1 : S_2 = 3 : 8``) is compared by its values when the other side has no ``=``;
+  * numbers, in-process: exact rationals exactly (``2^{300}`` != ``2^{300}+1``); two decimals within ``rel_tol``
+    (relative); a decimal against an exact value at the precision the decimal is written to: it must be the
+    exact value correctly rounded to its last digit, with at least ``approx_min_digits`` significant digits
+    (``2.6457513`` = ``\\sqrt{7}``, ``3.14`` = ``\\pi``, but ``0.33`` != ``1/3`` and ``2.64`` != ``\\sqrt 7``);
+  * the rest in a worker process: both sides parsed with latex2sympy2_extended (math-verify's parser as a
+    fallback when ours cannot parse a side); expressions with symbols by evaluation at fixed random points,
+    falling back to ``simplify``; equations by proportional ``lhs - rhs``; relations, ``x \\in S`` and
+    intervals as solution sets (``t \\in [1, 4]`` = ``1 \\le t \\le 4``, ``2 < g(x) < 5`` = ``(2, 5)``, ``x < 1 or
+    x > 2`` = ``(-\\infty, 1) \\cup (2, \\infty)``); finite sets and comma lists unordered, tuples ordered,
+    interval brackets respected (``(1,2]`` != ``(1,2)``); ``\\pm 7`` = ``\\{-7, 7\\}``; a ratio ``3 : 8`` as 3/8;
+    matrices element-wise; the symbol ``i`` is the imaginary unit. ``sets="strict"`` compares a relation only
+    with a relation and a set only with a set.
+  * refused on purpose: numerals in other bases (``52_8``) unless written the same; approximations coarser
+    than ``approx_min_digits``; a list against a single value; any check that overruns its timeout.
 
 Timeouts are enforced from outside: checks run in a persistent pool of plain worker subprocesses
-(``python -I`` loading this file by path, so only the stdlib, sympy and latex2sympy are imported there,
-never torch or the trainer's main module). The parent waits on pipes with a deadline and kills and replaces
-a worker that overruns; the check then counts as not equivalent. No signals are used, so it works from
-any thread; concurrent callers are served one batch at a time.
+(``python -I``, only the stdlib, sympy, latex2sympy2_extended and math-verify are imported there, never torch
+or the trainer's main module). The parent waits on pipes with a deadline and kills and replaces a worker
+that overruns; the check then counts as not equivalent. No signals are used, so it works from any thread;
+concurrent callers are served one batch at a time.
 """
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import json
 import os
@@ -56,107 +62,154 @@ import tempfile
 import threading
 import time
 from collections import deque
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
+from typing import Literal
+
+if __name__ != "_rewards_math_worker":  # the worker process only compares normalised strings
+    from rewards.math_extract import answer_region, final_answers, is_bare
 
 REL_TOL = 5e-6
 DEFAULT_TIMEOUT = 3.0
 WORKER_STARTUP_TIMEOUT = 120.0
 WORKER_MEMORY_BYTES = 2 << 30
+MAX_ANSWER_CHARS = 2000  # longer answers are not parsed (a reward hack, or garbage): not equivalent
+
+
+@dataclasses.dataclass(frozen=True)
+class MathConfig:
+    """Options of the math checker; each is also a key of the ``accuracy`` reward's ``kwargs``."""
+
+    timeout: float = DEFAULT_TIMEOUT  # seconds per sympy check, enforced from outside the worker
+    rel_tol: float = REL_TOL  # two decimals: |a - b| <= rel_tol * max(|a|, |b|)
+    approx_min_digits: int | None = 3  # a decimal vs an exact value: significant digits it needs (None: rel_tol)
+    assignment: bool = True  # "x = 3" equals "3"; "PQ = 6, RS = 2" equals "6, 2"
+    sets: Literal["lenient", "strict"] = "lenient"  # strict: relations only vs relations, sets only vs sets
+    units: bool = True  # drop units, currency, degrees and percent signs
+    multiple_answers: Literal["all", "last"] = "all"  # several distinct final answers: all must be right / last
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ValueError(f"math checker option {name}={getattr(self, name)!r}: expected {allowed}")
+
+        for name in ("timeout", "rel_tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
+                bad(name, "a number > 0")
+        if self.rel_tol >= 1:
+            bad("rel_tol", "a number in (0, 1)")
+        v = self.approx_min_digits
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            bad("approx_min_digits", "an integer >= 1 or None")
+        for name in ("assignment", "units"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        for name, allowed in (("sets", ("lenient", "strict")), ("multiple_answers", ("all", "last"))):
+            if getattr(self, name) not in allowed:
+                bad(name, " or ".join(repr(a) for a in allowed))
+
+    @classmethod
+    def from_options(cls, config: "MathConfig | None" = None, **options) -> "MathConfig":
+        """``config`` (default: the defaults) with ``options`` replaced; an unknown key is an error naming the known."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown math checker option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        base = config or cls()
+        if not isinstance(base, cls):
+            raise ValueError(f"config must be a MathConfig, got {type(base).__name__}")
+        return dataclasses.replace(base, **options) if options else base
+
+    def worker_options(self) -> tuple:
+        return (self.rel_tol, self.approx_min_digits, self.sets == "strict")
+
+
+DEFAULT_CONFIG = MathConfig()
 
 # ----------------------------------------------------------------------------------------------------
-# Extraction
-
-
-def _braced(text: str, start: int) -> tuple[str, int] | None:
-    """Content of the brace group opening at text[start] == '{' and the index after it."""
-    depth = 0
-    for i in range(start, len(text)):
-        c = text[i]
-        if c == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif c == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[start + 1 : i], i + 1
-    return None
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{\\$])")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-_ANSWER_IS = re.compile(r"(?:final\s+answer(?:\s+is)?|answer\s+is)\s*:?\s*(.+?)(?:\.(?=\s|$)|\n|$)", re.I)
-_HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
-
-
-def _boxed_all(text: str) -> list[str]:
-    out = []
-    for m in _BOX.finditer(text):
-        if m.group(1) == "{":
-            got = _braced(text, m.start(1))
-            if got is not None:
-                out.append(got[0].strip())
-        else:  # "\boxed 5" form: one token
-            out.append(re.match(r"[^\s$]+", text[m.start(1) :]).group(0))
-    return [b for b in out if b]
-
-
-def answer_region(completion: str) -> str:
-    """The part of a completion that is graded: after the last ``</think>``, else all of it."""
-    return completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
+# Extraction (the rules are in rewards.math_extract)
 
 
 def extract_answers(text: str) -> list[str]:
-    """All final-answer candidates of ``text`` (see the module docstring for the precedence)."""
-    boxed = _boxed_all(text)
-    if boxed:
-        return boxed
-    for pattern in (_ANSWER_TAG, _ANSWER_IS, _HASHES):
-        found = pattern.findall(text)
-        if found:
-            return [found[-1].strip(" \t*$")]  # also markdown emphasis: **Final Answer:** 12
-    return []
+    """All final-answer candidates of a completion (``rewards.math_extract.final_answers``)."""
+    return final_answers(text)
 
 
 def extract_answer(text: str) -> str | None:
     """The last final-answer candidate of ``text``, or None."""
-    found = extract_answers(text)
+    found = final_answers(text)
     return found[-1] if found else None
 
 
-def _gold_answer(gold: str) -> str:
-    """A gold column value may be a bare answer or a solution with a boxed / #### answer."""
-    found = extract_answers(gold) if ("\\boxed" in gold or "\\fbox" in gold or "####" in gold) else []
-    return found[-1] if found else gold
+def _candidates(text: str) -> list[str]:
+    """Final-answer candidates of one side (gold field, answer string or completion); the text itself when
+    no rule finds one and it is short (``Monday!``)."""
+    text = str(text)
+    found = final_answers(text)
+    if found:
+        return found
+    region = answer_region(text).strip()
+    return [region] if region and len(region) <= 100 and not _BOX_ANY.search(region) else []
 
+
+_BOX_ANY = re.compile(r"\\(?:boxed|fbox)")
 
 # ----------------------------------------------------------------------------------------------------
 # Normalisation
 
-_UNICODE = {"\u2212": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ", "\u221e": "\\infty ",
-            "\u2264": "\\le ", "\u2265": "\\ge ", "\u00b0": "", "\u221a": "\\sqrt"}
-_WRAPPERS = r"(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox|boldsymbol|bm)"
-_UNIT_TEXT = re.compile(r"^(?P<v>.*\d.*?)\s*\\" + _WRAPPERS + r"\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?$")
-_UNIT_WORDS = re.compile(r"^(?P<v>[-+]?[\d.,/]+)\s*(?:[A-Za-z]{2,}\.?\s*)+(?:\^\{?\d\}?)?$")
-_NOT_UNITS = {"pi", "or", "and", "sqrt", "infty"}
-_SPACING = re.compile(r"(?<!\\)\\(?:!|,|;|:| |quad\b|qquad\b)|~")
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ",
+            "\u221e": "\\infty ", "\u2264": "\\leq ", "\u2265": "\\geq ", "\u2260": "\\neq ", "\u221a": "\\sqrt",
+            "\u00b2": "^2", "\u00b3": "^3", "\u00b9": "^1", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
+            "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
+_RELATION_OPS = [(re.compile(r">=|\\geqslant(?![A-Za-z])|\\geq?(?![A-Za-z])"), r"\\geq "),
+                 (re.compile(r"<=|\\leqslant(?![A-Za-z])|\\leq?(?![A-Za-z])"), r"\\leq "),
+                 (re.compile(r"!=|\\neq?(?![A-Za-z])"), r"\\neq ")]
+_WRAPPERS = r"(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|boldsymbol|bm|operatorname)"
+_UNIT_TEXT = re.compile(r"^(?P<v>.*\d.*?)\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z][A-Za-z .]*\}"
+                        r"(?:\^\{?\d\}?)?(?:\s*/\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z]+\s*\}(?:\^\{?\d\}?)?)?$")
+_UNIT_WORDS = re.compile(r"^(?P<v>[-+]?\d[\d.,]*(?:/\d+)?)(?P<sp>\s*)(?P<u>(?:[A-Za-z]+\.?(?:\^\{?\d\}?)?"
+                         r"(?:\s*/\s*[A-Za-z]+(?:\^\{?\d\}?)?)?\s*)+)$")
+_ONE_LETTER_UNITS = set("mgshlLKNJWV")
+_NOT_UNITS = {"pi", "or", "and", "sqrt", "infty", "e", "i"}
+_CURRENCY = re.compile(r"\\(?:euro|texteuro|pounds|textsterling|yen|textyen|textdollar)(?![A-Za-z])|[\u20ac\u00a3\u00a5\u20b9]"
+                       r"|^(?:USD|EUR|GBP|INR|Rs\.?)\s*(?=[-+]?\d)")
+_SPACING = re.compile(r"(?<!\\)\\(?:,|;|:| |quad\b|qquad\b)|~")
 _DELIMS = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])\s*")
-_DROP = re.compile(r"\\(?:displaystyle|textstyle|scriptstyle)(?![A-Za-z])|\\\$|\$|\\%|%|\\(?:degree)(?![A-Za-z])"
-                   r"|\^\s*\{?\s*\\circ\s*\}?|\^\s*\{\s*\}")
+_DROP = re.compile(r"\\(?:displaystyle|textstyle|scriptstyle)(?![A-Za-z])|\\\$|\$")
+_DROP_UNITS = re.compile(r"\\%|%|\\(?:degree)(?![A-Za-z])|\^\s*\{?\s*\\circ\s*\}?|\^\s*\{\s*\}")
 _TEXT_SEP = re.compile(r"\s*\\" + _WRAPPERS + r"\{\s*(?:or|and)\s*\}\s*|\s+(?:or|and)\s+")
 _UNWRAP = re.compile(r"\\" + _WRAPPERS + r"\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
+_EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:\.\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{3}){2,}$")
+_DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d{1,2}|\d{4,})$")
 _CHOICE = re.compile(r"^\(([A-Za-z])\)$")
-_ASSIGN = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
+_LIST_MATRIX = re.compile(r"^\[\s*\[.*\]\s*\]$")
 
 
-def normalize(answer: str) -> str:
+def _matrix_from_lists(s: str) -> str:
+    """``[[1, 2], [3, 4]]`` -> a pmatrix (rows of equal length), else ``s``."""
+    rows = re.findall(r"\[([^\[\]]*)\]", s[1:-1])
+    cells = [[c.strip() for c in r.split(",")] for r in rows]
+    if not cells or any(len(r) != len(cells[0]) for r in cells) or not all(all(r) for r in cells):
+        return s
+    return "\\begin{pmatrix}" + "\\\\".join("&".join(r) for r in cells) + "\\end{pmatrix}"
+
+
+def normalize(answer: str, units: bool = True) -> str:
     """Canonical string form of one answer (the policy is in the module docstring)."""
-    s = answer.strip()
+    s = str(answer).strip()
     for a, b in _UNICODE.items():
         s = s.replace(a, b)
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s.strip())
+    s = re.sub(r"\\(?:tag|label)\*?\{[^{}]*\}", "", s)
     s = _DROP.sub("", s)
+    if units:
+        s = _DROP_UNITS.sub("", s)
+        s = _CURRENCY.sub("", s.strip())
     s = _DELIMS.sub("", s)
-    s = _SPACING.sub(" ", s)
+    s = _SPACING.sub(" ", s.replace("\\!", ""))
+    for pattern, repl in _RELATION_OPS:
+        s = pattern.sub(repl, s)
     s = re.sub(r"\\[dtc]frac(?![A-Za-z])", r"\\frac", s)
     s = re.sub(r"\\[dt]binom(?![A-Za-z])", r"\\binom", s)
     s = re.sub(r"\\(?:varnothing)(?![A-Za-z])", r"\\emptyset", s)
@@ -166,13 +219,17 @@ def normalize(answer: str) -> str:
     s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
     s = s.replace("{,}", ",")
     s = " ".join(s.split()).rstrip(".").strip()
-    for _ in range(2):
-        m = _UNIT_TEXT.match(s)
+    if units:
+        for _ in range(2):
+            m = _UNIT_TEXT.match(s)
+            if m:
+                s = m.group("v").strip()
+        m = _UNIT_WORDS.match(s)
         if m:
-            s = m.group("v").strip()
-    m = _UNIT_WORDS.match(s)
-    if m and not set(re.findall(r"[A-Za-z]+", s[m.end("v"):].lower())) & _NOT_UNITS:
-        s = m.group("v")
+            words = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group("u"))]
+            one_letter = len(words) == 1 and len(words[0]) == 1
+            if not set(words) & _NOT_UNITS and (not one_letter or (m.group("sp") and m.group("u").strip() in _ONE_LETTER_UNITS)):
+                s = m.group("v")
     s = _TEXT_SEP.sub(", ", s)
     for _ in range(3):
         s = _UNWRAP.sub(r"\1", s)
@@ -180,14 +237,94 @@ def normalize(answer: str) -> str:
     s = re.sub(r"([(\[{])\s+|\s+([)\]}])", lambda m: m.group(1) or m.group(2), s)
     if _THOUSANDS.match(s):
         s = s.replace(",", "").replace(" ", "")
+    elif _EU_NUMBER.match(s):
+        s = s.replace(".", "").replace(",", ".")
+    if _LIST_MATRIX.match(s):
+        s = _matrix_from_lists(s)
+    approx = re.split(r"\\approx(?![A-Za-z])", s)
+    if len(approx) > 1 and approx[-1].strip():  # x \approx 2.65, \sqrt{7} \approx 2.65: the value
+        s = approx[-1].strip()
+    parts = _top_split(s, "=")
+    if len(_top_split(s, ",")) == 1 and all(p.strip() for p in parts) and (
+            len(parts) >= 3 or len(parts) == 2 and not re.search(r"[A-Za-z]", parts[0])):
+        s = parts[-1].strip()  # a chain y = 2 + 3 = 5, or arithmetic 5 + 7 = 12: the last side is the answer
     m = _CHOICE.match(s)
     return m.group(1) if m else s
+
+
+def _top_split(s: str, sep: str) -> list[str]:
+    """``s`` split at the occurrences of the one-character ``sep`` outside brackets of any kind."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(0, depth - 1)
+        elif c == sep and depth == 0 and not (sep == "=" and i > 0 and s[i - 1] in "<>!:"):
+            parts.append(s[start:i])
+            start = i + 1
+    parts.append(s[start:])
+    return parts
+
+
+_LABEL_NOISE = re.compile(r"_\{[^{}]*\}|_\\?\w+|\^\{?\\prime\}?|'|\\(?:angle|measuredangle|triangle|overline|overrightarrow"
+                          r"|vec|widehat|hat|bar|mathrm|text|operatorname|left|right)(?![A-Za-z])|[{}]|\bm(?=\\angle)")
+_GREEK = re.compile(r"\\(?:alpha|beta|gamma|delta|epsilon|varepsilon|zeta|eta|theta|vartheta|iota|kappa|lambda|mu|nu|xi"
+                    r"|rho|sigma|tau|upsilon|phi|varphi|chi|psi|omega|Gamma|Delta|Theta|Lambda|Xi|Sigma|Phi|Psi|Omega)"
+                    r"(?![A-Za-z])")
+
+
+def _is_label(lhs: str) -> bool:
+    """Whether the left side of ``lhs = value`` names what the value is (``x``, ``f(x)``, ``(a, b)``, ``PQ``,
+    ``S_1 : S_2``, ``m\\angle ABC``) rather than being part of an equation (``x + y``, ``2x``)."""
+    s = _GREEK.sub("a", _LABEL_NOISE.sub("", lhs)).strip()
+    return bool(s) and re.fullmatch(r"[A-Za-z(),:\s|]+", s) is not None and re.search(r"[A-Za-z]", s) is not None
+
+
+def _values(s: str) -> str | None:
+    """``s`` without its labels when it is ``label = value`` or a comma list of those, else None."""
+    pieces = _top_split(s, ",") if "=" in s else []
+    if not pieces:
+        return None
+    values = []
+    for piece in pieces:
+        sides = _top_split(piece, "=")
+        if len(sides) != 2 or not _is_label(sides[0]) or not sides[1].strip():
+            return None
+        values.append(sides[1].strip())
+    return ", ".join(values)
 
 
 def _key(s: str) -> str:
     """String-comparison key: no spaces, ``_{8}`` -> ``_8``, letters outside commands lower-cased."""
     s = re.sub(r"(\\[A-Za-z]+)|([A-Z])", lambda m: m.group(1) or m.group(2).lower(), s)
     return re.sub(r"_\{(\w+)\}", r"_\1", s.replace(" ", ""))
+
+
+def _side_variants(raw: str, cfg: MathConfig) -> list[str]:
+    """Normalised readings of one answer: the reading, plus 3.75 for ``3,75`` and 0.5 for ``50%``."""
+    s = normalize(raw, cfg.units)
+    out = [s]
+    if m := _DECIMAL_COMMA.match(s):
+        out.append(f"{m.group(1)}.{m.group(2)}")
+    if cfg.units and "%" in raw and _simple_number(s) is not None:
+        out.append(f"\\frac{{{s}}}{{100}}")
+    return out
+
+
+def _pair_variants(gold: str, pred: str, cfg: MathConfig) -> list[tuple[str, str]]:
+    """The normalised (gold, pred) pairs that decide one raw pair: it holds when any of them does."""
+    out: list[tuple[str, str]] = []
+    for g in _side_variants(gold, cfg):
+        for p in _side_variants(pred, cfg):
+            if cfg.assignment and ("=" in g) != ("=" in p):
+                if "=" in g and (v := _values(g)) is not None:
+                    g = v
+                elif "=" in p and (v := _values(p)) is not None:
+                    p = v
+            if (g, p) not in out:
+                out.append((g, p))
+    return out
 
 
 _BASE_NUMBER = re.compile(r"(?<![A-Za-z\\\d])\d+_\{?\w+\}?")  # 52_8: a numeral in base 8, compared as written
@@ -220,27 +357,54 @@ def _simple_number(s: str) -> tuple[Fraction, bool] | None:
     return None
 
 
-def _close(a: Fraction, b: Fraction, exact: bool) -> bool:
-    return a == b if exact else abs(a - b) <= REL_TOL * max(abs(a), abs(b))
+def decimal_precision(text: str) -> tuple[int, int] | None:
+    """(decimal places, significant digits) of a decimal numeral as written (``2.6457`` -> (4, 5)), else None."""
+    try:
+        d = Decimal(text.strip().lstrip("+"))
+    except (InvalidOperation, ValueError):
+        return None
+    if not d.is_finite():
+        return None
+    sign, digits, exponent = d.as_tuple()
+    return max(0, -exponent), len(str(int("".join(map(str, digits)) or "0")))
 
 
-def _fast(gold: str, pred: str) -> bool | None:
+def approx_matches(exact, approx: Fraction, places: int, digits: int, min_digits: int | None, rel_tol: float) -> bool:
+    """Whether a decimal ``approx`` written with ``places`` decimals / ``digits`` significant digits stands for the
+    exact value ``exact`` (a Fraction or float): equal, or the correct rounding at that precision with enough digits."""
+    if exact == approx:
+        return True
+    if min_digits is None:
+        return abs(exact - approx) <= rel_tol * max(abs(exact), abs(approx))
+    if digits < min_digits:
+        return False
+    half_ulp = Fraction(1, 2 * 10 ** places)
+    return abs(Fraction(exact) - approx) <= half_ulp * (1 + Fraction(1, 10 ** 9))
+
+
+def _numbers_equal(gold: str, g: tuple[Fraction, bool], pred: str, p: tuple[Fraction, bool], cfg: MathConfig) -> bool:
+    if g[1] and p[1]:
+        return g[0] == p[0]
+    if not g[1] and not p[1]:
+        return g[0] == p[0] or abs(g[0] - p[0]) <= Fraction(cfg.rel_tol) * max(abs(g[0]), abs(p[0]))
+    exact, (approx, text) = (g[0], (p[0], pred)) if g[1] else (p[0], (g[0], gold))
+    prec = decimal_precision(text)
+    return prec is not None and approx_matches(exact, approx, *prec, cfg.approx_min_digits, cfg.rel_tol)
+
+
+def _fast(gold: str, pred: str, cfg: MathConfig = DEFAULT_CONFIG) -> bool | None:
     """Decide in-process when cheap (True/False), or None when sympy is needed. Inputs are normalised."""
-    if not pred:
+    if not pred or not gold:
         return False
     if _key(gold) == _key(pred):
         return True
-    if "=" in gold and "=" not in pred and (m := _ASSIGN.match(gold)):
-        gold = m.group(1).strip()
-    elif "=" in pred and "=" not in gold and (m := _ASSIGN.match(pred)):
-        pred = m.group(1).strip()
-    if _key(gold) == _key(pred):
-        return True
+    if len(gold) > MAX_ANSWER_CHARS or len(pred) > MAX_ANSWER_CHARS:
+        return False
     if _BASE_NUMBER.search(gold) or _BASE_NUMBER.search(pred):
         return False
     g, p = _simple_number(gold), _simple_number(pred)
     if g is not None and p is not None:
-        return _close(g[0], p[0], g[1] and p[1])
+        return _numbers_equal(gold, g, pred, p, cfg)
     return None
 
 
@@ -250,7 +414,8 @@ def _fast(gold: str, pred: str) -> bool | None:
 _PROBE_POINTS = [0.5377, 1.8339, -2.2588, 0.8622, 0.3188]
 _POINTS_NEEDED = 3
 _WARMUP = [(r"\frac{1}{2}", "x + 1"), ("(1, 2]", "[1, 2)"), (r"\{1, 2\}", "2, 1"), ("x < 3", r"(-\infty, 3)"),
-           (r"\sqrt{2}", "1.414214"), ("y = 2x + 1", "2x - y + 1 = 0"), (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1, 2)")]
+           (r"\sqrt{2}", "1.414214"), ("y = 2x + 1", "2x - y + 1 = 0"), (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1, 2)"),
+           (r"\sqrt{7}", "2.6458"), (r"t \in [1, 4]", r"1 \leq t \leq 4"), ("x^{2}", r"\text{\#}\,\square")]
 
 
 @functools.cache
@@ -286,15 +451,34 @@ def _latex2sympy(s: str):
 def _parse(s: str):
     from sympy import I, MatrixBase, Symbol
 
-    expr = _latex2sympy(s)
+    try:
+        expr = _latex2sympy(s)
+    except Exception:
+        expr = _math_verify_parse(s)
     i = Symbol("i")
     if isinstance(expr, MatrixBase):
         return expr.applyfunc(lambda e: e.xreplace({i: I}))
     return expr.xreplace({i: I}) if hasattr(expr, "xreplace") else expr
 
 
-def _sympy_equal(gold: str, pred: str) -> bool:
+def _math_verify_parse(s: str):
+    """math-verify's parser (its own timeout off: the pool times the whole check from outside)."""
+    from math_verify import parse
+
+    for got in parse(f"${s}$", parsing_timeout=None):
+        if not isinstance(got, str):
+            return got
+    raise ValueError(f"unparsable: {s[:80]!r}")
+
+
+# per-check options, set by the worker loop: (relative tolerance, approximation digits or None, strict sets)
+_OPTS = (REL_TOL, 3, False)
+
+
+def _sympy_equal(gold: str, pred: str, opts: tuple | list = ()) -> bool:
     """Worker-side check of two normalised answers; an unparsable side is not equivalent."""
+    global _OPTS
+    _OPTS = tuple(opts) if opts else (REL_TOL, 3, False)
     try:
         g, p = _parse(gold), _parse(pred)
     except Exception:
@@ -319,6 +503,27 @@ def _assignment(x):
     return None
 
 
+def _membership(x):
+    """``x \\in S`` (parsed as Eq(x, S)) -> S; anything else unchanged."""
+    from sympy import Eq, Set
+
+    if isinstance(x, Eq) and isinstance(x.rhs, Set) and not isinstance(x.lhs, Set):
+        return x.rhs
+    return x
+
+
+def _relation_list_as_set(x):
+    """A list of relations in one variable (``x < 1, x > 2``: "or") -> the union of their solution sets."""
+    from sympy import FiniteSet, Tuple, Union
+
+    if (isinstance(x, (FiniteSet, Tuple)) and len(x.args) > 1 and all(_is_relation(a) for a in x.args)
+            and len(x.free_symbols) == 1):
+        sets = [_as_set(a) for a in x.args]
+        if all(s is not a for s, a in zip(sets, x.args)):
+            return Union(*sets)
+    return x
+
+
 def _equal(g, p) -> bool:
     from sympy import Expr, MatrixBase, Set, Tuple
 
@@ -327,6 +532,10 @@ def _equal(g, p) -> bool:
             return True
     except Exception:
         pass
+    g, p = _membership(g), _membership(p)
+    strict = _OPTS[2]
+    if not strict:
+        g, p = _relation_list_as_set(g), _relation_list_as_set(p)
     ga, pa = _assignment(g), _assignment(p)
     if ga and pa:
         return ga[0] == pa[0] and _equal(ga[1], pa[1])
@@ -337,9 +546,9 @@ def _equal(g, p) -> bool:
     if _is_relation(g) and _is_relation(p):
         return _relations_equal(g, p)
     if _is_relation(g) and isinstance(p, Set):
-        return _equal(_as_set(g), p)
+        return not strict and _equal(_as_set(g), p)
     if _is_relation(p) and isinstance(g, Set):
-        return _equal(g, _as_set(p))
+        return not strict and _equal(g, _as_set(p))
     if isinstance(g, MatrixBase) or isinstance(p, MatrixBase):
         return _matrices_equal(g, p)
     if isinstance(g, (Set, Tuple)) or isinstance(p, (Set, Tuple)):
@@ -353,6 +562,14 @@ def _as_set(rel):
     """Solution set of a univariate relation (or chain), else the relation itself."""
     from sympy import S
 
+    from sympy import Dummy
+    from sympy.core.function import AppliedUndef
+
+    calls = rel.atoms(AppliedUndef)  # 2 < g(x) < 5: the unknown is g(x)
+    if len(calls) == 1:
+        rel = rel.xreplace({calls.pop(): Dummy("u", real=True)})
+    elif calls:
+        return rel
     free = rel.free_symbols
     if len(free) != 1:
         return rel
@@ -471,6 +688,10 @@ def _exprs_equal(g, p) -> bool:
     from sympy import Float, simplify
 
     inexact = g.has(Float) or p.has(Float)
+    if inexact and _OPTS[1] is not None and (g.is_Float != p.is_Float) and not (g.free_symbols or p.free_symbols):
+        approx, exact = (g, p) if g.is_Float else (p, g)
+        if not exact.has(Float):  # a decimal against an exact value: at the precision it is written to
+            return _approx_equal(exact, approx)
     if not (g.free_symbols or p.free_symbols):
         try:
             d = (g - p).doit()
@@ -484,11 +705,11 @@ def _exprs_equal(g, p) -> bool:
         if not scale < float("inf"):
             return False  # infinities: only structurally equal ones match (checked by the caller)
         if inexact:
-            return diff <= REL_TOL * scale
+            return diff <= _OPTS[0] * scale
         if diff <= 1e-40 * scale:
             return True
         return diff <= 1e-12 * scale and _simplify_zero(d, simplify)
-    tol = REL_TOL if inexact else 1e-12
+    tol = _OPTS[0] if inexact else 1e-12
     symbols = sorted(g.free_symbols | p.free_symbols, key=str)
     agreed = 0
     for k in range(len(_PROBE_POINTS)):
@@ -499,6 +720,22 @@ def _exprs_equal(g, p) -> bool:
             return False
         agreed += 1
     return agreed >= _POINTS_NEEDED or _simplify_zero(g - p, simplify)
+
+
+def _approx_equal(exact, approx) -> bool:
+    """A Float against an exact number: the digits it shows (trailing zeros dropped) must be the correct rounding."""
+    from sympy import Rational
+
+    try:
+        shown_text = str(Decimal(str(approx)).normalize())
+        prec = decimal_precision(shown_text)
+        value = exact.evalf(40)
+        if prec is None or not value.is_real or not value.is_finite:
+            return False
+        shown = Fraction(shown_text)
+        return approx_matches(Rational(str(value)).limit_denominator(10 ** 40), shown, *prec, _OPTS[1], _OPTS[0])
+    except Exception:
+        return False
 
 
 def _simplify_zero(diff, simplify) -> bool:
@@ -534,8 +771,8 @@ def _worker_main() -> None:
     out.flush()
     for line in sys.stdin:
         try:
-            gold, pred = json.loads(line)
-            ok = _sympy_equal(gold, pred)
+            gold, pred, *opts = json.loads(line)
+            ok = _sympy_equal(gold, pred, opts)
         except (Exception, MemoryError, RecursionError):
             ok = False
         out.write("1\n" if ok else "0\n")
@@ -547,8 +784,8 @@ def _worker_main() -> None:
 
 _BOOT = (
     "import importlib.util as u, sys; s = u.spec_from_file_location('_rewards_math_worker', sys.argv[1]); "
-    "m = u.module_from_spec(s); s.loader.exec_module(m); m._worker_main()"
-)
+    "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); m._worker_main()"
+)  # loaded by path: the worker imports nothing of the project (the module skips its extraction import there)
 
 
 class _Worker:
@@ -565,9 +802,9 @@ class _Worker:
         self.task: int | None = None
         self.deadline = 0.0
 
-    def send(self, task: int, gold: str, pred: str, timeout: float) -> bool:
+    def send(self, task: int, gold: str, pred: str, timeout: float, options: tuple = ()) -> bool:
         try:
-            self.proc.stdin.write((json.dumps([gold, pred]) + "\n").encode())
+            self.proc.stdin.write((json.dumps([gold, pred, *options]) + "\n").encode())
         except (BrokenPipeError, OSError):
             return False
         self.task, self.deadline = task, time.monotonic() + timeout
@@ -612,8 +849,10 @@ class VerifierPool:
         self.lock = threading.Lock()
         self.timeouts = 0
 
-    def run(self, pairs: list[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT) -> list[bool]:
-        """Equivalence of each normalised (gold, pred) pair, each check limited to ``timeout`` seconds."""
+    def run(self, pairs: list[tuple], timeout: float = DEFAULT_TIMEOUT) -> list[bool]:
+        """Equivalence of each normalised (gold, pred) pair, each check limited to ``timeout`` seconds.
+
+        A pair may carry ``MathConfig.worker_options()`` as further items: (gold, pred, *options)."""
         if timeout <= 0:
             raise ValueError(f"math verification timeout must be > 0 seconds, got {timeout}")
         results: list[bool | None] = [None] * len(pairs)
@@ -626,7 +865,7 @@ class VerifierPool:
                     for w in self.workers:
                         if w.ready and w.task is None and pending:
                             i = pending.popleft()
-                            if not w.send(i, *pairs[i], timeout):
+                            if not w.send(i, pairs[i][0], pairs[i][1], timeout, tuple(pairs[i][2:])):
                                 pending.appendleft(i)
                     self._wait(results)
             except BaseException:  # e.g. KeyboardInterrupt: no worker may keep a task of this batch
@@ -696,8 +935,9 @@ class VerifierPool:
 
 _POOL: VerifierPool | None = None
 _POOL_LOCK = threading.Lock()
-_CACHE: dict[tuple[str, str], bool] = {}
+_CACHE: dict[tuple, bool] = {}
 _CACHE_MAX = 200_000
+MAX_CANDIDATES = 8  # a completion with more distinct final answers than this is a scatter of guesses: 0
 
 
 def get_pool() -> VerifierPool:
@@ -712,70 +952,99 @@ def get_pool() -> VerifierPool:
         return _POOL
 
 
-def verify_batch(golds: list[str], preds: list[str], timeout: float = DEFAULT_TIMEOUT, cache: bool = True,
-                 pool: VerifierPool | None = None) -> list[bool]:
-    """Equivalence of each (gold, pred) answer pair; sympy work is spread over the worker pool.
+def _distinct(answers: list[str], cfg: MathConfig) -> list[str]:
+    seen: dict[str, str] = {}
+    for a in answers:
+        seen.setdefault(_key(normalize(a, cfg.units)), a)
+    return list(seen.values())
 
-    Answers may carry ``\\boxed{}`` / ``$`` / ``####``; cheap cases are decided in-process; identical
-    pairs are checked once (and remembered across calls when ``cache``). ``pool`` defaults to ``get_pool()``.
-    """
-    if len(golds) != len(preds):
-        raise ValueError(f"verify_batch: {len(golds)} golds but {len(preds)} preds")
-    pairs = [(normalize(_gold_answer(g)), normalize(_gold_answer(p))) for g, p in zip(golds, preds)]
+
+def _row_plan(gold_text: str, pred_text: str, cfg: MathConfig) -> list[list[tuple[str, str]]]:
+    """How one row is decided: alternatives (any may hold), each a list of raw answer pairs (all must hold)."""
+    golds = _distinct(_candidates(gold_text), cfg)
+    preds = _distinct(_candidates(pred_text), cfg)
+    if not golds or not preds or len(preds) > MAX_CANDIDATES:
+        return []
+    gold = ", ".join(golds)  # a gold of several boxes is one answer of several parts
+    if len(preds) == 1 or cfg.multiple_answers == "last":
+        return [[(gold, preds[-1])]]
+    return [[(gold, p) for p in preds], [(gold, ", ".join(preds))]]
+
+
+def _judge(golds: list[str], preds: list[str], cfg: MathConfig, cache: bool, pool: VerifierPool | None) -> list[bool]:
+    plans = [_row_plan(g, p, cfg) for g, p in zip(golds, preds)]
+    raw_pairs = {pair: None for plan in plans for alt in plan for pair in alt}
+    variants = {pair: _pair_variants(*pair, cfg) for pair in raw_pairs}
+    opts = cfg.worker_options()
     decided: dict[tuple[str, str], bool] = {}
     todo: dict[tuple[str, str], None] = {}  # insertion-ordered set
-    for pair in pairs:
+    for pair in (v for vs in variants.values() for v in vs):
         if pair in decided or pair in todo:
             continue
-        if cache and pair in _CACHE:
-            decided[pair] = _CACHE[pair]
-        elif (fast := _fast(*pair)) is not None:
+        if cache and (pair + opts) in _CACHE:
+            decided[pair] = _CACHE[pair + opts]
+        elif (fast := _fast(*pair, cfg)) is not None:
             decided[pair] = fast
         else:
             todo[pair] = None
     if todo:
-        checked = dict(zip(todo, (pool or get_pool()).run(list(todo), timeout)))
+        checked = dict(zip(todo, (pool or get_pool()).run([pair + opts for pair in todo], cfg.timeout)))
         decided.update(checked)
         if cache:
             if len(_CACHE) > _CACHE_MAX:
                 _CACHE.clear()
-            _CACHE.update(checked)
-    return [decided[pair] for pair in pairs]
+            _CACHE.update({pair + opts: ok for pair, ok in checked.items()})
+    holds = {pair: any(decided[v] for v in vs) for pair, vs in variants.items()}
+    return [any(all(holds[pair] for pair in alt) for alt in plan) for plan in plans]
 
 
-def is_equivalent(gold: str, pred: str, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """Whether answer ``pred`` is mathematically equivalent to ``gold`` (both LaTeX answer strings)."""
-    return verify_batch([gold], [pred], timeout)[0]
+def verify_batch(golds: list[str], preds: list[str], timeout: float | None = None, cache: bool = True,
+                 pool: VerifierPool | None = None, config: MathConfig | None = None, **options) -> list[bool]:
+    """Equivalence of each (gold, pred); both sides may be bare answers or texts (a completion, a solution with a
+    ``\\boxed{}``), read by the same extraction. Cheap cases are decided in-process, the rest spread over the
+    worker pool; identical pairs are checked once (and remembered across calls when ``cache``). ``options`` are
+    ``MathConfig`` fields (``timeout`` too); ``pool`` defaults to ``get_pool()``.
+    """
+    if len(golds) != len(preds):
+        raise ValueError(f"verify_batch: {len(golds)} golds but {len(preds)} preds")
+    if timeout is not None:
+        options["timeout"] = timeout
+    cfg = MathConfig.from_options(config, **options)
+    return _judge([str(g) for g in golds], [str(p) for p in preds], cfg, cache, pool)
 
 
-def correctness(completions: list[str], answer: list[str | None] | None,
-                timeout: float = DEFAULT_TIMEOUT) -> list[bool | None]:
-    """Per completion: all its distinct final answers equal the gold (None where the gold is missing)."""
+def is_equivalent(gold: str, pred: str, timeout: float | None = None, config: MathConfig | None = None,
+                  **options) -> bool:
+    """Whether answer ``pred`` is equivalent to ``gold``: the same judgement as ``correctness([pred], [gold])``."""
+    return verify_batch([gold], [pred], timeout, config=config, **options)[0]
+
+
+def correctness(completions: list[str], answer: list[str | None] | None, timeout: float | None = None,
+                config: MathConfig | None = None, **options) -> list[bool | None]:
+    """Per completion: its final answer equals the gold (None where the gold is missing or blank)."""
     if answer is None:
         raise ValueError("accuracy needs the dataset column 'answer' (gold answers; None for rows without one)")
     if len(answer) != len(completions):
         raise ValueError(f"accuracy: column 'answer' has {len(answer)} values for {len(completions)} completions")
-    golds, preds, owner = [], [], []
+    rows = [i for i, gold in enumerate(answer) if gold is not None and str(gold).strip()]
+    verdicts = verify_batch([str(answer[i]) for i in rows], [completions[i] for i in rows], timeout,
+                            config=config, **options) if rows else []
     out: list[bool | None] = [None] * len(completions)
-    for i, (completion, gold) in enumerate(zip(completions, answer)):
-        if gold is None or not str(gold).strip():
-            continue
-        out[i] = False
-        distinct = {_key(normalize(a)): a for a in extract_answers(answer_region(completion))}
-        for pred in distinct.values():
-            golds.append(str(gold))
-            preds.append(pred)
-            owner.append(i)
-    verdicts = verify_batch(golds, preds, timeout) if golds else []
-    per_row: dict[int, list[bool]] = {}
-    for i, ok in zip(owner, verdicts):
-        per_row.setdefault(i, []).append(ok)
-    for i, oks in per_row.items():
-        out[i] = all(oks)
+    for i, ok in zip(rows, verdicts):
+        out[i] = ok
     return out
 
 
 def accuracy(prompts: list[str], completions: list[str], answer: list[str | None] | None = None,
-             timeout: float = DEFAULT_TIMEOUT, **_) -> list[float | None]:
-    """1.0 if the completion's final answer is equivalent to the row's ``answer``, else 0.0; None without gold."""
-    return [None if ok is None else float(ok) for ok in correctness(completions, answer, timeout)]
+             **kwargs) -> list[float | None]:
+    """1.0 if the completion's final answer is equivalent to the row's ``answer``, else 0.0; None without gold.
+
+    Keyword arguments: the dataset's other columns (lists, ignored) and the recipe's options, the fields of
+    ``MathConfig`` (``timeout``, ``rel_tol``, ``approx_min_digits``, ``assignment``, ``sets``, ``units``,
+    ``multiple_answers``); any other non-column keyword is an error."""
+    fields = {f.name for f in dataclasses.fields(MathConfig)}
+    options = {k: v for k, v in kwargs.items() if k in fields}
+    stray = sorted(k for k, v in kwargs.items() if k not in fields and not isinstance(v, (list, tuple)))
+    if stray:
+        raise ValueError(f"accuracy: unknown option(s) {', '.join(stray)}; options: {', '.join(sorted(fields))}")
+    return [None if ok is None else float(ok) for ok in correctness(completions, answer, **options)]

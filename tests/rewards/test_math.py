@@ -79,8 +79,8 @@ EQUIVALENT = [
 ]
 
 NOT_EQUIVALENT = [
-    ("1/2", "0.51"), ("1/3", "0.33"), ("1/3", "0.3333"), (r"\frac{1}{3}", "333333/1000000"), ("3", "4"), ("3", "-3"),
-    ("1000", "100"), ("1,000", "1"), (r"\sqrt{2}", "1.41"), (r"\pi", "3.14"), (r"2\sqrt{3}", r"3\sqrt{2}"),
+    ("1/2", "0.51"), ("1/3", "0.33"), ("1/3", "0.3334"), (r"\frac{1}{3}", "333333/1000000"), ("3", "4"), ("3", "-3"),
+    ("1000", "100"), ("1,000", "1"), (r"\sqrt{2}", "1.4"), (r"\pi", "3.15"), (r"2\sqrt{3}", r"3\sqrt{2}"),
     ("x^2+1", "(x+1)^2"), ("2x", "x^2"), ("x+1", "x-1"), (r"\frac{x}{2}", "2x"), ("e^{x}", "x^{e}"),
     ("y=2x+1", "y=2x-1"), ("y=2x+1", "x=2y+1"), ("x=3", "y=3"), ("x=3", "4"), ("x<3", r"x \le 3"), ("x<3", "x>3"),
     ("(1,2]", "(1,2)"), ("[1,2]", "(1,2)"), ("[1,2)", "(1,2]"), ("(1,2)", "(2,1)"), ("(1,2,3)", "(1,3,2)"),
@@ -121,12 +121,19 @@ def test_table_size_and_batch_agrees_with_single_checks():
     assert got == [True] * len(EQUIVALENT) + [False] * len(NOT_EQUIVALENT)
 
 
-def test_tolerance_is_relative():
+def test_number_precision():
     assert REL_TOL == 5e-6
-    assert is_equivalent("1000000", "1000004.5")  # 4.5e-6 relative
-    assert is_equivalent(r"\sqrt{2}", "1.41421") and not is_equivalent(r"\sqrt{2}", "1.4142")  # 6 vs 5 digits
-    assert not is_equivalent("1", "1.00001")
+    # two decimals: relative tolerance
+    assert is_equivalent("1000000.0", "1000004.5") and not is_equivalent("1000000.0", "1000006")
     assert not is_equivalent("0.000001", "0.0000011")
+    # a decimal against an exact value: the correct rounding at the precision written, >= 3 significant digits
+    assert is_equivalent(r"\sqrt{2}", "1.41421") and is_equivalent(r"\sqrt{2}", "1.4142") and is_equivalent(r"\sqrt{2}", "1.41")
+    assert not is_equivalent(r"\sqrt{2}", "1.4143") and not is_equivalent(r"\sqrt{7}", "2.6457")  # wrong rounding
+    assert not is_equivalent("1", "1.00001") and not is_equivalent("1000000", "1000004.5")
+    assert is_equivalent("1/3", "0.333") and not is_equivalent("1/3", "0.33")
+    assert not is_equivalent(r"\sqrt{2}", "1.41", approx_min_digits=4)
+    assert is_equivalent(r"\sqrt{2}", "1.414214", approx_min_digits=None)
+    assert not is_equivalent(r"\sqrt{2}", "1.4142", approx_min_digits=None)  # 5 significant digits: beyond rel_tol
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -177,7 +184,7 @@ def test_hedging_is_wrong():
 
 def test_accuracy_rows():
     prompts = ["p"] * 5
-    completions = [r"<think>x</think>\boxed{\frac{1}{2}}", "I think it is 0.5", r"\boxed{0.5}", "#### 72", "code"]
+    completions = [r"<think>x</think>\boxed{\frac{1}{2}}", "I think it is 0.6", r"\boxed{0.5}", "#### 72", "code"]
     golds = ["0.5", "0.5", r"\boxed{\dfrac12}", "72", None]
     assert accuracy(prompts, completions, answer=golds, source=["math"] * 5) == [1.0, 0.0, 1.0, 1.0, None]
     with pytest.raises(ValueError, match="answer"):
