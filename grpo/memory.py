@@ -17,8 +17,12 @@ Psi_e = its routed-expert parameters / e:
                 DeepSpeed's optimizer keeps an fp32 copy of the owned partition (the master weights) and AdamW m, v
                 (b_m = 4 fp32, or 2 with --moments bf16); during the step it builds the fp32 gradient of one
                 parameter group (dense, then experts) at a time
-                (2 b_m + 4 [b_w < 4]) (Psi_d + Psi_e)                  ZeRO 0: torch AdamW, fp32 master under bf16
+                (2 b_m + 8 [b_w < 4]) (Psi_d + Psi_e)                  ZeRO 0 (grpo.optim's local step): AdamW
+                on fp32 masters under bf16, plus the fp32 copy of the gradient the masters are stepped with
     (the ZeRO paper's (2 + 2 + K) Psi accounting with K = 12, plus that transient gradient copy.)
+
+The weights row is the compute copy the forward and the rollout engine read (bf16 under bf16 training); the
+fp32 masters sit in the optimizer row on every path.
 
 Activations: bytes saved for backward per token (``activation_bytes_per_token``), b_a = 2 (bf16) or 4 (fp32)
 bytes per activation; h hidden, H heads, d_n/d_r/d_v head dims, r_q/r_kv LoRA ranks, I expert width, I_f
@@ -200,8 +204,8 @@ def plan(c: DeepseekV3Config, lay: Layout) -> MemoryPlan:
         grad_bytes = lay.grad_bytes or lay.weight_bytes
         if lay.zero >= 1:  # DeepSpeed's ZeRO optimizer: fp32 master copy, m, v; fp32 gradient copy of one group
             optimizer = owned * (4 + 2 * lay.moment_bytes) + 4 * max(psi_d / dp, psi_e / edp)
-        else:  # torch AdamW on the module's parameters (+ fp32 master weights under bf16)
-            optimizer = owned * (2 * lay.moment_bytes + (4 if lay.weight_bytes < 4 else 0))
+        else:  # grpo.optim.MasterAdamW: m, v (+ under bf16 the fp32 masters and their fp32 gradient)
+            optimizer = owned * (2 * lay.moment_bytes + (8 if lay.weight_bytes < 4 else 0))
         grads = grad_bytes * ((psi_d / dp + psi_e / edp) if lay.zero == 2 else (psi_d + psi_e))
         plans.append(MemoryPlan(lay, psi_d, psi_e, lay.weight_bytes * (psi_d + psi_e), grads, optimizer,
                                 _stage_activations(c, st, lay, n_mtp, in_flight=lay.pp - s)))
