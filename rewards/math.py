@@ -163,7 +163,7 @@ _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div
             "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
 _RELATION_OPS = [(re.compile(r">=|\\geqslant(?![A-Za-z])|\\geq?(?![A-Za-z])"), r"\\geq "),
                  (re.compile(r"<=|\\leqslant(?![A-Za-z])|\\leq?(?![A-Za-z])"), r"\\leq "),
-                 (re.compile(r"!=|\\neq?(?![A-Za-z])"), r"\\neq ")]
+                 (re.compile(r"(?<![\d)}!])!=|\\neq?(?![A-Za-z])"), r"\\neq ")]  # 5!=120 is a factorial
 _WRAPPERS = r"(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|boldsymbol|bm|operatorname)"
 _UNIT_TEXT = re.compile(r"^(?P<v>.*\d.*?)\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z][A-Za-z .]*\}"
                         r"(?:\^\{?\d\}?)?(?:\s*/\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z]+\s*\}(?:\^\{?\d\}?)?)?$")
@@ -202,6 +202,7 @@ def normalize(answer: str, units: bool = True) -> str:
         s = s.replace(a, b)
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s.strip())
     s = re.sub(r"\\(?:tag|label)\*?\{[^{}]*\}", "", s)
+    s = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!\s*)(?=\d{3}(?!\d))", "", s)  # 10{,}080, 10,\!080: thousands
     s = _DROP.sub("", s)
     if units:
         s = _DROP_UNITS.sub("", s)
@@ -219,6 +220,7 @@ def normalize(answer: str, units: bool = True) -> str:
     s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
     s = s.replace("{,}", ",")
     s = " ".join(s.split()).rstrip(".").strip()
+    s = re.sub(r"^=\s*", "", s)  # an aligned line "&= 3\sqrt{13}"
     if units:
         for _ in range(2):
             m = _UNIT_TEXT.match(s)
@@ -247,7 +249,8 @@ def normalize(answer: str, units: bool = True) -> str:
     parts = _top_split(s, "=")
     if len(_top_split(s, ",")) == 1 and all(p.strip() for p in parts) and (
             len(parts) >= 3 or len(parts) == 2 and not re.search(r"[A-Za-z]", parts[0])):
-        s = parts[-1].strip()  # a chain y = 2 + 3 = 5, or arithmetic 5 + 7 = 12: the last side is the answer
+        last = -2 if len(parts) >= 3 and re.fullmatch(r"\s*[A-Za-z]\s*", parts[-1]) else -1
+        s = parts[last].strip()  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value is the answer
     m = _CHOICE.match(s)
     return m.group(1) if m else s
 
@@ -295,6 +298,12 @@ def _values(s: str) -> str | None:
     return ", ".join(values)
 
 
+def _last_side(s: str) -> str:
+    """The last side of ``s = t`` (``3! \\times 5! = 720`` -> ``720``), when it is one equation; else ``s``."""
+    parts = _top_split(s, "=")
+    return parts[-1].strip() if len(parts) == 2 and len(_top_split(s, ",")) == 1 and parts[-1].strip() else s
+
+
 def _key(s: str) -> str:
     """String-comparison key: no spaces, ``_{8}`` -> ``_8``, letters outside commands lower-cased."""
     s = re.sub(r"(\\[A-Za-z]+)|([A-Z])", lambda m: m.group(1) or m.group(2).lower(), s)
@@ -318,10 +327,10 @@ def _pair_variants(gold: str, pred: str, cfg: MathConfig) -> list[tuple[str, str
     for g in _side_variants(gold, cfg):
         for p in _side_variants(pred, cfg):
             if cfg.assignment and ("=" in g) != ("=" in p):
-                if "=" in g and (v := _values(g)) is not None:
-                    g = v
-                elif "=" in p and (v := _values(p)) is not None:
-                    p = v
+                if "=" in g:
+                    g = normalize(_values(g) or _last_side(g), cfg.units)
+                else:
+                    p = normalize(_values(p) or _last_side(p), cfg.units)
             if (g, p) not in out:
                 out.append((g, p))
     return out

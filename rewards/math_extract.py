@@ -8,12 +8,16 @@ applies, in this order (a text with several ``</think>`` is graded after the las
   1. every ``\\boxed{..}`` / ``\\fbox{..}`` (braces matched; ``\\boxed 5``): all of them, in order; a box whose
      content is prose is read with the rules below (``\\boxed{\\text{The answer is } 5}`` -> ``5``);
   2. the last ``<answer>..</answer>``, its content read with the rules below;
-  3. the last answer phrase: "final answer", "the answer is/are", "answer:" (markdown emphasis allowed),
+  3. the last answer phrase: "final answer", "the answer is/are", "answer:", "the correct option is"
+     (markdown emphasis allowed),
      then what follows up to the end of that sentence, read as a *fragment* (below);
   4. the last GSM8K-style ``#### X``;
-  5. the last math span (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``), joined with the spans before it
-     that only a comma, "and" or "or" separates (``$x = 1$ and $y = 2$`` -> ``x = 1, y = 2``);
-  6. the last number (``-12``, ``3.5``, ``1,000``, ``3/4``);
+  5. the last math span (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, the last line of an align or
+     equation environment) that is not a lone variable (``... values of $k$.``), joined with the spans of
+     the same kind before it that a comma, "and" or "or" separates (``$x = 1$ and $y = 2$`` -> ``x = 1, y = 2``;
+     ``$3$ and $5$`` -> ``3, 5``);
+  6. the last number (``-12``, ``3.5``, ``1,000``, ``3/4``), or the number right after the last ``=`` of its
+     sentence (``9 + 6 = 15 liters out of the 24`` -> ``15``);
   7. a text of at most two words with none of the above (``Monday``): the text.
 
 A fragment (what follows an answer phrase, or the content of ``<answer>``) is read as: a leading math span
@@ -21,6 +25,7 @@ group; else its leading formula (up to the first prose word: ``17 apples, since 
 opens with prose, what follows its last "is / are / equals / =" (``the smallest $k$ is 17`` -> ``17``); else
 every number it holds, as one list (``probably 3, maybe 4`` -> ``3, 4``, which no single gold equals).
 
+Asymptote figures (``[asy]..[/asy]``) and GSM8K calculator notes (``<<9*2=18>>``) are removed first.
 Rules 1-7 never look inside the reasoning before ``</think>``. Dataset gold fields use the same function
 (``$x = 11$`` -> ``x = 11``; ``\\boxed{1}\\boxed{2}`` -> two candidates the checker joins into one list).
 """
@@ -47,11 +52,15 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{\\$])")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _PHRASE = re.compile(
     r"(?:\bfinal\s+answers?\b(?:\s+(?:is|are|would\s+be|will\s+be))?|\bthe\s+answers?\s+(?:is|are|would\s+be|will\s+be)\b"
+    r"|\bcorrect\s+(?:option|choice)\s+is\b"
     r"|\banswers?\s+(?:is|are)\b|\banswers?\s*(?=[*_]*\s*[:=]))[\s*_#:=]*", re.I)
 _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
-_SPAN = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\((.+?)\\\)|(?<![\\$])\$(?!\$)((?:\\\$|[^$])+?)(?<!\\)\$", re.S)
-_NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?(?![\w^])")
-_JOINER = re.compile(r"^\s*(?:,|;|\band\b|\bor\b|,\s*and\b|,\s*or\b)?\s*$", re.I)
+_ENV = r"(?:align|equation|gather|eqnarray|multline|displaymath|math)\*?"
+_DELIMITED = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\\begin\{(" + _ENV + r")\}(.+?)\\end\{\3\}", re.S)
+_NOISE = re.compile(r"\[asy\].*?\[/asy\]|<<[^<>]*>>", re.S)  # Asymptote figures, GSM8K calculator notes
+_NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+)?(?![\w^])")
+_JOINER = re.compile(r"^\s*(?:,|;|\band\b|\bor\b|,\s*and\b|,\s*or\b)\s*$", re.I)
+_LONE_VARIABLE = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?$")
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|cannot|can't|wrong|incorrect)\b", re.I)
 _COPULA = re.compile(r"\b(?:is|are|equals|equal\s+to|was|were|be|becomes|gives)\b|=", re.I)
 
@@ -91,7 +100,8 @@ def boxed_all(text: str) -> list[str]:
 def _prose_words(s: str) -> list[str]:
     """Words of ``s`` that are prose: outside LaTeX commands and \\text{}, 3+ letters, not math/unit words."""
     s = _COMMAND.sub(" ", _TEXT_GROUP.sub(" ", _ENVIRON.sub(" ", s)))
-    return [w for w in _WORD.findall(s) if (len(w) >= 3 and w.lower() not in _MATH_WORDS) or w.lower() in _STOP_SHORT]
+    return [w for w in _WORD.findall(s) if (len(w) >= 3 and w.lower() not in _MATH_WORDS and not w.isupper())
+            or w.lower() in _STOP_SHORT]
 
 
 def is_bare(text: str) -> bool:
@@ -104,28 +114,170 @@ def is_bare(text: str) -> bool:
     return not _prose_words(s)
 
 
-def _spans(text: str) -> list[re.Match]:
-    """Math spans of ``text`` (a ``$`` pair around prose, or ``$5 and $``, is currency, not a span)."""
-    return [m for m in _SPAN.finditer(text) if not _prose_words(_span_content(m))
-            and not (m.group(4) is not None and m.group(4)[:1].isdigit() and m.group(4)[-1:].isspace())]
+class _Span:
+    """One math span: text[start:end], its formula, and whether single ``$`` delimit it."""
+
+    __slots__ = ("a", "b", "content", "dollar")
+
+    def __init__(self, a: int, b: int, content: str, dollar: bool = False):
+        self.a, self.b, self.content, self.dollar = a, b, content, dollar
+
+    def start(self) -> int:
+        return self.a
+
+    def end(self) -> int:
+        return self.b
 
 
-def _span_content(m: re.Match) -> str:
-    return next(g for g in m.groups() if g is not None).strip()
+def _all_spans(text: str) -> list[_Span]:
+    """Every delimited formula of ``text`` in order. ``$`` is read as TeX reads it: ``$x,$$y,$`` is two inline
+    formulas, ``$$..$$`` outside one is display math, ``\\$`` is a dollar sign."""
+    found: list[_Span] = []
+    i, n = 0, len(text)
+    while i < n:
+        m = _DELIMITED.match(text, i) if text[i] == "\\" else None
+        if m:
+            found.append(_Span(m.start(), m.end(), _formula(m)))
+            i = m.end()
+            continue
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == "$":
+            display = text.startswith("$$", i)
+            close = _closing_dollar(text, i + (2 if display else 1), display)
+            if close < 0:
+                i += 1
+                continue
+            inner = text[i + (2 if display else 1):close]
+            end = close + (2 if display else 1)
+            found.append(_Span(i, end, _clean(inner), dollar=not display))
+            i = end
+            continue
+        i += 1
+    return found
 
 
-def _span_group(text: str, spans: list[re.Match], last: int) -> str:
-    """Span ``last`` joined with the spans before it that only commas / "and" / "or" separate."""
-    first = last
-    while first > 0 and _JOINER.match(text[spans[first - 1].end():spans[first].start()]):
-        first -= 1
-    return ", ".join(_span_content(m) for m in spans[first:last + 1])
+def _closing_dollar(text: str, j: int, display: bool) -> int:
+    """Index of the ``$`` (or ``$$``) closing a formula whose content starts at ``j``; -1 if none."""
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "$":
+            if not display:
+                return j
+            return j if text.startswith("$$", j) else -1
+        j += 1
+    return -1
+
+
+def _clean(content: str) -> str:
+    return content.strip().rstrip(".,;").strip()
+
+
+def _formula(m: re.Match) -> str:
+    """A delimited formula; an environment's last line, without alignment marks (``&= 3\\sqrt{13}.``)."""
+    if m.group(4) is None:
+        return _clean(m.group(1) if m.group(1) is not None else m.group(2))
+    lines = [ln for ln in _top_lines(m.group(4)) if ln.strip()]
+    last = re.sub(r"\\(?:nonumber|notag|tag\{[^{}]*\}|label\{[^{}]*\})", "", lines[-1] if lines else "")
+    return _clean(_outside_environments(last, lambda part: part.replace("&", "")))
+
+
+def _outside_environments(text: str, fn) -> str:
+    """``fn`` applied to the parts of ``text`` outside ``\\begin{..}..\\end{..}`` blocks (matrices keep their ``&``)."""
+    out, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        if text.startswith("\\begin{", i):
+            if depth == 0:
+                out.append(fn(text[start:i]))
+                start = i
+            depth += 1
+        elif text.startswith("\\end{", i) and depth:
+            depth -= 1
+            if depth == 0:
+                close = text.find("}", i)
+                i = close + 1 if close >= 0 else len(text)
+                out.append(text[start:i])
+                start = i
+                continue
+        i += 1
+    out.append(fn(text[start:]) if depth == 0 else text[start:])
+    return "".join(out)
+
+
+def _top_lines(body: str) -> list[str]:
+    """``body`` split at the ``\\\\`` line breaks that no inner environment (a matrix) holds."""
+    lines, depth, start, i = [], 0, 0, 0
+    while i < len(body):
+        if body.startswith("\\begin{", i):
+            depth += 1
+        elif body.startswith("\\end{", i):
+            depth = max(0, depth - 1)
+        elif body.startswith("\\\\", i) and depth == 0:
+            lines.append(body[start:i])
+            i += 2
+            start = i
+            continue
+        i += 2 if body[i] == "\\" else 1
+    lines.append(body[start:])
+    return lines
+
+
+def _spans(text: str) -> list[_Span]:
+    """Math spans of ``text``: ``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]`` and align/equation environments.
+
+    A ``$`` pair around prose, or around a number that opens an amount (``$5 and $6``, ``$840+$756``), is
+    currency, not a span."""
+    out = []
+    for sp in _all_spans(text):
+        if not sp.content or _prose_words(sp.content):
+            continue
+        raw = text[sp.a + 1:sp.b - 1]
+        if sp.dollar and raw[:1].isdigit() and (raw[-1:].isspace() or text[sp.b:sp.b + 1].isdigit()):
+            continue
+        out.append(sp)
+    return out
+
+
+def _span_content(sp: _Span) -> str:
+    return sp.content
+
+
+def _kind(content: str) -> str:
+    """'assignment' (``x = 1``), 'value' (no letters: ``3``, ``\\frac{1}{2}``) or 'other': spans join only within
+    one of the first two kinds."""
+    sides = content.split("=")
+    if len(sides) == 2 and re.fullmatch(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*", sides[0]):
+        return "assignment"
+    if "=" not in content and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", content)):
+        return "value"
+    return "other"
+
+
+def _span_group(text: str, spans: list[re.Match], last: int, forward: bool = False) -> str:
+    """Span ``last`` joined with its neighbours of the same kind that a comma / "and" / "or" separates (the spans
+    before it, or with ``forward`` the spans after it): ``$x = 1$ and $y = 2$`` -> ``x = 1, y = 2``."""
+    kind = _kind(_span_content(spans[last]))
+    first = end = last
+    if kind != "other":
+        if forward:
+            while end + 1 < len(spans) and _kind(_span_content(spans[end + 1])) == kind and _JOINER.match(
+                    text[spans[end].end():spans[end + 1].start()]):
+                end += 1
+        else:
+            while first > 0 and _kind(_span_content(spans[first - 1])) == kind and _JOINER.match(
+                    text[spans[first - 1].end():spans[first].start()]):
+                first -= 1
+    return ", ".join(_span_content(m) for m in spans[first:end + 1])
 
 
 def _sentence_end(text: str) -> int:
     """Index where the sentence starting at text[0] ends: '.', '!' or '?' followed by space or end (outside math
     spans and braces), or a blank line; math spans are skipped whole."""
-    protected = [(m.start(), m.end()) for m in _SPAN.finditer(text)]
+    protected = [(m.start(), m.end()) for m in _all_spans(text)]
     i, depth = 0, 0
     while i < len(text):
         for a, b in protected:
@@ -166,10 +318,7 @@ def read_fragment(fragment: str) -> str | None:
         return None
     spans = _spans(s)
     if spans and not s[:spans[0].start()].strip(" *_:"):
-        k = 0
-        while k + 1 < len(spans) and _JOINER.match(s[spans[k].end():spans[k + 1].start()]):
-            k += 1
-        return _span_group(s, spans, k)
+        return _span_group(s, spans, 0, forward=True)
     lead = _leading_formula(s)
     if lead and not re.fullmatch(r"[\W_]*", lead):
         return lead
@@ -187,9 +336,22 @@ def read_fragment(fragment: str) -> str | None:
     return ", ".join(numbers) if numbers else None
 
 
+def _last_number(region: str, numbers: list[re.Match]) -> str:
+    """The last number, or in the sentence that holds it the number right after its last ``=`` (``9 + 6 = 15
+    liters out of the 24 liters`` -> 15)."""
+    last = numbers[-1]
+    start = max(region.rfind(c, 0, last.start()) for c in (".\n", ". ", "\n"))
+    equals = region.rfind("=", max(start, 0), last.start())
+    if equals >= 0:
+        after = [m for m in numbers if m.start() > equals and not region[equals + 1:m.start()].strip(" $")]
+        if after:
+            return after[0].group(0)
+    return last.group(0)
+
+
 def final_answers(text: str) -> list[str]:
     """All final-answer candidates of ``text`` by the first rule that applies (module docstring); [] if none."""
-    region = answer_region(text).strip()
+    region = _NOISE.sub(" ", answer_region(text)).strip()
     if not region:
         return []
     if is_bare(region):
@@ -216,9 +378,12 @@ def final_answers(text: str) -> list[str]:
         return [hashes[-1].strip(" \t*$")]
     spans = _spans(region)
     if spans:
-        return [_span_group(region, spans, len(spans) - 1)]
-    numbers = _NUMBER.findall(region)
+        last = len(spans) - 1
+        while last > 0 and _LONE_VARIABLE.match(_span_content(spans[last])):  # "... values of $k$."
+            last -= 1
+        return [_span_group(region, spans, last)]
+    numbers = list(_NUMBER.finditer(region))
     if numbers:
-        return [numbers[-1]]
+        return [_last_number(region, numbers)]
     words = region.strip(" .!*_").split()
     return [" ".join(words)] if 0 < len(words) <= 2 and re.fullmatch(r"[A-Za-z][A-Za-z' -]*", " ".join(words)) else []
