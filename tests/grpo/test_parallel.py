@@ -43,6 +43,15 @@ ROLLOUT = SamplingConfig(temperature=0.0, max_new_tokens=5, max_batch=4, stop_to
 ROLLOUT_PROMPTS = [[[1, 5, 9, 4]], [[1, 7, 3], [1, 11, 12, 13, 14], [1, 20]]]  # per rank: 1 prompt vs 3
 
 
+BF16_OPTIM = dict(lr=3e-6, weight_decay=0.1, max_grad_norm=0.0)
+
+
+def bf16_grad(shape) -> torch.Tensor:
+    """A fixed gradient of small integers times 2^-3 (exact in bf16), never zero."""
+    g = torch.randint(1, 4, shape, generator=torch.Generator().manual_seed(sum(shape) + len(shape))).float()
+    return g * torch.where(torch.arange(g.numel()).view(shape) % 3 == 0, -0.125, 0.125)
+
+
 def load_policy_from(path) -> DeepseekV3Policy:
     model = DeepseekV3Policy.from_pretrained(path, dtype=torch.float32)
     model.policy_config = POLICY
@@ -133,6 +142,17 @@ def worker(out: Path) -> None:
     engine, _ = parallelize(load_policy_from(out / "init"), OPTIM, ep_size=2, zero_stage=2)
     results["grpo"] = record = {}
     _train(engine, grpo_step_loss, batch, rows, 2, record)
+
+    # bf16 weights through DeepSpeed (ZeRO-1 over both ranks): one AdamW step at lr 3e-6 on a loss linear in the
+    # parameters, so the gradient is exactly BF16_GRAD on every rank whatever the arithmetic
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    engine, _ = parallelize(load_policy_from(out / "init").to(torch.bfloat16), BF16_OPTIM, ep_size=1, zero_stage=1)
+    params = dict(engine.module.named_parameters())
+    engine.backward(sum((p.float() * bf16_grad(p.shape)).sum() for p in params.values()), scale_wrt_gas=False)
+    engine.step()
+    results["bf16"] = {"masters": {n: safe_get_full_fp32_param(p).clone() for n, p in params.items()},
+                       "weights": {n: p.detach().clone() for n, p in params.items()}}
 
     torch.save(results, out / f"rank{rank}.pt")
     accelerator.wait_for_everyone()
@@ -301,6 +321,29 @@ def test_rollouts_under_ep_match_single_process(run):
         ep = run["ranks"][rank]["rollout"]
         assert torch.equal(ep["ids"], ref.completion_ids) and torch.equal(ep["mask"], ref.completion_mask)
         torch.testing.assert_close(ep["logprobs"], ref.logprobs, atol=1e-5, rtol=0)
+
+
+def test_deepspeed_bf16_keeps_fp32_masters_that_equal_the_fp32_adamw_step(run):
+    """DeepSpeed's bf16 path: fp32 masters stepped like fp32 AdamW from the same weights and gradient (lr 3e-6),
+    the bf16 weights the masters rounded to bf16."""
+    model = load_policy_from(run["out"] / "init").to(torch.bfloat16)
+    start = {n: p.detach().float() for n, p in model.named_parameters()}
+    ref = {n: torch.nn.Parameter(w.clone()) for n, w in start.items()}
+    for p in ref.values():
+        p.grad = bf16_grad(p.shape)
+    torch.optim.AdamW([{"params": [p for p in ref.values() if p.ndim >= 2]},
+                       {"params": [p for p in ref.values() if p.ndim < 2], "weight_decay": 0.0}],
+                      lr=BF16_OPTIM["lr"], weight_decay=BF16_OPTIM["weight_decay"], betas=(0.9, 0.999),
+                      foreach=False).step()
+    got = run["ranks"][0]["bf16"]
+    moved = 0
+    for n, p in ref.items():
+        master = got["masters"][n]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master, p.detach(), rtol=1e-6, atol=0, msg=n)
+        assert torch.equal(got["weights"][n], master.to(torch.bfloat16)), n
+        moved += int((master != start[n]).sum())
+    assert moved == sum(p.numel() for p in ref.values())  # every weight moved by ~3e-6 in fp32
 
 
 @needs_deepspeed
