@@ -145,7 +145,7 @@ def _candidates(text: str) -> list[str]:
     """Final-answer candidates of one side (gold field, answer string or completion); the text itself when
     no rule finds one and it is short (``Monday!``)."""
     text = str(text)
-    found = final_answers(text)
+    found = [part for answer in final_answers(text) for part in _alternatives(answer)]
     if found:
         return found
     region = answer_region(text).strip()
@@ -153,6 +153,24 @@ def _candidates(text: str) -> list[str]:
 
 
 _BOX_ANY = re.compile(r"\\(?:boxed|fbox)")
+_OR = re.compile(r"\s*(?:\\(?:q?quad|,|;)\s*)*(?:\\(?:text|textrm|mathrm|mbox)\s*\{\s*or\s*\}|\bor\b)(?:\s*\\(?:q?quad|,|;))*\s*")
+
+
+def _alternatives(answer: str) -> list[str]:
+    """An answer of the form ``A or B`` as its alternatives ``[A, B]`` (split outside brackets), else ``[answer]``.
+    Alternatives are judged like several boxes: all equal to the gold, or together equal to a gold list."""
+    if " or " not in answer and "{or}" not in answer.replace(" ", ""):
+        return [answer]
+    parts, start = [], 0
+    for m in _OR.finditer(answer):
+        before = answer[:m.start()]
+        if sum(before.count(c) for c in "([{") == sum(before.count(c) for c in ")]}"):  # outside brackets
+            parts.append(answer[start:m.start()].strip())
+            start = m.end()
+    if not parts:
+        return [answer]
+    parts.append(answer[start:].strip())
+    return parts if all(parts) else [answer]
 
 # ----------------------------------------------------------------------------------------------------
 # Normalisation

@@ -57,8 +57,10 @@ _PHRASE = re.compile(
 _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
 _ENV = r"(?:align|equation|gather|eqnarray|multline|displaymath|math)\*?"
 _DELIMITED = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\\begin\{(" + _ENV + r")\}(.+?)\\end\{\3\}", re.S)
-_NOISE = re.compile(r"\[asy\].*?\[/asy\]|<<[^<>]*>>", re.S)  # Asymptote figures, GSM8K calculator notes
-_NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+)?(?![\w^])")
+_NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # Asymptote figures, GSM8K calculator notes
+_NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+|:\d+)?"
+                     r"(?:\s?\\?%)?(?![\w^])")
 _JOINER = re.compile(r"^\s*(?:,|;|\band\b|\bor\b|,\s*and\b|,\s*or\b)\s*$", re.I)
 _LONE_VARIABLE = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?$")
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|cannot|can't|wrong|incorrect)\b", re.I)
@@ -238,6 +240,8 @@ def _spans(text: str) -> list[_Span]:
         raw = text[sp.a + 1:sp.b - 1]
         if sp.dollar and raw[:1].isdigit() and (raw[-1:].isspace() or text[sp.b:sp.b + 1].isdigit()):
             continue
+        if sp.dollar and (sp.content[-1:] in "=+-*/" or sp.content[:1] in "=*/"):  # "$15*13=$": two amounts
+            continue
         out.append(sp)
     return out
 
@@ -351,7 +355,7 @@ def _last_number(region: str, numbers: list[re.Match]) -> str:
 
 def final_answers(text: str) -> list[str]:
     """All final-answer candidates of ``text`` by the first rule that applies (module docstring); [] if none."""
-    region = _NOISE.sub(" ", answer_region(text)).strip()
+    region = _CALCULATOR.sub("", _NOISE.sub(" ", answer_region(text))).strip()
     if not region:
         return []
     if is_bare(region):
@@ -377,13 +381,24 @@ def final_answers(text: str) -> list[str]:
     if hashes:
         return [hashes[-1].strip(" \t*$")]
     spans = _spans(region)
+    numbers = list(_NUMBER.finditer(region))
     if spans:
         last = len(spans) - 1
-        while last > 0 and _LONE_VARIABLE.match(_span_content(spans[last])):  # "... values of $k$."
+        after = [m for m in numbers if m.start() >= spans[last].end()]
+        if _LONE_VARIABLE.match(spans[last].content) and after:  # "so the smallest $k$ is 17."
+            return [_last_number(region, after)]
+        while last > 0 and _LONE_VARIABLE.match(spans[last].content):  # "... values of $k$ satisfy it."
             last -= 1
         return [_span_group(region, spans, last)]
-    numbers = list(_NUMBER.finditer(region))
     if numbers:
         return [_last_number(region, numbers)]
-    words = region.strip(" .!*_").split()
-    return [" ".join(words)] if 0 < len(words) <= 2 and re.fullmatch(r"[A-Za-z][A-Za-z' -]*", " ".join(words)) else []
+    sentence = re.split(r"(?<=[.!?])\s+|\n", region.strip())[-1]
+    copulas = list(_COPULA.finditer(sentence))  # "The function is even." -> even
+    tail = sentence[copulas[-1].end():] if copulas else sentence
+    return [w] if (w := _few_words(tail)) else []
+
+
+def _few_words(text: str) -> str | None:
+    """``text`` when it is one or two plain words (``even``, ``Monday``), else None."""
+    words = text.strip(" .!*_").split()
+    return " ".join(words) if 0 < len(words) <= 2 and re.fullmatch(r"[A-Za-z][A-Za-z' -]*", " ".join(words)) else None
