@@ -33,6 +33,26 @@ per-token objective (DeepSeekMath), not in the reward (PPO/InstructGPT). Truncat
 (DAPO's overlong filtering). log r_it is capped at ``MAX_LOG_RATIO`` = 20 before the exponential (as veRL
 does): r = e^20 is far outside any clip range, and without the cap a rollout log-prob more than 88 nats below
 the trainer's makes r = inf, which the min() hides in the loss but turns into a NaN gradient (0 * inf).
+
+Rollout correction (the engine and the trainer compute log pi in different arithmetic: in bf16 they differ).
+``old_logprobs: rollout`` uses the engine's log-probs as log pi_old (above). ``recompute`` takes log pi_old from
+the trainer's own forward over the batch before the first update (one extra no-grad forward per step, as veRL
+does), so the first update's ratio is exactly 1 and the clip never acts on numerical noise; the rollout then
+enters only through the importance weight w_it = pi_old^train(o_it) / pi_rollout(o_it):
+
+    TIS (``rollout_is``)    token:    per_token <- min(w_it, C) * per_token          (C = ``rollout_is_cap``)
+                            sequence: per_token <- min(prod_t w_it, C) * per_token
+    MIS (``rollout_mask``)  token:    tokens with w_it outside [low, high] leave the loss mask
+                            sequence: sequences whose geometric mean exp(mean_t log w_it) is outside the band
+                            leave it (the geometric mean, so the band means the same at every length)
+
+The weights multiply the clipped surrogate only (not the KL or entropy terms) and carry no gradient; MIS changes
+the loss mask before the normalisers are taken. Defaults: ``rollout``, no TIS, no MIS. Measured (bench/mismatch.py,
+the trainer's ``mismatch/*`` metrics): on the tiny policy after cold-start SFT, bf16 weights on the CPU, the first
+RL step's k3 is 2.5e-4 with 0.15% of tokens outside the clip band, where the extra forward of ``recompute`` would
+cost about a third of the update's time for little; on random-weight v3-mini in bf16 on a GPU 7-8% of tokens are
+outside the band (issue 15's probe), where ``recompute`` + token TIS (C = 2) is the setting to use. No RL run
+compared the options' learning curves yet: the defaults are the cheap ones, not a measured optimum.
 """
 from __future__ import annotations
 
