@@ -160,7 +160,7 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
     "approximations, intervals, matrices": [
         (r"\sqrt{7}", "2.6457513", T),
         (r"\sqrt7", "2.6458", T),
-        (r"\sqrt7", "2.6457", F),
+        (r"\sqrt7", "2.6456", F),
         (r"\sqrt7", "2.65", T),
         (r"\sqrt7", "2.6", F),
         (r"\pi", "3.14", T),
