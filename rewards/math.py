@@ -179,7 +179,14 @@ def _alternatives(answer: str) -> list[str]:
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div ", "\u03c0": "\\pi ",
             "\u221e": "\\infty ", "\u2264": "\\leq ", "\u2265": "\\geq ", "\u2260": "\\neq ", "\u221a": "\\sqrt",
             "\u00b2": "^2", "\u00b3": "^3", "\u00b9": "^1", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
-            "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " "}
+            "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " ",
+            "\u2248": "\\approx ", "\u00bd": "\\frac{1}{2}", "\u00bc": "\\frac{1}{4}", "\u00be": "\\frac{3}{4}",
+            "\u2153": "\\frac{1}{3}", "\u2154": "\\frac{2}{3}", "\u2070": "^0", "\u2074": "^4", "\u00b1": "\\pm "}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60",
+                                                     "seventy": "70", "eighty": "80", "ninety": "90", "hundred": "100"}
+_PLAIN_FUNCTION = re.compile(r"(?<![\\A-Za-z])(sqrt|sin|cos|tan|ln|log|exp)\s*\(")
 _RELATION_OPS = [(re.compile(r">=|\\geqslant(?![A-Za-z])|\\geq?(?![A-Za-z])"), r"\\geq "),
                  (re.compile(r"<=|\\leqslant(?![A-Za-z])|\\leq?(?![A-Za-z])"), r"\\leq "),
                  (re.compile(r"(?<![\d)}!])!=|\\neq?(?![A-Za-z])"), r"\\neq ")]  # 5!=120 is a factorial
@@ -220,6 +227,7 @@ def normalize(answer: str, units: bool = True) -> str:
     for a, b in _UNICODE.items():
         s = s.replace(a, b)
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s.strip())
+    s = _plain_text_math(s)
     s = re.sub(r"\\(?:tag|label)\*?\{[^{}]*\}", "", s)
     s = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!\s*)(?=\d{3}(?!\d))", "", s)  # 10{,}080, 10,\!080: thousands
     s = _DROP.sub("", s)
@@ -251,7 +259,7 @@ def normalize(answer: str, units: bool = True) -> str:
             one_letter = len(words) == 1 and len(words[0]) == 1
             if not set(words) & _NOT_UNITS and (not one_letter or (m.group("sp") and m.group("u").strip() in _ONE_LETTER_UNITS)):
                 s = m.group("v")
-    s = _TEXT_SEP.sub(", ", s)
+    s = re.sub(r"\s*,(?:\s*,)+\s*", ", ", _TEXT_SEP.sub(", ", s))  # "1, 2, and 3"
     for _ in range(3):
         s = _UNWRAP.sub(r"\1", s)
     s = " ".join(s.split()).rstrip(".").strip()
@@ -272,6 +280,31 @@ def normalize(answer: str, units: bool = True) -> str:
         s = parts[last].strip()  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value is the answer
     m = _CHOICE.match(s)
     return m.group(1) if m else s
+
+
+def _plain_text_math(s: str) -> str:
+    """Plain-text math as LaTeX: ``sqrt(3)/2`` -> ``\\sqrt{3}/2``, a lone ``pi`` -> ``\\pi``, ``inf`` -> ``\\infty``,
+    ``3 1/2`` -> ``3\\frac{1}{2}``, a number word (``five``, ``five apples``) -> ``5``."""
+    for _ in range(4):
+        m = _PLAIN_FUNCTION.search(s)
+        if not m:
+            break
+        depth, j = 0, m.end() - 1
+        for j in range(m.end() - 1, len(s)):
+            depth += {"(": 1, ")": -1}.get(s[j], 0)
+            if depth == 0:
+                break
+        if depth:
+            break
+        inner = s[m.end():j]
+        s = s[:m.start()] + (f"\\sqrt{{{inner}}}" if m.group(1) == "sqrt" else f"\\{m.group(1)}{{({inner})}}") + s[j + 1:]
+    s = re.sub(r"(?<![\\A-Za-z])pi(?![A-Za-z])", r"\\pi ", s)
+    s = re.sub(r"(?<![\\A-Za-z])(?:inf|infinity)(?![A-Za-z])", r"\\infty ", s)
+    if m := re.fullmatch(r"([-+]?\d+)\s+(\d+)/(\d+)", s):
+        s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
+    if m := re.fullmatch(r"([A-Za-z]+)(\s+[A-Za-z]+)?", s):
+        s = _NUMBER_WORDS.get(m.group(1).lower(), s)
+    return s
 
 
 def _top_split(s: str, sep: str) -> list[str]:
@@ -309,8 +342,11 @@ def _values(s: str) -> str | None:
     if not pieces:
         return None
     values = []
-    for piece in pieces:
+    for k, piece in enumerate(pieces):
         sides = _top_split(piece, "=")
+        if k and len(sides) == 1 and "=" not in pieces[-1] and "=" in pieces[0]:
+            values.append(piece.strip())  # x = 2, 3: one label for the list
+            continue
         if len(sides) != 2 or not _is_label(sides[0]) or not sides[1].strip():
             return None
         values.append(sides[1].strip())
@@ -337,7 +373,12 @@ def _side_variants(raw: str, cfg: MathConfig) -> list[str]:
         out.append(f"{m.group(1)}.{m.group(2)}")
     if cfg.units and "%" in raw and _simple_number(s) is not None:
         out.append(f"\\frac{{{s}}}{{100}}")
+    if m := _CHOICE_WITH_VALUE.match(s):  # "(B) 12": the choice, or its value
+        out += [m.group(1), normalize(m.group(2), cfg.units)]
     return out
+
+
+_CHOICE_WITH_VALUE = re.compile(r"^\(([A-E])\)\s*:?\s*(\S.*)$")
 
 
 def _pair_variants(gold: str, pred: str, cfg: MathConfig) -> list[tuple[str, str]]:
