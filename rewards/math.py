@@ -230,6 +230,8 @@ def normalize(answer: str, units: bool = True) -> str:
     s = _plain_text_math(s)
     s = re.sub(r"\\(?:tag|label)\*?\{[^{}]*\}", "", s)
     s = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!\s*)(?=\d{3}(?!\d))", "", s)  # 10{,}080, 10,\!080: thousands
+    if "=" in s:  # a computation: 200,000-130,000=70,000 has thousands separators, not list commas
+        s = re.sub(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d,])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)
     s = _DROP.sub("", s)
     if units:
         s = _DROP_UNITS.sub("", s)
@@ -277,7 +279,7 @@ def normalize(answer: str, units: bool = True) -> str:
     if len(_top_split(s, ",")) == 1 and all(p.strip() for p in parts) and (
             len(parts) >= 3 or len(parts) == 2 and not re.search(r"[A-Za-z]", parts[0])):
         last = -2 if len(parts) >= 3 and re.fullmatch(r"\s*[A-Za-z]\s*", parts[-1]) else -1
-        s = parts[last].strip()  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value is the answer
+        return normalize(parts[last], units)  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value
     m = _CHOICE.match(s)
     return m.group(1) if m else s
 

@@ -58,7 +58,8 @@ _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
 _ENV = r"(?:align|equation|gather|eqnarray|multline|displaymath|math)\*?"
 _DELIMITED = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\\begin\{(" + _ENV + r")\}(.+?)\\end\{\3\}", re.S)
 _NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)
-_CALCULATOR = re.compile(r"<<[^<>]*>>")  # Asymptote figures, GSM8K calculator notes
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")  # Asymptote figures, GSM8K calculator notes
 _NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+|:\d+)?"
                      r"(?:\s?\\?%)?(?![\w^])")
 _JOINER = re.compile(r"^\s*(?:,|;|\band\b|\bor\b|,\s*and\b|,\s*or\b)\s*$", re.I)
@@ -341,11 +342,16 @@ def read_fragment(fragment: str) -> str | None:
 
 
 def _last_number(region: str, numbers: list[re.Match]) -> str:
-    """The last number, or in the sentence that holds it the number right after its last ``=`` (``9 + 6 = 15
-    liters out of the 24 liters`` -> 15)."""
+    """The answer that the last number of ``region`` belongs to: the formula that ends its sentence when it is
+    more than the number (``we get x = 3 and y = -1``, ``values are 1, 2, and 3``, ``takes 2 1/2 hours``), else
+    the number right after the sentence's last ``=`` (``9 + 6 = 15 liters out of the 24 liters`` -> 15), else
+    the last number."""
     last = numbers[-1]
-    start = max(region.rfind(c, 0, last.start()) for c in (".\n", ". ", "\n"))
-    equals = region.rfind("=", max(start, 0), last.start())
+    start = max(max(region.rfind(c, 0, last.start()) for c in (". ", ".\n", "\n", "! ", "? ")), -1) + 1
+    run = _trailing_formula(region[start:last.end() + _sentence_end(region[last.end():])])
+    if run and run.strip() != last.group(0) and last.group(0) in run:
+        return run
+    equals = region.rfind("=", start, last.start())
     if equals >= 0:
         after = [m for m in numbers if m.start() > equals and not region[equals + 1:m.start()].strip(" $")]
         if after:
@@ -353,9 +359,34 @@ def _last_number(region: str, numbers: list[re.Match]) -> str:
     return last.group(0)
 
 
+_RUN_STOP = {"a", "in", "at", "for", "per", "each", "than", "from", "with", "after", "over", "into", "by"}
+
+
+def _trailing_formula(sentence: str, copula_before: bool = False) -> str | None:
+    """The formula that ends ``sentence``, after dropping up to three trailing prose words (units, "in total");
+    with ``copula_before`` only when "is / are / equals / =" comes right before it."""
+    tokens = sentence.strip().rstrip(".!?;:").split()
+    dropped = 0
+    while tokens and dropped < 3 and (_prose_words(tokens[-1].strip(",.;:!?()"))
+                                       or tokens[-1].lower() in ("a", "in", "per", "each")):
+        tokens.pop()
+        dropped += 1
+    run: list[str] = []
+    while tokens and not _prose_words(tokens[-1].strip(",.;:!?()")) and tokens[-1].lower() not in _RUN_STOP:
+        run.insert(0, tokens.pop())
+    while run and run[0].lower().strip(",") in ("and", "or", ",", "="):
+        run.pop(0)
+    if not run or not re.search(r"\d", " ".join(run)):
+        return None
+    if copula_before and not (tokens and re.fullmatch(r"(?:is|are|equals|was|be)", tokens[-1].lower())):
+        return None
+    return " ".join(run).strip(",;: ")
+
+
 def final_answers(text: str) -> list[str]:
     """All final-answer candidates of ``text`` by the first rule that applies (module docstring); [] if none."""
-    region = _CALCULATOR.sub("", _NOISE.sub(" ", answer_region(text))).strip()
+    region = _CALCULATOR.sub("", _NOISE.sub(" ", answer_region(text)))
+    region = _BOLD.sub(lambda m: m.group(1) or m.group(2), region).strip()  # markdown **12**
     if not region:
         return []
     if is_bare(region):
@@ -385,7 +416,8 @@ def final_answers(text: str) -> list[str]:
     if spans:
         last = len(spans) - 1
         after = [m for m in numbers if m.start() >= spans[last].end()]
-        if _LONE_VARIABLE.match(spans[last].content) and after:  # "so the smallest $k$ is 17."
+        if after and (_LONE_VARIABLE.match(spans[last].content)  # "so the smallest $k$ is 17."
+                      or _trailing_formula(region[spans[last].end():], copula_before=True)):  # "$2^{100}$ .. is 5."
             return [_last_number(region, after)]
         while last > 0 and _LONE_VARIABLE.match(spans[last].content):  # "... values of $k$ satisfy it."
             last -= 1
