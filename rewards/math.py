@@ -68,7 +68,8 @@ from fractions import Fraction
 from typing import Literal
 
 if __name__ != "_rewards_math_worker":  # the worker process only compares normalised strings
-    from rewards.math_extract import answer_region, final_answers, is_bare
+    from rewards.math_extract import _BOX, answer_region, final_answers
+    from rewards.math_extract import braced as _braced  # noqa: F401  (rewards.format reads boxes with it)
 
 REL_TOL = 5e-6
 DEFAULT_TIMEOUT = 3.0

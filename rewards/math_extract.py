@@ -25,6 +25,7 @@ group; else its leading formula (up to the first prose word: ``17 apples, since 
 opens with prose, what follows its last "is / are / equals / =" (``the smallest $k$ is 17`` -> ``17``); else
 every number it holds, as one list (``probably 3, maybe 4`` -> ``3, 4``, which no single gold equals).
 
+Only the last ``MAX_REGION_CHARS`` (20,000) characters of the region are read, in time linear in their length;
 Asymptote figures (``[asy]..[/asy]``) and GSM8K calculator notes (``<<9*2=18>>``) are removed first.
 Rules 1-7 never look inside the reasoning before ``</think>``. Dataset gold fields use the same function
 (``$x = 11$`` -> ``x = 11``; ``\\boxed{1}\\boxed{2}`` -> two candidates the checker joins into one list).
@@ -48,6 +49,7 @@ _WORD = re.compile(r"[A-Za-z]+")
 _ENVIRON = re.compile(r"\\(?:begin|end)\s*\{[A-Za-z*]+\}")
 _UNWRAP_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 
+MAX_REGION_CHARS = 20_000  # only the end of a longer answer region is read (the final answer is at its end)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*(\{|[^\s{\\$])")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 _PHRASE = re.compile(
@@ -56,7 +58,7 @@ _PHRASE = re.compile(
     r"|\banswers?\s+(?:is|are)\b|\banswers?\s*(?=[*_]*\s*[:=]))[\s*_#:=]*", re.I)
 _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
 _ENV = r"(?:align|equation|gather|eqnarray|multline|displaymath|math)\*?"
-_DELIMITED = re.compile(r"\\\[(.+?)\\\]|\\\((.+?)\\\)|\\begin\{(" + _ENV + r")\}(.+?)\\end\{\3\}", re.S)
+_ENV_OPEN = re.compile(r"\\begin\{(" + _ENV + r")\}")
 _NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")  # Asymptote figures, GSM8K calculator notes
@@ -87,14 +89,27 @@ def braced(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Index of each unescaped '{' -> index of its matching '}' (one pass; unbalanced ones are left out)."""
+    pairs, stack = {}, []
+    for i, c in enumerate(text):
+        if c in "{}" and (i == 0 or text[i - 1] != "\\"):
+            if c == "{":
+                stack.append(i)
+            elif stack:
+                pairs[stack.pop()] = i
+    return pairs
+
+
 def boxed_all(text: str) -> list[str]:
     """Contents of every ``\\boxed{}`` / ``\\fbox{}`` of ``text`` in order (empty or unbalanced ones skipped)."""
-    out = []
+    out, pairs = [], None
     for m in _BOX.finditer(text):
         if m.group(1) == "{":
-            got = braced(text, m.start(1))
-            if got is not None:
-                out.append(got[0].strip())
+            pairs = _brace_pairs(text) if pairs is None else pairs
+            close = pairs.get(m.start(1))
+            if close is not None:
+                out.append(text[m.start(1) + 1:close].strip())
         else:  # "\boxed 5": one token
             out.append(re.match(r"[^\s$]+", text[m.start(1):]).group(0))
     return [b for b in out if b]
@@ -137,11 +152,12 @@ def _all_spans(text: str) -> list[_Span]:
     formulas, ``$$..$$`` outside one is display math, ``\\$`` is a dollar sign."""
     found: list[_Span] = []
     i, n = 0, len(text)
+    unclosed: set[str] = set()  # closers not found after some point: not searched for again (linear time)
     while i < n:
-        m = _DELIMITED.match(text, i) if text[i] == "\\" else None
-        if m:
-            found.append(_Span(m.start(), m.end(), _formula(m)))
-            i = m.end()
+        got = _delimited(text, i, unclosed) if text[i] == "\\" else None
+        if got:
+            found.append(got)
+            i = got.b
             continue
         if text[i] == "\\":
             i += 2
@@ -159,6 +175,27 @@ def _all_spans(text: str) -> list[_Span]:
             continue
         i += 1
     return found
+
+
+def _delimited(text: str, i: int, unclosed: set[str]) -> _Span | None:
+    """The ``\\[..\\]``, ``\\(..\\)`` or math environment opening at text[i], if it closes."""
+    two = text[i:i + 2]
+    if two in ("\\[", "\\("):
+        closer = "\\]" if two == "\\[" else "\\)"
+        j = -1 if closer in unclosed else text.find(closer, i + 2)
+        if j < 0:
+            unclosed.add(closer)
+            return None
+        return _Span(i, j + 2, _clean(text[i + 2:j]))
+    m = _ENV_OPEN.match(text, i)
+    if not m:
+        return None
+    closer = f"\\end{{{m.group(1)}}}"
+    j = -1 if closer in unclosed else text.find(closer, m.end())
+    if j < 0:
+        unclosed.add(closer)
+        return None
+    return _Span(i, j + len(closer), _environment_formula(text[m.end():j]))
 
 
 def _closing_dollar(text: str, j: int, display: bool) -> int:
@@ -180,11 +217,9 @@ def _clean(content: str) -> str:
     return content.strip().rstrip(".,;").strip()
 
 
-def _formula(m: re.Match) -> str:
-    """A delimited formula; an environment's last line, without alignment marks (``&= 3\\sqrt{13}.``)."""
-    if m.group(4) is None:
-        return _clean(m.group(1) if m.group(1) is not None else m.group(2))
-    lines = [ln for ln in _top_lines(m.group(4)) if ln.strip()]
+def _environment_formula(body: str) -> str:
+    """An align / equation environment's last line, without alignment marks (``&= 3\\sqrt{13}.``)."""
+    lines = [ln for ln in _top_lines(body) if ln.strip()]
     last = re.sub(r"\\(?:nonumber|notag|tag\{[^{}]*\}|label\{[^{}]*\})", "", lines[-1] if lines else "")
     return _clean(_outside_environments(last, lambda part: part.replace("&", "")))
 
@@ -281,16 +316,13 @@ def _span_group(text: str, spans: list[re.Match], last: int, forward: bool = Fal
 
 def _sentence_end(text: str) -> int:
     """Index where the sentence starting at text[0] ends: '.', '!' or '?' followed by space or end (outside math
-    spans and braces), or a blank line; math spans are skipped whole."""
-    protected = [(m.start(), m.end()) for m in _all_spans(text)]
-    i, depth = 0, 0
+    spans and braces), or a line break after some text; math spans are skipped whole."""
+    spans = {sp.a: sp.b for sp in _all_spans(text)}
+    i, depth, seen = 0, 0, False
     while i < len(text):
-        for a, b in protected:
-            if a == i:
-                i = b
-                break
-        if i >= len(text):
-            break
+        if i in spans:
+            i, seen = spans[i], True
+            continue
         c = text[i]
         if c == "{":
             depth += 1
@@ -299,8 +331,9 @@ def _sentence_end(text: str) -> int:
         elif depth == 0 and c in ".!?" and (i + 1 == len(text) or text[i + 1].isspace()):
             if not (c == "." and i > 0 and text[i - 1].isdigit() and i + 1 < len(text) and text[i + 1].isdigit()):
                 return i
-        elif c == "\n" and (text[i + 1:i + 2] == "\n" or i > 0 and text[:i].strip()):
+        elif c == "\n" and seen:
             return i
+        seen = seen or not c.isspace()
         i += 1
     return len(text)
 
@@ -372,8 +405,9 @@ def _trailing_formula(sentence: str, copula_before: bool = False) -> str | None:
         tokens.pop()
         dropped += 1
     run: list[str] = []
-    while tokens and not _prose_words(tokens[-1].strip(",.;:!?()")) and tokens[-1].lower() not in _RUN_STOP:
-        run.insert(0, tokens.pop())
+    while tokens and len(run) < 200 and not _prose_words(tokens[-1].strip(",.;:!?()")) and tokens[-1].lower() not in _RUN_STOP:
+        run.append(tokens.pop())
+    run.reverse()
     while run and run[0].lower().strip(",") in ("and", "or", ",", "="):
         run.pop(0)
     if not run or not re.search(r"\d", " ".join(run)):
@@ -385,7 +419,7 @@ def _trailing_formula(sentence: str, copula_before: bool = False) -> str | None:
 
 def final_answers(text: str) -> list[str]:
     """All final-answer candidates of ``text`` by the first rule that applies (module docstring); [] if none."""
-    region = _CALCULATOR.sub("", _NOISE.sub(" ", answer_region(text)))
+    region = _CALCULATOR.sub("", _NOISE.sub(" ", answer_region(text)[-MAX_REGION_CHARS:]))
     region = _BOLD.sub(lambda m: m.group(1) or m.group(2), region).strip()  # markdown **12**
     if not region:
         return []
@@ -403,8 +437,8 @@ def final_answers(text: str) -> list[str]:
         got = [inner] if is_bare(inner) else final_answers(inner) if inner else []
         return got
     phrases = list(_PHRASE.finditer(region))
-    for m in reversed(phrases):
-        rest = region[m.end():]
+    for m in reversed(phrases[-5:]):
+        rest = region[m.end():m.end() + 2000]
         got = read_fragment(rest[:_sentence_end(rest)])
         if got:
             return [got]
