@@ -123,7 +123,7 @@ class MathConfig:
         return dataclasses.replace(base, **options) if options else base
 
     def worker_options(self) -> tuple:
-        return (self.rel_tol, self.approx_min_digits, self.sets == "strict")
+        return (self.rel_tol, self.approx_min_digits, self.sets == "strict", self.assignment)
 
 
 DEFAULT_CONFIG = MathConfig()
@@ -192,7 +192,7 @@ _RELATION_OPS = [(re.compile(r">=|\\geqslant(?![A-Za-z])|\\geq?(?![A-Za-z])"), r
                  (re.compile(r"<=|\\leqslant(?![A-Za-z])|\\leq?(?![A-Za-z])"), r"\\leq "),
                  (re.compile(r"(?<![\d)}!])!=|\\neq?(?![A-Za-z])"), r"\\neq ")]  # 5!=120 is a factorial
 _WRAPPERS = r"(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|boldsymbol|bm|operatorname)"
-_UNIT_TEXT = re.compile(r"^(?P<v>.*\d.*?)\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z][A-Za-z .]*\}"
+_UNIT_TEXT = re.compile(r"\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z][A-Za-z .]*\}"
                         r"(?:\^\{?\d\}?)?(?:\s*/\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z]+\s*\}(?:\^\{?\d\}?)?)?$")
 _UNIT_WORDS = re.compile(r"^(?P<v>[-+]?\d[\d.,]*(?:/\d+)?)(?P<sp>\s*)(?P<u>(?:[A-Za-z]+\.?(?:\^\{?\d\}?)?"
                          r"(?:\s*/\s*[A-Za-z]+(?:\^\{?\d\}?)?)?\s*)+)$")
@@ -225,6 +225,8 @@ def _matrix_from_lists(s: str) -> str:
 def normalize(answer: str, units: bool = True) -> str:
     """Canonical string form of one answer (the policy is in the module docstring)."""
     s = str(answer).strip()
+    if len(s) > MAX_ANSWER_CHARS:  # refused by the checker anyway: not worth any work
+        return s
     for a, b in _UNICODE.items():
         s = s.replace(a, b)
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s.strip())
@@ -252,10 +254,10 @@ def normalize(answer: str, units: bool = True) -> str:
     s = " ".join(s.split()).rstrip(".").strip()
     s = re.sub(r"^=\s*", "", s)  # an aligned line "&= 3\sqrt{13}"
     if units:
-        for _ in range(2):
-            m = _UNIT_TEXT.match(s)
-            if m:
-                s = m.group("v").strip()
+        for _ in range(2):  # a number followed by \text{ cm}: the number
+            m = _UNIT_TEXT.search(s)
+            if m and re.search(r"\d", s[:m.start()]):
+                s = s[:m.start()].strip()
         m = _UNIT_WORDS.match(s)
         if m:
             words = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group("u"))]
@@ -544,14 +546,15 @@ def _math_verify_parse(s: str):
     raise ValueError(f"unparsable: {s[:80]!r}")
 
 
-# per-check options, set by the worker loop: (relative tolerance, approximation digits or None, strict sets)
-_OPTS = (REL_TOL, 3, False)
+# per-check options, set by the worker loop: (relative tolerance, approximation digits or None, strict sets,
+# assignments compared by their value)
+_OPTS = (REL_TOL, 3, False, True)
 
 
 def _sympy_equal(gold: str, pred: str, opts: tuple | list = ()) -> bool:
     """Worker-side check of two normalised answers; an unparsable side is not equivalent."""
     global _OPTS
-    _OPTS = tuple(opts) if opts else (REL_TOL, 3, False)
+    _OPTS = tuple(opts) if opts else (REL_TOL, 3, False, True)
     try:
         g, p = _parse(gold), _parse(pred)
     except Exception:
@@ -613,9 +616,9 @@ def _equal(g, p) -> bool:
     if ga and pa:
         return ga[0] == pa[0] and _equal(ga[1], pa[1])
     if ga and not _is_relation(p):
-        return _equal(ga[1], p)
+        return _OPTS[3] and _equal(ga[1], p)
     if pa and not _is_relation(g):
-        return _equal(g, pa[1])
+        return _OPTS[3] and _equal(g, pa[1])
     if _is_relation(g) and _is_relation(p):
         return _relations_equal(g, p)
     if _is_relation(g) and isinstance(p, Set):
