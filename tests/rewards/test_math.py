@@ -12,6 +12,7 @@ from rewards.math import (
     REL_TOL,
     VerifierPool,
     accuracy,
+    correctness,
     extract_answer,
     extract_answers,
     get_pool,
@@ -255,6 +256,28 @@ def test_math500_answer_in_other_forms():
     assert accuracy([""] * len(rows), forms, answer=golds) == [1.0] * len(rows)
     wrong = [rf"\boxed{{{g}}} or \boxed{{{g}+1}}" for g in golds[:50]]
     assert sum(accuracy([""] * 50, wrong, answer=golds[:50])) <= 2
+
+
+def _unboxed(text):
+    while (i := text.rfind("\\boxed{")) >= 0:
+        depth, j = 0, i + 6
+        for j in range(i + 6, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                break
+        text = text[:i] + text[i + 7:j] + text[j + 1:]
+    return text
+
+
+def test_running_text_rules_on_solutions_without_their_markers():
+    rows = _rows("math500_test.jsonl")
+    got = correctness([_unboxed(r["solution"]) for r in rows], [r["answer"] for r in rows])
+    print(f"MATH-500 solutions with the boxes removed: {sum(got)}/{len(rows)}")
+    assert sum(got) >= 0.92 * len(rows)
+    rows = _rows("gsm8k_test.jsonl")
+    got = correctness([r["answer"].split("####")[0] for r in rows], [r["answer"] for r in rows])
+    print(f"GSM8K solutions without ####: {sum(got)}/{len(rows)}")
+    assert sum(got) >= 0.97 * len(rows)
 
 
 def test_gsm8k_final_answers():
