@@ -232,6 +232,7 @@ def normalize(answer: str, units: bool = True) -> str:
     s = re.sub(r"^\\[\[(]|\\[\])]$", "", s.strip())
     s = _plain_text_math(s)
     s = re.sub(r"\\(?:tag|label)\*?\{[^{}]*\}", "", s)
+    s = re.sub(r"\\(?:SI|qty)\s*\{([^{}]*)\}\s*\{[^{}]*\}|\\num\s*\{([^{}]*)\}", lambda m: m.group(1) or m.group(2), s)
     s = re.sub(r"(?<=\d)(?:\{,\}|,\s*\\!\s*)(?=\d{3}(?!\d))", "", s)  # 10{,}080, 10,\!080: thousands
     if "=" in s:  # a computation: 200,000-130,000=70,000 has thousands separators, not list commas
         s = re.sub(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d,])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)

@@ -12,13 +12,17 @@ applies, in this order (a text with several ``</think>`` is graded after the las
      (markdown emphasis allowed),
      then what follows up to the end of that sentence, read as a *fragment* (below);
   4. the last GSM8K-style ``#### X``;
-  5. the last math span (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, the last line of an align or
+  5. (a trailing remark in parentheses with prose is dropped first: ``x = -1 (the other root is extraneous)``)
+     the value a main clause states when the last span sits in a subordinate clause after it (``The minimum
+     value is 4, attained when $x = 2$.`` -> ``4``); else
+     the last math span (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``, the last line of an align or
      equation environment) that is not a lone variable (``... values of $k$.``), joined with the spans of
      the same kind before it that a comma, "and" or "or" separates (``$x = 1$ and $y = 2$`` -> ``x = 1, y = 2``;
      ``$3$ and $5$`` -> ``3, 5``);
   6. the last number (``-12``, ``3.5``, ``1,000``, ``3/4``), or the number right after the last ``=`` of its
      sentence (``9 + 6 = 15 liters out of the 24`` -> ``15``);
-  7. a text of at most two words with none of the above (``Monday``): the text.
+  7. a leading "yes" / "no" (``Yes, it is possible.``); else one or two words, after the last "is" of the last
+     sentence if it has one (``Monday``, ``The function is even.`` -> ``even``).
 
 A fragment (what follows an answer phrase, or the content of ``<answer>``) is read as: a leading math span
 group; else its leading formula (up to the first prose word: ``17 apples, since ..`` -> ``17``); else, when it
@@ -271,7 +275,8 @@ def _spans(text: str) -> list[_Span]:
     currency, not a span."""
     out = []
     for sp in _all_spans(text):
-        if not sp.content or _prose_words(sp.content):
+        prose = _prose_words(sp.content)  # a "$" pair around prose is currency; short words are variables (abc)
+        if not sp.content or len(prose) >= 2 or any(len(w) >= 5 or w.lower() in _STOP_SHORT for w in prose):
             continue
         raw = text[sp.a + 1:sp.b - 1]
         if sp.dollar and raw[:1].isdigit() and (raw[-1:].isspace() or text[sp.b:sp.b + 1].isdigit()):
@@ -290,7 +295,8 @@ def _kind(content: str) -> str:
     """'assignment' (``x = 1``), 'value' (no letters: ``3``, ``\\frac{1}{2}``) or 'other': spans join only within
     one of the first two kinds."""
     sides = content.split("=")
-    if len(sides) == 2 and re.fullmatch(r"\s*(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?\s*", sides[0]):
+    if len(sides) == 2 and re.fullmatch(r"\s*(?:\\angle\s*)?(?:[A-Za-z]{1,3}|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([a-z]\))?\s*",
+                                        sides[0]):
         return "assignment"
     if "=" not in content and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", content)):
         return "value"
@@ -395,12 +401,12 @@ def _last_number(region: str, numbers: list[re.Match]) -> str:
 _RUN_STOP = {"a", "in", "at", "for", "per", "each", "than", "from", "with", "after", "over", "into", "by"}
 
 
-def _trailing_formula(sentence: str, copula_before: bool = False) -> str | None:
-    """The formula that ends ``sentence``, after dropping up to three trailing prose words (units, "in total");
+def _trailing_formula(sentence: str, copula_before: bool = False, drop: int = 3) -> str | None:
+    """The formula that ends ``sentence``, after dropping up to ``drop`` trailing prose words (units, "in total");
     with ``copula_before`` only when "is / are / equals / =" comes right before it."""
-    tokens = sentence.strip().rstrip(".!?;:").split()
+    tokens = sentence.strip().rstrip(".!?;:,").split()
     dropped = 0
-    while tokens and dropped < 3 and (_prose_words(tokens[-1].strip(",.;:!?()"))
+    while tokens and dropped < drop and (_prose_words(tokens[-1].strip(",.;:!?()"))
                                        or tokens[-1].lower() in ("a", "in", "per", "each")):
         tokens.pop()
         dropped += 1
@@ -415,6 +421,26 @@ def _trailing_formula(sentence: str, copula_before: bool = False) -> str | None:
     if copula_before and not (tokens and re.fullmatch(r"(?:is|are|equals|was|be)", tokens[-1].lower())):
         return None
     return " ".join(run).strip(",;: ")
+
+
+_TRAILING_REMARK = re.compile(r"\s*\((?=[^()]*[A-Za-z]{3})[^()]*\)[\s.]*$")
+_SUBORDINATE = re.compile(r",?\s*\b(?:when|where|whenever|if|since|because|attained|achieved|reached|occurring)\b", re.I)
+
+
+def _main_clause_answer(region: str, last: _Span) -> str | None:
+    """In ``The minimum value is 4, attained when $x = 2$.``, the value the main clause states (4) rather than the
+    last span, which a subordinate clause holds."""
+    start = max(max(region.rfind(c, 0, last.start()) for c in (". ", ".\n", "\n", "! ", "? ")), -1) + 1
+    sentence = region[start:last.start()]
+    clause = _SUBORDINATE.search(sentence)
+    if not clause or not re.search(r"\b(?:is|are|equals|was)\b", sentence[:clause.start()], re.I):
+        return None
+    main = sentence[:clause.start()]
+    run = _trailing_formula(main, copula_before=True, drop=0)
+    if not run:
+        return None
+    spans = _spans(run)
+    return _span_group(run, spans, len(spans) - 1) if spans else run
 
 
 def final_answers(text: str) -> list[str]:
@@ -445,8 +471,11 @@ def final_answers(text: str) -> list[str]:
     hashes = _HASHES.findall(region)
     if hashes:
         return [hashes[-1].strip(" \t*$")]
+    region = _TRAILING_REMARK.sub("", region)  # "x = -1 (the other root x = 3 is extraneous)."
     spans = _spans(region)
     numbers = list(_NUMBER.finditer(region))
+    if spans and (main := _main_clause_answer(region, spans[-1])):
+        return [main]
     if spans:
         last = len(spans) - 1
         after = [m for m in numbers if m.start() >= spans[last].end()]
@@ -458,6 +487,8 @@ def final_answers(text: str) -> list[str]:
         return [_span_group(region, spans, last)]
     if numbers:
         return [_last_number(region, numbers)]
+    if m := re.match(r"\W*(yes|no)\b(?=\s*[,.!;]|\s*$)", region, re.I):  # "Yes, it is possible."
+        return [m.group(1)]
     sentence = re.split(r"(?<=[.!?])\s+|\n", region.strip())[-1]
     copulas = list(_COPULA.finditer(sentence))  # "The function is even." -> even
     tail = sentence[copulas[-1].end():] if copulas else sentence
