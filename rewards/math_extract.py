@@ -1,7 +1,8 @@
 """Final-answer extraction from model completions and dataset answer fields (pure Python, no sympy).
 
 ``final_answers(text)`` returns the candidate answer strings of a text, found by the first rule that
-applies, in this order (a text with several ``</think>`` is graded after the last one):
+applies, in this order (a text with several ``</think>`` is graded after the last one; one that opens
+``<think>`` and never closes it has no answer):
 
   0. a *bare answer*: the text is a formula with no running prose (``17``, ``x = 5``, ``(1, 2]``,
      ``3 \\text{ or } 4``, ``5 km²``): the whole text;
@@ -75,8 +76,11 @@ _COPULA = re.compile(r"\b(?:is|are|equals|equal\s+to|was|were|be|becomes|gives)\
 
 
 def answer_region(completion: str) -> str:
-    """The part of a completion that is graded: after the last ``</think>``, else all of it."""
-    return completion.rsplit("</think>", 1)[1] if "</think>" in completion else completion
+    """The part of a completion that is graded: after the last ``</think>``; nothing when a ``<think>`` is never
+    closed (the completion was cut in its reasoning); else all of it."""
+    if "</think>" in completion:
+        return completion.rsplit("</think>", 1)[1]
+    return "" if "<think>" in completion else completion
 
 
 def braced(text: str, start: int) -> tuple[str, int] | None:

@@ -344,6 +344,8 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
         ("7", r"The answer is \boxed{5}. Hmm, maybe it is 7.", F),
         ("5", r"The answer is \boxed{5}. Hmm, maybe it is 7.", T),
         ("6", r"<think>\boxed{6}</think> I am not sure.", F),
+        ("6", "<think>\n3 + 3 = 6", F),
+        ("6", r"<think>so \boxed{6}", F),
         ("1", r"\boxed{" + "+".join(["1"] * 3000) + "-2999}", F),
         ("x", "x" * 5000, F),
         ("3", "", F),
