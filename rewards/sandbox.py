@@ -62,9 +62,12 @@ setup).
 from __future__ import annotations
 
 import ast
+import atexit
 import builtins
 import contextlib
+import fcntl
 import functools
+import importlib.util
 import itertools
 import logging
 import marshal
@@ -72,19 +75,22 @@ import math
 import os
 import py_compile
 import queue
+import re
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from grpo.config import ConfigError
+from rewards import sandbox_cgroup, sandbox_child, sandbox_seccomp
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +101,7 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.
 BOOT = f"import sys; sys.path[:] = [{os.path.dirname(CHILD)!r}] + sys.path; import sandbox_child; sandbox_child.main()"
 NEW_ROOT = "/tmp"  # where sandbox_child.py mounts the new root inside its private mount namespace
 EXIT_GRACE = 0.2  # seconds the candidate gets to exit on its own after the checker is done
+STATEMENT_CALL = sandbox_child.STATEMENT_CALL
 NAMESPACES = ["--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--uts", "--propagation", "private"]
 
 
@@ -153,17 +160,37 @@ class RunResult:
 class TestPlan:
     """Tests split into top-level statements; ``n_units`` of them are scored.
 
-    statements: [(source, is_unit)]; candidate_names: names the tests take from the program (stubbed);
-    modules: stdlib modules the tests use without importing them (MBPP tests lean on the program's imports).
+    statements: [(source, is_unit)], the prompt's definitions first (setup); candidate_names: names the tests take
+    from the program (stubbed); modules: stdlib modules the tests use without importing them (MBPP tests lean on
+    the program's imports); prelude: the prompt's imports and helper definitions, also run before the program.
     """
 
     statements: list[tuple[str, bool]]
     candidate_names: list[str]
     modules: list[str]
+    prelude: list[str] = field(default_factory=list)
 
     @property
     def n_units(self) -> int:
         return sum(is_unit for _, is_unit in self.statements)
+
+    @functools.cached_property
+    def checker_statements(self) -> list[tuple[str, bool]]:
+        """The statements as the checker runs them: every call made as a statement of its own goes through
+        ``sandbox_child.statement_call``, the only place where the program's in-place changes to its arguments
+        are mirrored back (see ``sandbox_child``)."""
+        return [(ast.unparse(_StatementCalls().visit(ast.parse(source))), unit) for source, unit in self.statements]
+
+
+class _StatementCalls(ast.NodeTransformer):
+    def visit_Expr(self, node: ast.Expr):
+        self.generic_visit(node)
+        if isinstance(node.value, ast.Call):
+            call = node.value
+            node.value = ast.Call(func=ast.Name(STATEMENT_CALL, ast.Load()), args=[call.func, *call.args],
+                                  keywords=call.keywords)
+            ast.copy_location(node.value, call)
+        return node
 
 
 @dataclass
@@ -189,11 +216,16 @@ NOT_UNITS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, 
              ast.AnnAssign, ast.AugAssign, ast.Pass)
 
 
-def plan_tests(tests: str | list[str], entry_point: str | None = None) -> TestPlan:
+def plan_tests(tests: str | list[str], entry_point: str | None = None, prompt: str | None = None) -> TestPlan:
     """Split assert-style tests (a source string, or MBPP-style list of assert lines) into scored units.
 
     A HumanEval-style ``def check(candidate)`` that the tests never call is called as ``check(<entry_point>)``.
-    Raises ValueError on tests that do not parse or contain nothing to score.
+    Names the tests use come from, in order: the tests themselves, the prompt's own definitions (helpers with a
+    body, such as HumanEval's ``poly`` or ``encode_cyclic``, imports and constants: the checker runs them, so
+    the program can never supply a test's oracle), the standard library (``module.attr``), and the program.
+    With an ``entry_point``, the program supplies only that function and the functions the prompt declares
+    without a body; a test that uses any other undefined name is refused. Raises ValueError on tests that do not
+    parse, contain nothing to score, or use names nobody defines.
     """
     if isinstance(tests, (list, tuple)) and all(isinstance(t, str) for t in tests):
         tests = "\n".join(tests)
@@ -201,6 +233,8 @@ def plan_tests(tests: str | list[str], entry_point: str | None = None) -> TestPl
         raise ValueError(f"tests must be a string of Python test code or a list of such lines, got {type(tests).__name__}")
     if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
         raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string (the row's prompt text), got {type(prompt).__name__}")
     try:
         tree = ast.parse(tests)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
@@ -217,6 +251,25 @@ def plan_tests(tests: str | list[str], entry_point: str | None = None) -> TestPl
     statements = [(ast.unparse(node), _is_unit(node, test_functions)) for node in body]
     if not any(is_unit for _, is_unit in statements):
         raise ValueError("tests contain no test statement (an assert or raise, or a call of a function the tests define)")
+    free, attribute_bases = _free_names(body)
+    modules = {n for n in free & attribute_bases if n in sys.stdlib_module_names}
+    prelude, helpers, stubs = prompt_definitions(prompt or "", entry_point)
+    wanted = free - modules - helpers
+    if entry_point is not None:
+        unknown = wanted - stubs - {entry_point}
+        if unknown:
+            raise ValueError(
+                f"tests use {', '.join(sorted(unknown))}, which neither the tests, the prompt nor the standard library "
+                f"define, and the program may only supply the entry point {entry_point!r}"
+                + (f" and the functions the prompt declares ({', '.join(sorted(stubs))})" if stubs else "")
+                + "; give the prompt that defines them, or no entry_point to let the program supply every free name")
+        wanted |= {entry_point}
+    setup = [(source, False) for source in prelude]
+    return TestPlan(setup + statements, sorted(wanted), sorted(modules), prelude)
+
+
+def _free_names(body: list[ast.stmt]) -> tuple[set[str], set[str]]:
+    """Names the statements load but never bind (builtins excluded), and the names used as ``name.attr``."""
     loads, bound, attribute_bases = set(), set(), set()
     for node in itertools.chain.from_iterable(ast.walk(n) for n in body):
         if isinstance(node, ast.Name):
@@ -233,10 +286,73 @@ def plan_tests(tests: str | list[str], entry_point: str | None = None) -> TestPl
             bound.add(node.rest)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             attribute_bases.add(node.value.id)
-    free = loads - bound - set(dir(builtins))
-    modules = {n for n in free & attribute_bases if n in sys.stdlib_module_names}
-    names = (free - modules) | ({entry_point} if entry_point else set())
-    return TestPlan(statements, sorted(names), sorted(modules))
+    return loads - bound - set(dir(builtins)), attribute_bases
+
+
+PROMPT_FENCE = re.compile(r"^[ \t]*```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)^[ \t]*```", re.M | re.S | re.I)
+CODE_START = re.compile(r"^(?:import |from \S+ import |def |async def |class |@)", re.M)
+
+
+def prompt_definitions(prompt: str, entry_point: str | None = None) -> tuple[list[str], set[str], set[str]]:
+    """What a prompt's code defines: (prelude statements, helper names, declared-only function names).
+
+    The code is the prompt's fenced Python blocks, else the whole prompt if it parses, else the prompt from its
+    first line that starts a definition or import. Helpers are functions and classes with a real body (not the
+    entry point); a function whose body is only a docstring, ``pass``, ``...`` or ``raise NotImplementedError``
+    is the program's to write. The prelude keeps the imports, the helpers and simple top-level assignments.
+    """
+    prelude, helpers, stubs = [], set(), set()
+    for module in _prompt_code(prompt):
+        for node in module.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                prelude.append(ast.unparse(node))
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name == entry_point or _declared_only(node):
+                    stubs.add(node.name)
+                else:
+                    prelude.append(ast.unparse(node))
+                    helpers.add(node.name)
+                    stubs.discard(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and all(
+                    isinstance(t, ast.Name) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+                prelude.append(ast.unparse(node))
+                helpers.update(t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+    helpers -= stubs | ({entry_point} if entry_point else set())
+    return prelude, helpers, stubs
+
+
+def _prompt_code(prompt: str) -> list[ast.Module]:
+    blocks = [m.group(1) for m in PROMPT_FENCE.finditer(prompt)]
+    candidates = [textwrap.dedent(b) for b in blocks] or [prompt]
+    if not blocks and (start := CODE_START.search(prompt)):
+        candidates.append(prompt[start.start():])
+    modules = []
+    for source in candidates:
+        try:
+            modules.append(ast.parse(source))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        if not blocks:
+            break
+    return modules
+
+
+def _declared_only(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> bool:
+    """A function whose body only declares it (a docstring, pass, ``...`` or ``raise NotImplementedError``), or a
+    class holding only such methods."""
+    for statement in node.body:
+        if isinstance(statement, ast.Pass):
+            continue
+        if isinstance(node, ast.ClassDef) and isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if _declared_only(statement):
+                continue
+            return False
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+            continue  # a docstring or ``...``
+        if isinstance(statement, ast.Raise) and statement.exc is not None and "NotImplementedError" in ast.unparse(statement.exc):
+            continue
+        return False
+    return True
 
 
 def _is_unit(node: ast.stmt, test_functions: set[str]) -> bool:
@@ -278,17 +394,19 @@ class _Capture:
 class _Launcher:
     """Builds the command line and environment of one sandboxed process; probes nothing."""
 
-    def __init__(self, cfg: SandboxConfig, isolated: bool):
-        self.cfg, self.isolated = cfg, isolated
-        self.python = os.path.realpath(sys.executable)
+    def __init__(self, cfg: SandboxConfig, isolated: bool, seccomp: bool = True):
+        self.cfg, self.isolated, self.seccomp = cfg, isolated, seccomp
+        self.python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
         self.unshare = shutil.which("unshare") or "unshare"
         # If this process dies mid-run, SIGKILL reaches the run's top process (unshare, which then kills its
-        # namespace through --kill-child), so nothing outlives the trainer.
+        # namespace through --kill-child), so nothing outlives the trainer. isolation_problem() requires setpriv.
         setpriv = shutil.which("setpriv")
         self.prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-        self.ro_binds, self.symlinks = _root_view(self.python)
-        with contextlib.suppress(OSError):  # a read-only checkout just starts slower
-            py_compile.compile(CHILD, doraise=True)
+        self.view = _root_view(self.python)
+        self.boot = _boot_bytecode()
+        with contextlib.suppress(OSError):  # the first interpreter imports them: a read-only checkout starts slower
+            for module in (CHILD, sandbox_seccomp.__file__):
+                py_compile.compile(module, doraise=True)
         self.rlimits = {
             "RLIMIT_AS": cfg.memory_mb << 20,
             "RLIMIT_CPU": math.ceil(cfg.timeout) + 1,
@@ -301,9 +419,16 @@ class _Launcher:
             # Without the uid drop, RLIMIT_NPROC counts every process this user already has.
             self.rlimits["RLIMIT_NPROC"] = _tasks_of_uid(os.getuid()) + cfg.max_processes
 
-    def start(self, role: str, uid: int, stdin: bytes, fds: dict[str, int]) -> _Process:
+    @property
+    def ro_binds(self) -> list[tuple[str, str]]:
+        return self.view.binds
+
+    def start(self, role: str, uid: int, stdin: bytes, fds: dict[str, int], cgroups: list[str] = (),
+              cpus: list[int] | None = None) -> _Process:
         spec = {"role": role, "isolate": self.isolated, "uid": uid, "rlimits": self.rlimits, "fds": fds,
-                "ro_binds": self.ro_binds, "symlinks": self.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb}
+                "ro_binds": self.view.binds, "symlinks": self.view.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb,
+                "python": self.view.python, "library_path": self.view.library_path, "boot": self.boot,
+                "cgroups": list(cgroups), "cpus": cpus, "seccomp": self.seccomp}
         argv = [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOT, marshal.dumps(spec).hex()]
         workdir = None
         if self.isolated:
@@ -315,6 +440,15 @@ class _Launcher:
                 os.chown(workdir, uid, uid)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir or "/tmp", "TMPDIR": workdir or "/tmp", "LANG": "C.UTF-8"}
         return _Process(argv, env, workdir, stdin, fds, self.cfg.max_output_bytes, uid, self.isolated)
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_bytecode() -> str:
+    """``sandbox_child`` compiled for the fresh interpreter inside the root (``/boot.pyc``), its code objects named
+    ``/boot.py`` (a traceback must not show the project's path), in a private directory removed at exit."""
+    private = tempfile.mkdtemp(prefix="sandbox-boot-")
+    atexit.register(shutil.rmtree, private, True)
+    return py_compile.compile(CHILD, cfile=os.path.join(private, "boot.pyc"), dfile="/boot.py", doraise=True)
 
 
 class _Process:
@@ -430,17 +564,117 @@ def _finish(procs: list[_Process], captures: list[_Capture], grace: float = 5.0)
         c.drain()
 
 
+# ------------------------------------------------------------------------------------------------ sandbox uids
+UID_RANGE = 256  # uids one trainer process may hand to its pools' slots
+UID_RANGES = 64  # ranges tried from base_uid on: uids base_uid .. base_uid + UID_RANGES * UID_RANGE
+LOCK_DIR = "/run/r1-grpo-sandbox"  # one lock file per range, flock()ed by the process that holds it
+RESERVED_UIDS = (65534, 65535)  # nobody, and (uid_t)-1 of 16-bit uids: a range holding one is skipped
+
+
+class _Uids:
+    """Sandbox uids of this process: whole ranges of UID_RANGE uids, each locked for as long as the process lives.
+
+    Every trainer process on a node (each rank, an evaluation next to training) gets its own range, so no two
+    processes run programs under the same uid and share its per-uid limits (RLIMIT_NPROC) or kernel state. A range
+    is taken only when its lock file can be flock()ed (the kernel drops the lock when its holder dies, however it
+    dies) and no live process runs under one of its uids (one from a sandbox that does not take these locks).
+    """
+
+    def __init__(self, base: int):
+        self.base, self.free, self.locks, self.lock = base, [], [], threading.Lock()
+
+    def take(self, n: int) -> list[int]:
+        with self.lock:
+            while len(self.free) < n:
+                start = _lock_uid_range(self.base, self.locks)
+                self.free.extend(range(start, start + UID_RANGE))
+            taken, self.free = self.free[:n], self.free[n:]
+            return taken
+
+    def give(self, uids: list[int]) -> None:
+        with self.lock:
+            self.free = sorted(set(self.free) | set(uids))
+
+
+_uid_pools: dict[int, _Uids] = {}
+_uid_pools_lock = threading.Lock()
+
+
+def _uids_for(base: int) -> _Uids:
+    with _uid_pools_lock:
+        return _uid_pools.setdefault(base, _Uids(base))
+
+
+def _lock_uid_range(base: int, locks: list[int]) -> int:
+    """Lock the first free range from ``base``; its fd joins ``locks`` (held until exit). SandboxUnavailable when
+    every range is held."""
+    try:
+        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise SandboxUnavailable(f"cannot create the sandbox uid lock directory {LOCK_DIR}: {e}") from None
+    taken = []
+    for k in range(UID_RANGES):
+        start = base + k * UID_RANGE
+        if any(start <= uid < start + UID_RANGE for uid in RESERVED_UIDS):
+            continue
+        path = os.path.join(LOCK_DIR, f"uids-{start}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            taken.append(f"{start}-{start + UID_RANGE - 1} locked by pid {holder}")
+            continue
+        users = _processes_of_uids(start, start + UID_RANGE)
+        if users:
+            os.close(fd)
+            pid, uid = users[0]
+            taken.append(f"{start}-{start + UID_RANGE - 1} in use by pid {pid} (uid {uid}), which holds no lock")
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        locks.append(fd)
+        if taken:
+            log.info("code sandbox: uids %d-%d (skipped: %s)", start, start + UID_RANGE - 1, "; ".join(taken))
+        return start
+    raise SandboxUnavailable(f"no free sandbox uid range from base_uid {base} ({UID_RANGES} ranges of {UID_RANGE}): "
+                             + "; ".join(taken))
+
+
+def _processes_of_uids(first: int, end: int) -> list[tuple[int, int]]:
+    """(pid, uid) of live processes whose real, effective or saved uid is in [first, end)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            with open(f"/proc/{pid}/status") as f:
+                uids = [int(u) for u in next(line for line in f if line.startswith("Uid:")).split()[1:4]]
+            hit = next((u for u in uids if first <= u < end), None)
+            if hit is not None:
+                found.append((int(pid), hit))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------- cgroups
+@functools.lru_cache(maxsize=1)
+def _cgroups() -> sandbox_cgroup.Cgroups:
+    """This process's per-run cgroup parents, found once; removed at exit."""
+    groups = sandbox_cgroup.Cgroups()
+    atexit.register(groups.close)
+    return groups
+
+
+_run_ids = itertools.count()
+
+
 # ----------------------------------------------------------------------------------------------- the pool
-_uid_lock = threading.Lock()
-_uid_next = itertools.count()
-
-
 class Sandbox:
     """A pool running sandboxed programs concurrently, ``workers`` at a time, one uid per slot.
 
     ``run_script`` and ``run_tests`` block until their run is over; ``map`` runs many of them on the pool and logs
     throughput. Construction probes the isolation once per process and raises SandboxUnavailable when it is
-    missing, unless ``allow_weak_isolation``.
+    missing, unless ``allow_weak_isolation``. Each run gets its own memory/CPU/pids cgroup when the host offers
+    them; without a CPU cgroup the pool runs at most one run per CPU, each pinned to its own CPU (logged loudly).
     """
 
     def __init__(self, cfg: SandboxConfig | None = None):
@@ -450,41 +684,75 @@ class Sandbox:
         if problem and not cfg.allow_weak_isolation:
             raise SandboxUnavailable(
                 f"the code sandbox needs strong isolation and it is unavailable: {problem}. Strong isolation needs "
-                "root on Linux with util-linux `unshare` (pid/net/mount/ipc/uts namespaces). To run untrusted code "
-                "with rlimits and a timeout only (NOT safe against hostile code), set allow_weak_isolation=True."
+                "root on Linux with util-linux `unshare` and `setpriv` (pid/net/mount/ipc/uts namespaces, parent-death "
+                "kill). To run untrusted code with rlimits and a timeout only (NOT safe against hostile code), set "
+                "allow_weak_isolation=True."
             )
         self.isolated = problem is None
         if problem:
             log.warning("!!! CODE SANDBOX IN WEAK ISOLATION MODE: %s. Programs run with rlimits and a timeout only; "
                         "they can read the host filesystem and use the network. NOT safe for untrusted code. !!!",
                         problem)
-        self.launcher = _Launcher(cfg, self.isolated)
-        with _uid_lock:  # disjoint uids for every pool in this process
-            first = next(_uid_next)
-            for _ in range(self.workers - 1):
-                next(_uid_next)
-        self._uids: queue.SimpleQueue[int] = queue.SimpleQueue()
+        seccomp_problem = sandbox_seccomp.filter_problem()
+        if seccomp_problem:
+            log.warning("!!! CODE SANDBOX WITHOUT SECCOMP: %s. Keyrings, ptrace, mount, bpf, perf_event_open, "
+                        "userfaultfd, memfd_create and the other refused calls stay open to programs. !!!", seccomp_problem)
+        self.cgroups = _cgroups() if os.geteuid() == 0 else None
+        missing = sorted(set(sandbox_cgroup.CONTROLLERS) - (self.cgroups.has if self.cgroups else set()))
+        self.cpus: list[int | None] = [None] * self.workers
+        if missing:
+            why = "; ".join(f"{c}: {self.cgroups.problems.get(c, '?')}" for c in missing) if self.cgroups else "not root"
+            log.warning("!!! CODE SANDBOX WITHOUT %s CGROUP(S) (%s). %s !!!", "/".join(missing).upper(), why,
+                        " ".join(text for c, text in (
+                            ("memory", "Memory is bounded per process only (RLIMIT_AS; memfd and SysV shared "
+                                       "memory are refused by seccomp)."),
+                            ("cpu", "CPU: at most one run per CPU, each pinned to its own CPU."),
+                            ("pids", "Processes are bounded per uid only (RLIMIT_NPROC).")) if c in missing))
+        if self.cgroups is None or "cpu" not in self.cgroups.has:
+            available = sorted(os.sched_getaffinity(0))
+            self.workers = min(self.workers, len(available))
+            self.cpus = [[available[i]] for i in range(self.workers)]
+        self.cpus_per_run = max(1.0, len(os.sched_getaffinity(0)) / self.workers)
+        self.launcher = _Launcher(cfg, self.isolated, seccomp=seccomp_problem is None)
+        if os.geteuid() == 0:
+            self._uid_list = _uids_for(cfg.base_uid).take(self.workers)
+        else:  # no uid switch without root: the slots run as this user
+            self._uid_list = [os.getuid()] * self.workers
+        self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(self.workers):
-            self._uids.put(cfg.base_uid + first + i)
+            self._slots.put(i)
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
+        self._closed = False
+
+    @property
+    def uids(self) -> list[int]:
+        return list(self._uid_list)
 
     @contextlib.contextmanager
     def _slot(self):
-        uid = self._uids.get()
+        """(uid, this run's cgroup.procs files, CPUs to pin to); the run's cgroups are removed afterwards."""
+        index = self._slots.get()
+        uid, run, procs = self._uid_list[index], None, []
         try:
-            yield uid
+            if self.cgroups is not None and self.cgroups.has:
+                run = f"run-{uid}-{next(_run_ids)}"
+                procs = self.cgroups.create(run, (self.cfg.memory_mb + self.cfg.tmpfs_mb) << 20, self.cpus_per_run,
+                                            self.cfg.max_processes + 2)
+            yield uid, procs, self.cpus[index]
         finally:
-            self._uids.put(uid)
+            if run is not None and not self.cgroups.remove(run):
+                log.warning("code sandbox: cgroup %s could not be removed", run)
+            self._slots.put(index)
 
     def run_script(self, program: str, stdin: str = "") -> RunResult:
         """Run ``program`` as ``__main__`` with ``stdin``; stdout/stderr captured."""
-        with self._slot() as uid:
-            return _run_script(self.launcher, uid, program, stdin)
+        with self._slot() as slot:
+            return _run_script(self.launcher, slot, program, stdin)
 
     def run_tests(self, program: str, plan: TestPlan) -> TestResult:
         """Load ``program`` in one sandbox and run ``plan`` against it from another (see the module docstring)."""
-        with self._slot() as uid:
-            return _run_tests(self.launcher, uid, program, plan)
+        with self._slot() as slot:
+            return _run_tests(self.launcher, slot, program, plan)
 
     def map(self, calls: list[Callable[[], T]], label: str = "runs") -> list[T]:
         """Run the calls on the pool, in order; logs programs/s."""
@@ -497,6 +765,9 @@ class Sandbox:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if not self._closed and os.geteuid() == 0:
+            self._closed = True
+            _uids_for(self.cfg.base_uid).give(self._uid_list)
 
 
 def _payload(program: str) -> bytes:
@@ -504,9 +775,10 @@ def _payload(program: str) -> bytes:
     return b"%d\n" % len(data) + data
 
 
-def _run_script(launcher: _Launcher, uid: int, program: str, stdin: str) -> RunResult:
+def _run_script(launcher: _Launcher, slot: tuple, program: str, stdin: str) -> RunResult:
     start = time.monotonic()
-    proc = launcher.start("script", uid, _payload(program) + stdin.encode("utf-8", "surrogatepass"), {})
+    uid, cgroups, cpus = slot
+    proc = launcher.start("script", uid, _payload(program) + stdin.encode("utf-8", "surrogatepass"), {}, cgroups, cpus)
     captures = [proc.stdout, proc.stderr]
     try:
         reason = _pump([proc], captures, proc, start + launcher.cfg.timeout)
@@ -519,17 +791,22 @@ def _run_script(launcher: _Launcher, uid: int, program: str, stdin: str) -> RunR
                      time.monotonic() - start)
 
 
-def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> TestResult:
+def _run_tests(launcher: _Launcher, slot: tuple, program: str, plan: TestPlan) -> TestResult:
     start = time.monotonic()
+    uid, cgroups, cpus = slot
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
     res_r, res_w = os.pipe()
     procs = []
     try:
-        procs.append(launcher.start("candidate", uid, _payload(program), {"requests": req_r, "replies": rep_w}))
-        plan_data = marshal.dumps({"statements": plan.statements, "candidate_names": plan.candidate_names,
+        candidate_input = sandbox_child.encode([plan.prelude, program])
+        candidate_input = len(candidate_input).to_bytes(4, "big") + candidate_input
+        procs.append(launcher.start("candidate", uid, candidate_input, {"requests": req_r, "replies": rep_w},
+                                    cgroups, cpus))
+        plan_data = marshal.dumps({"statements": plan.checker_statements, "candidate_names": plan.candidate_names,
                                    "modules": plan.modules})
-        procs.append(launcher.start("checker", uid, plan_data, {"requests": req_w, "replies": rep_r, "results": res_w}))
+        procs.append(launcher.start("checker", uid, plan_data, {"requests": req_w, "replies": rep_r, "results": res_w},
+                                    cgroups, cpus))
     except BaseException:
         for p in procs:
             p.signal_kill()
@@ -568,9 +845,31 @@ def _run_tests(launcher: _Launcher, uid: int, program: str, plan: TestPlan) -> T
 
 
 # ------------------------------------------------------------------------------------------- host checks
-def _root_view(python: str) -> tuple[list[str], dict[str, str]]:
-    """What the sandbox's root holds: read-only binds (/usr, the interpreter) and the merged-/usr symlinks."""
-    binds = ["/usr", os.path.realpath(sys.base_prefix), os.path.dirname(python)]
+NEUTRAL_PREFIX = "/opt/python"  # where an interpreter installed outside /usr appears inside the sandbox
+
+
+@dataclass
+class _RootView:
+    """What the sandbox's root holds: read-only binds (host path, path inside), the merged-/usr symlinks, the
+    interpreter's path inside, the library path it needs there, and why this layout cannot work (or None)."""
+
+    binds: list[tuple[str, str]]
+    symlinks: dict[str, str]
+    python: str
+    library_path: str
+    problem: str | None
+
+
+def _root_view(python: str) -> _RootView:
+    """/usr and the merged-/usr links as they are; an interpreter prefix outside /usr at ``NEUTRAL_PREFIX``."""
+    prefix = os.path.realpath(sys.base_prefix)
+    binds, problem = ["/usr"], None
+    inside_python, library_path = python, ""
+    if not _under(prefix, "/usr"):
+        if not _under(python, prefix):
+            problem = f"the interpreter {python} is not under its prefix {prefix}, so it cannot move to {NEUTRAL_PREFIX}"
+        inside_python = NEUTRAL_PREFIX + python[len(prefix):]
+        library_path = NEUTRAL_PREFIX + "/lib"  # a shared libpython found through an absolute RUNPATH/RPATH
     symlinks = {}
     for name in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(name):
@@ -581,9 +880,16 @@ def _root_view(python: str) -> tuple[list[str], dict[str, str]]:
         binds.append("/etc/ld.so.cache")
     kept = []
     for path in sorted(set(binds), key=len):
-        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+        if not any(_under(path, k) for k in kept):
             kept.append(path)
-    return kept, symlinks
+    pairs = [(path, path) for path in kept]
+    if not _under(prefix, "/usr"):
+        pairs.append((prefix, NEUTRAL_PREFIX))
+    return _RootView(pairs, symlinks, inside_python, library_path, problem)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def _tasks_of_uid(uid: int) -> int:
@@ -622,19 +928,31 @@ def isolation_problem() -> str | None:
         return f"not running as root (euid {os.geteuid()}); namespaces and the uid switch need root"
     if not shutil.which("unshare"):
         return "util-linux `unshare` is not on PATH (Debian: apt-get install util-linux)"
+    if not shutil.which("setpriv"):
+        return ("util-linux `setpriv` is not on PATH (Debian: apt-get install util-linux); without it a sandboxed "
+                "program would outlive a killed trainer (it sets the parent-death signal)")
     if not hasattr(os, "pidfd_open"):
         return "os.pidfd_open is missing (needs Linux >= 5.3)"
-    launcher = _Launcher(SandboxConfig(timeout=20), isolated=True)
-    clash = [p for p in launcher.ro_binds if p == NEW_ROOT or p.startswith(NEW_ROOT + "/")]
+    launcher = _Launcher(SandboxConfig(timeout=20), isolated=True, seccomp=sandbox_seccomp.filter_problem() is None)
+    if launcher.view.problem:
+        return launcher.view.problem
+    clash = [p for p, _ in launcher.ro_binds if _under(p, NEW_ROOT)]
     if clash:
         return f"the interpreter lives under {NEW_ROOT} ({clash[0]}), which the sandbox mounts over"
-    uid = SandboxConfig().base_uid
-    probe = f"import os, socket\nprint(os.getuid(), os.getpid(), os.path.exists({CHILD!r}), socket.if_nameindex())"
+    uids = _uids_for(SandboxConfig().base_uid)
     try:
-        result = _run_script(launcher, uid, probe, "")
+        [uid] = uids.take(1)
+    except SandboxUnavailable as e:
+        return str(e)
+    probe = f"import os, socket, sys\nprint(os.getuid(), os.getpid(), os.path.exists({CHILD!r}), socket.if_nameindex(), sys.prefix)"
+    try:
+        result = _run_script(launcher, (uid, [], None), probe, "")
     except OSError as e:
         return f"cannot start an isolated process: {e}"
-    expected = f"{uid} 2 False [(1, 'lo')]"
+    finally:
+        uids.give([uid])
+    prefix = NEUTRAL_PREFIX if launcher.view.library_path else os.path.realpath(sys.base_prefix)
+    expected = f"{uid} 2 False [(1, 'lo')] {prefix}"
     if not result.ok or result.stdout.decode(errors="replace").strip() != expected:
         detail = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()[-3:]
         return f"an isolated probe run failed (exit {result.returncode}, expected output {expected!r}): {' | '.join(detail)}"

@@ -2,22 +2,35 @@
 
 ``rewards/sandbox.py`` starts ``python -I -S -B -X utf8 -c "<import this module; main()>" SPEC`` (SPEC: a
 marshalled dict, in hex). Standard library only: after the chroot nothing but /usr and the interpreter's own
-prefix is visible. Three steps:
+prefix (at a neutral path) is visible. Steps:
 
-1. Isolated runs start as root, as pid 1 of fresh pid/mount/net/ipc/uts namespaces. Build a minimal root: a tmpfs
-   holding read-only, nosuid bind mounts of /usr and the interpreter, /dev/{null,zero,random,urandom}, a fresh
-   /proc for this pid namespace and a private, size-capped, writable /tmp. chroot into it, then fork. The parent
-   stays the namespace's init (root, holding no fds, doing nothing but reaping). It exits with the child's status,
-   and the kernel then kills everything left in the namespace, daemons included.
-2. The child sets its rlimits, drops every group, switches to the unprivileged uid (all capabilities go with
-   uid 0) and sets no_new_privs.
+1. Isolated runs start as root, as pid 1 of fresh pid/mount/net/ipc/uts namespaces. Join the run's cgroups (memory,
+   CPU, pids; ``rewards/sandbox_cgroup.py``) and enter a new cgroup namespace; name the host ``sandbox``. Build a
+   minimal root: a tmpfs holding read-only, nosuid bind mounts of /usr and of the interpreter's prefix (at
+   ``/opt/python`` when it lives outside /usr), /dev/{null,zero,random,urandom}, a fresh /proc for this pid
+   namespace where other users' processes are invisible (``hidepid``: the root init below, whose command line
+   names host paths) and host-wide files are masked (``/proc/cmdline``, ``/proc/keys``, ...), a private,
+   size-capped, writable /tmp, and this module's bytecode as ``/boot.pyc``. chroot into it, then fork. The parent
+   stays the namespace's init (root, holding no fds, doing nothing but reaping). It exits with the child's
+   status, and the kernel then kills everything left in the namespace, daemons included.
+2. The child sets its rlimits, joins a fresh, empty session keyring (the parent's is not inherited), pins its CPU
+   when asked, drops every group, switches to the unprivileged uid (all capabilities go with uid 0), sets
+   no_new_privs and installs the seccomp filter (``rewards/sandbox_seccomp.py``). Isolated, a process that runs
+   the program then executes a fresh interpreter from the neutral path (``/opt/python/bin/python3.X /boot.pyc
+   stage2 ROLE FDS``), so no host path is left in its argv, ``sys.path``, ``sys.prefix`` or module file names;
+   the checker, which runs only the tests, keeps its interpreter with ``sys.path`` moved to the binds.
 3. Then it plays its role:
    * ``script`` runs the program as ``__main__`` on the rest of stdin (stdin/stdout test cases);
-   * ``candidate`` loads the program as a module and answers calls (function name, arguments) sent by the checker;
+   * ``candidate`` runs the prompt's definitions (the prelude: imports and helpers the prompt gives), loads the
+     program as a module and answers calls (function name, arguments) sent by the checker;
    * ``checker`` runs the test statements in a namespace where every name the tests take from the program is a
      stub that forwards the call to the candidate process. It reports ``<unit> <0|1> <error>`` lines on the
      results fd. Only plain values cross the boundary (``encode``/``decode``), so the candidate's objects,
-     code and patches never reach the process that evaluates the asserts.
+     code and patches never reach the process that evaluates the asserts. A ``StopIteration`` raised by the
+     program reaches the tests as an error (it would otherwise end a ``map`` or ``filter`` early inside
+     ``all(...)``), and the program's in-place changes to its arguments are mirrored back only for a call made
+     as a statement of its own (``sort_in_place(xs)``), never for a call whose value the tests use, so a
+     program cannot change the other side of ``assert f(xs) == g(xs)`` or of a later ``== ref(xs)``.
 """
 import builtins
 import marshal
@@ -29,26 +42,58 @@ import sys
 NEW_ROOT = "/tmp"  # mount point of the new root inside the private mount namespace; the host's /tmp is untouched
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWCGROUP = 0x02000000
+KEYCTL_JOIN_SESSION_KEYRING = 1
 MAX_MESSAGE = 64 << 20
 DEVICES = ("null", "zero", "random", "urandom")
+# Host-wide /proc files that say something about the host (kernel command line, keys and key quotas of every
+# uid, kernel symbols and modules, scheduler and timer state), masked by /dev/null.
+MASKED_PROC = ("cmdline", "keys", "key-users", "kallsyms", "modules", "sched_debug", "timer_list", "kcore",
+               "sysrq-trigger", "config.gz", "partitions", "swaps", "vmallocinfo")
+BOOT_PYC = "/boot.pyc"  # this module's bytecode inside the new root: what the fresh interpreter runs
+STAGE2 = "stage2"
+sandbox_seccomp = None  # the filter's module (``main`` imports it from beside this file before the chroot)
 
 
 # ----------------------------------------------------------------------------------------------- isolation
-def build_root(spec: dict) -> None:
+def _libc():
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
+    return ctypes, ctypes.CDLL(None, use_errno=True)
+
+
+def join_cgroups(procs_files: list) -> None:
+    """Move this process into the run's cgroups (one ``cgroup.procs`` per hierarchy) before anything else runs."""
+    for path in procs_files:
+        with open(path, "w") as f:
+            f.write("0")
+
+
+def enter_cgroup_namespace() -> None:
+    """A new cgroup namespace rooted at the run's cgroup: /proc/self/cgroup shows ``/``, not the host's path."""
+    ctypes, libc = _libc()
+    if libc.unshare(CLONE_NEWCGROUP) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWCGROUP): {os.strerror(err)}")
+
+
+def build_root(spec: dict) -> None:
+    ctypes, libc = _libc()
 
     def mount(source, target, fstype, flags, data=None):
-        enc = lambda s: None if s is None else s.encode()
+        enc = lambda s: None if s is None else s.encode()  # noqa: E731
         if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
+    with open(spec["boot"], "rb") as f:  # read before /tmp is covered: it may live anywhere on the host
+        boot = f.read()
+    libc.sethostname(b"sandbox", 7)
+    libc.setdomainname(b"sandbox", 7)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-    for path in spec["ro_binds"]:
-        target = NEW_ROOT + path
+    for path, inside in spec["ro_binds"]:
+        target = NEW_ROOT + inside
         if os.path.isdir(path):
             os.makedirs(target, exist_ok=True)
         else:
@@ -64,10 +109,23 @@ def build_root(spec: dict) -> None:
         mount(f"/dev/{dev}", f"{NEW_ROOT}/dev/{dev}", None, MS_BIND)
         mount(None, f"{NEW_ROOT}/dev/{dev}", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
     os.mkdir(NEW_ROOT + "/proc")
-    mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for option in ("hidepid=invisible", "hidepid=2"):  # invisible: Linux >= 5.8; 2: the older spelling
+        try:
+            mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, option)
+            break
+        except OSError:
+            if option == "hidepid=2":
+                raise
+    for name in MASKED_PROC:
+        target = f"{NEW_ROOT}/proc/{name}"
+        if os.path.exists(target):
+            mount("/dev/null", target, None, MS_BIND)
+            mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     os.mkdir(NEW_ROOT + "/tmp")
     mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
           f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=1777")
+    with open(NEW_ROOT + BOOT_PYC, "wb") as f:
+        f.write(boot)
     mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chroot(NEW_ROOT)
     os.chdir("/tmp")
@@ -86,12 +144,24 @@ def become_init(child: int) -> None:
             os._exit(code if code >= 0 else 128 - code)
 
 
-def confine(spec: dict) -> None:
-    """rlimits, then (when started as root) drop to the sandbox uid for good, with no way back."""
-    import ctypes  # before the uid drop: in weak mode the interpreter's files may be unreadable to the sandbox uid
+def join_fresh_session_keyring() -> None:
+    """An anonymous, empty session keyring: the keys of the parent's session keyring are no longer possessed."""
+    ctypes, libc = _libc()
+    numbers = sandbox_seccomp.SYSCALLS.get(sandbox_seccomp.machine())
+    if numbers and libc.syscall(numbers["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        err = ctypes.get_errno()
+        if err != 38:  # ENOSYS: a kernel without keyrings has nothing to isolate
+            raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
 
+
+def confine(spec: dict) -> None:
+    """rlimits, a fresh keyring, (when started as root) the uid drop for good, no_new_privs, the seccomp filter."""
+    ctypes, libc = _libc()  # before the uid drop: in weak mode the interpreter's files may be unreadable to the sandbox uid
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
+    join_fresh_session_keyring()
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
     if os.geteuid() == 0:
         uid = spec["uid"]
         os.setgroups([])
@@ -103,8 +173,24 @@ def confine(spec: dict) -> None:
             pass
         else:
             os._exit(125)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        os._exit(125)
+    if spec["seccomp"]:
+        sandbox_seccomp.install()
     os.umask(0o077)
+
+
+def exec_stage2(spec: dict) -> None:
+    """Replace this interpreter (started from the host's path) by a fresh one from the neutral path in the root."""
+    fds = spec["fds"]
+    for fd in fds.values():
+        os.set_inheritable(fd, True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+    if spec["library_path"]:
+        env["LD_LIBRARY_PATH"] = spec["library_path"]
+    argv = [spec["python"], "-I", "-S", "-B", "-X", "utf8", BOOT_PYC, STAGE2, spec["role"],
+            ",".join(f"{name}={fd}" for name, fd in fds.items())]
+    os.execve(spec["python"], argv, env)
 
 
 # -------------------------------------------------------------------------------------------- plain values
@@ -259,10 +345,17 @@ def run_script(spec: dict) -> None:
 
 
 def run_candidate(spec: dict) -> None:
-    """Load the program, then answer ``(name, args, kwargs)`` calls until the checker hangs up."""
+    """Run the prompt's prelude, load the program, then answer ``(name, args, kwargs)`` calls until the checker
+    hangs up. The prelude's statements run one by one and may fail (an import the sandbox lacks): the program
+    may not need them."""
     requests, replies = spec["fds"]["requests"], spec["fds"]["replies"]
-    source = read_program()
+    prelude, source = recv(0)
     namespace = {"__name__": "candidate", "__builtins__": builtins}
+    for statement in prelude:
+        try:
+            exec(compile(statement, "<prompt>", "exec"), namespace)
+        except Exception:  # noqa: BLE001 - a prelude statement the program does not need
+            pass
     try:
         exec(compile(source, "<completion>", "exec"), namespace)
     except BaseException as e:  # noqa: BLE001 - the checker must learn why loading failed, whatever it was
@@ -301,7 +394,7 @@ class Bridge:
             raise CandidateError(self.broken)
         return message
 
-    def call(self, name: str, args: tuple, kwargs: dict):
+    def call(self, name: str, args: tuple, kwargs: dict, write_back_args: bool = False):
         if self.broken:
             raise CandidateError(self.broken)
         if not self.loaded:
@@ -317,13 +410,21 @@ class Bridge:
         if message[0] != "value" or len(message) != 3:
             self.broken = "malformed reply"
             raise CandidateError(self.broken)
-        write_back(args, message[2])
+        if write_back_args:
+            write_back(args, message[2])
         return message[1]
 
 
+# Exceptions that steer the checker's own control flow rather than report an error: a StopIteration from a call
+# inside ``map``/``filter`` ends the iteration early, so ``all(map(check, cases))`` would pass on the cases
+# before it. They reach the tests as a CandidateError.
+CONTROL_FLOW = ("StopIteration", "StopAsyncIteration", "GeneratorExit")
+
+
 def rebuild_exception(name, message) -> Exception:
-    """The candidate's exception as the same builtin type, so tests expecting ``ValueError`` etc. behave."""
-    kind = getattr(builtins, name, None) if isinstance(name, str) else None
+    """The candidate's exception as the same builtin type, so tests expecting ``ValueError`` etc. behave (except
+    the iteration-protocol exceptions of ``CONTROL_FLOW``, which become a CandidateError)."""
+    kind = getattr(builtins, name, None) if isinstance(name, str) and name not in CONTROL_FLOW else None
     text = message if isinstance(message, str) else ""
     if isinstance(kind, type) and issubclass(kind, Exception):
         try:
@@ -345,11 +446,14 @@ def write_back(args: tuple, new_args) -> None:
             old.update(new)
 
 
+STATEMENT_CALL = "__sandbox_statement_call__"  # what a call made as a statement becomes (``rewards.sandbox``)
+
+
 def run_checker(spec: dict) -> None:
     plan = marshal.loads(sys.stdin.buffer.read())
     bridge = Bridge(spec["fds"]["requests"], spec["fds"]["replies"])
     results = spec["fds"]["results"]
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    namespace = {"__name__": "__main__", "__builtins__": builtins, STATEMENT_CALL: statement_call}
     for name in plan["modules"]:
         try:
             namespace[name] = __import__(name)
@@ -367,11 +471,20 @@ def run_checker(spec: dict) -> None:
             os.write(results, f"{index} {int(ok)} {error}\n".encode())
 
 
+def statement_call(function, *args, **kwargs):
+    """A call made as a statement: the only kind whose in-place changes to the arguments are mirrored back."""
+    call = getattr(function, "sandbox_call", None)
+    if call is not None:
+        return call(args, kwargs)
+    return function(*args, **kwargs)
+
+
 def make_stub(bridge: Bridge, name: str):
     def stub(*args, **kwargs):
         return bridge.call(name, args, kwargs)
 
     stub.__name__ = stub.__qualname__ = name
+    stub.sandbox_call = lambda args, kwargs: bridge.call(name, args, kwargs, write_back_args=True)
     return stub
 
 
@@ -379,14 +492,42 @@ ROLES = {"script": run_script, "candidate": run_candidate, "checker": run_checke
 
 
 def main() -> None:
+    if sys.argv[1] == STAGE2:  # the fresh interpreter inside the root: everything above is done
+        fds = {name: int(fd) for name, fd in (item.split("=") for item in sys.argv[3].split(",") if item)}
+        ROLES[sys.argv[2]]({"fds": fds})
+        return
     spec = marshal.loads(bytes.fromhex(sys.argv[1]))
+    global sandbox_seccomp  # imported here, before the chroot: the fresh interpreter inside never needs it
+    import sandbox_seccomp
+
+    _libc()
+    join_cgroups(spec["cgroups"])
     if spec["isolate"]:
+        if spec["cgroups"]:
+            enter_cgroup_namespace()
         build_root(spec)
         child = os.fork()
         if child:
             become_init(child)
     confine(spec)
+    if spec["isolate"]:
+        if spec["role"] != "checker":
+            exec_stage2(spec)
+        rebase_sys_path(spec)
     ROLES[spec["role"]](spec)
+
+
+def rebase_sys_path(spec: dict) -> None:
+    """The checker keeps this interpreter (it runs only the trusted tests, in a pid namespace the program cannot
+    see, so host paths in its argv are nobody's business); its imports now look where the binds put them."""
+    rebased = []
+    for entry in sys.path:
+        for host, inside in spec["ro_binds"]:
+            if entry == host or entry.startswith(host.rstrip("/") + "/"):
+                rebased.append(inside + entry[len(host):])
+                break
+    sys.path[:] = rebased
+    sys.path_importer_cache.clear()
 
 
 if __name__ == "__main__":
