@@ -10,6 +10,8 @@ Rows (d = log pi_train - log pi_rollout over the sampled tokens; k3 = KL(pi_roll
   engine vs trainer        the gap the trainer sees at its first update, per precision: bf16 weights (what
                            ``model.dtype: bfloat16`` trains: bf16 compute copy of fp32 masters), fp32 weights +
                            bf16 autocast, fp32
+  ... with R3                the same with the engine's expert choices replayed in the trainer's forward
+                           (``routing_replay: rollout``): what is left once routing flips are taken out
   trainer vs trainer       bf16 only: the same forward over the same tokens, each sequence alone instead of in
                            the batch: no function differs, only the blocking of bf16 sums (the noise floor of
                            bf16 arithmetic that no engine change can remove)
@@ -17,6 +19,11 @@ Rows (d = log pi_train - log pi_rollout over the sampled tokens; k3 = KL(pi_roll
                            share that comes from rounding logits of large magnitude to bf16's 8 bits
   routing flips            bf16 only: share of tokens per MoE layer whose top-k experts differ between the
                            batched and the alone forward
+  per layer                bf16 only: the engine's prefill (``V3Decoder``, the ordinary attention form; its
+                           decode step uses the absorbed form) against the trainer's modules on the same tokens,
+                           layer by layer: relative RMS difference of the attention output, of the MLP/MoE output
+                           and of the residual stream after the layer, and the share of tokens whose experts
+                           differ. Shows where the two bf16 computations part and how the gap grows with depth.
 """
 from __future__ import annotations
 
@@ -34,20 +41,68 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import DeepseekV3Config  # noqa: E402
 
 from grpo.loss import LossConfig, Mismatch, logprobs_and_entropy  # noqa: E402
-from grpo.model import DeepseekV3Policy, last_routing  # noqa: E402
+from grpo.model import DeepseekV3Policy, force_routing, last_routing  # noqa: E402
+from grpo.moe import route  # noqa: E402
 from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
+from grpo.v3_decode import V3Decoder, _rms  # noqa: E402
 
 
-def teacher_forced(policy, prompts: torch.Tensor, completion: torch.Tensor, *, autocast: bool, fp32_head: bool = False):
+def teacher_forced(policy, prompts: torch.Tensor, completion: torch.Tensor, *, autocast: bool, fp32_head: bool = False,
+                   replay: dict | None = None):
     """log pi(completion) [N, L] from one forward over prompt + completion (the trainer's arithmetic)."""
     ids = torch.cat([prompts, completion], 1)
     keep = torch.arange(prompts.shape[1] - 1, ids.shape[1] - 1, device=ids.device)
-    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast), \
+            force_routing(policy, replay or {}):
         out = policy.model(input_ids=ids, use_cache=False)
         h = out.last_hidden_state[:, keep]
         logits = F.linear(h.float(), policy.lm_head.weight.float()) if fp32_head else policy.lm_head(h)
         routes = {k: v.clone() for k, v in last_routing(policy).items()}
         return logprobs_and_entropy(logits.float(), completion, 1.0, entropy=False)[0], routes
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)), 6)
+
+
+@torch.no_grad()
+def per_layer(policy, ids: torch.Tensor) -> list[dict]:
+    """The engine's prefill layer by layer vs the trainer's modules (hooks), on ids [B, T] (no padding)."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(policy.model.layers[: policy.config.num_hidden_layers]):
+        hooks.append(layer.self_attn.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("attn", i), out[0].reshape(-1, out[0].shape[-1]))))
+        hooks.append(layer.mlp.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("mlp", i), out.reshape(-1, out.shape[-1]))))
+    trainer = policy.model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    train_routes = {k: v.clone() for k, v in last_routing(policy).items()}
+    for h in hooks:
+        h.remove()
+    B, T = ids.shape
+    dec = V3Decoder(policy, slots=B, max_len=T)
+    src = torch.arange(B * T, device=ids.device)
+    x = dec.embed(ids).view(B * T, -1)
+    rows = []
+    for i, layer in enumerate(dec.layers):
+        attn = dec._attend_prefill(layer, dec.cache.data[i], _rms(x, layer.in_norm), B, T, (dec.cos[:T], dec.sin[:T]),
+                                   src, src)
+        x = x + attn
+        h = _rms(x, layer.post_norm)
+        mlp = layer.mlp(h)
+        x = x + mlp
+        last = i == len(dec.layers) - 1  # transformers' last hidden state is after the final norm
+        row = {"layer": i, "attention": rel(attn, seen[("attn", i)]), "mlp": rel(mlp, seen[("mlp", i)]),
+               "residual": rel(_rms(x, dec.final_norm) if last else x, trainer.hidden_states[i + 1].reshape(B * T, -1))}
+        if i in train_routes:  # the experts the engine's routing picks from its own input (grpo.moe.route)
+            gate = layer.module.mlp.gate
+            _, idx, _ = route(F.linear(h.float(), gate.weight.float()), gate.e_score_correction_bias,
+                              n_group=gate.num_group, topk_group=gate.topk_group, top_k=gate.top_k,
+                              norm=gate.norm_topk_prob, scale=gate.routed_scaling_factor)
+            flips = idx.sort(-1).values != train_routes[i].view(idx.shape).sort(-1).values
+            row["expert_flips"] = round(float(flips.any(-1).float().mean()), 5)
+        rows.append(row)
+    return rows
 
 
 def stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -84,6 +139,19 @@ def main() -> None:
         comp, mask = ro.completion_ids.to(dev), ro.completion_mask.to(dev).float()
         train, routes = teacher_forced(policy, p, comp, autocast=autocast)
         print(json.dumps({"rows": "engine vs trainer", "precision": name, **stats(train, ro.logprobs.to(dev), mask)}))
+        # R3: the same, with the engine's experts (recorded on its module path) replayed in the trainer's forward
+        rec = RolloutEngine(policy, None, SamplingConfig(temperature=1.0, max_new_tokens=L, stop_token_ids=[],
+                                                         max_batch=prompts_n * G, record_routing=True))
+        ro = rec.generate(prompts, G)
+        comp = ro.completion_ids.to(dev)
+        routed = torch.stack(ro.routing)  # [N, P+L-1, layers, K] (no stops: every row has L tokens)
+        routed = torch.cat([routed, routed[:, -1:]], 1).long().to(dev)  # the last token's experts: unused
+        layers = [i for i, _ in policy.routers() if i < policy.config.num_hidden_layers]  # not the MTP modules
+        replay = {layer: routed[:, :, j] for j, layer in enumerate(layers)}
+        base, _ = teacher_forced(policy, p, comp, autocast=autocast)
+        r3, _ = teacher_forced(policy, p, comp, autocast=autocast, replay=replay)
+        print(json.dumps({"rows": "engine (module path) vs trainer", "precision": name, **stats(base, ro.logprobs.to(dev), mask)}))
+        print(json.dumps({"rows": "... with R3", "precision": name, **stats(r3, ro.logprobs.to(dev), mask)}))
         if name != "bf16 weights":
             continue
         alone = [teacher_forced(policy, p[i:i + 1], comp[i:i + 1], autocast=False) for i in range(len(p))]
@@ -99,6 +167,8 @@ def main() -> None:
             single = torch.cat([r[layer].view(1, -1, chosen.shape[-1]) for _, r in alone]).sort(-1).values
             flips[layer] = round(float((batched != single).any(-1).float().mean()), 5)
         print(json.dumps({"rows": "routing flips per layer (batched vs alone)", "precision": name, **flips}))
+        for row in per_layer(policy, torch.cat([p, comp], 1)):
+            print(json.dumps({"rows": "per layer, engine prefill vs trainer", "precision": name, **row}))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class SamplingConfig:
     backend: Literal["auto", "v3", "generic"] = "auto"  # auto: v3 for model_type deepseek_v3
     cuda_graphs: bool = True  # CUDA only
     cpu_threads: int = 0  # CPU only: intra-op threads while generating; 0 = auto (see cpu_threads)
+    # V3 only: return each token's routed experts (Rollout.routing) for rollout routing replay and the trainer's
+    # mismatch metrics. The decoder then runs its module path (no fused layers, Triton kernels or CUDA graphs).
+    record_routing: bool = False
 
     def __post_init__(self):
         checks = [
@@ -107,6 +110,9 @@ class Rollout:
     finish_reason: list[str]  # [N] 'stop' | 'length'
     group: torch.Tensor  # [N] int64, prompt index of each row (= row // G)
     stats: dict[str, float] = field(default_factory=dict)  # prefill/decode counts and timing
+    # [N] each [len(prompt) + length - 1, MoE layers, K] int16 (record_routing): the experts each MoE layer chose
+    # for the prompt tokens and every completion token but the last (the engine never feeds that one back)
+    routing: list[torch.Tensor] | None = None
 
 
 class _Outputs:
@@ -119,6 +125,13 @@ class _Outputs:
         self.count = torch.zeros(rows, dtype=torch.long)
         self.finished = torch.zeros(rows, dtype=torch.bool)
         self.reason = [""] * rows
+        self.routes: list[torch.Tensor | None] | None = [None] * rows if cfg.record_routing else None
+
+    def add_routes(self, rows: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor) -> None:
+        """Routes [m, layers, K] of the tokens at ``positions`` [m] of ``rows`` [m] (finished rows ignored)."""
+        for r, p, x in zip(rows.tolist(), positions.tolist(), routes):
+            if not self.finished[r]:
+                self.routes[r][p] = x
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
         """Append one token to each unfinished row of ``rows`` [m] (CPU tensors); returns done [m] bool,
@@ -250,6 +263,9 @@ class RolloutEngine:
         self.backend = "v3" if cfg.backend == "v3" or cfg.backend == "auto" and is_v3(model) else "generic"
         if ep_group is not None and self.backend != "v3":
             raise ValueError("ep_group (expert parallelism) is only supported by the DeepSeek-V3 backend")
+        if cfg.record_routing and self.backend != "v3":
+            raise ConfigError("record_routing", "needs a DeepSeek-V3 policy (the V3 backend); this model has no "
+                              "routed experts to record")
         self.stops = StopStrings(tokenizer, cfg.stop_strings)
         self.stop_ids = torch.tensor(self._stop_ids(), dtype=torch.long)
         self.pad_id = next(i for i in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
@@ -303,6 +319,8 @@ class RolloutEngine:
             finish_reason=out.reason,
             group=torch.arange(rows) // group_size,
             stats=dict(self.stats),
+            routing=None if out.routes is None else [
+                out.routes[r][: len(prompts[r // group_size]) + int(out.count[r]) - 1] for r in range(rows)],
         )
 
     def generate_text(self, prompts: list[str], group_size: int = 1) -> list[str]:
@@ -340,8 +358,10 @@ class RolloutEngine:
         if d is None or d.cache.max_len < max_len or d.tokens.shape[0] != self.cfg.max_batch:
             self._decoder = self._graphs = None
             self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
-            # an expert-parallel all-to-all sizes its messages on the host: not capturable
-            if self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None:
+            if self.cfg.record_routing:
+                self._decoder.record_routing()
+            # an expert-parallel all-to-all sizes its messages on the host, recording appends on the host: not capturable
+            if self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None and not self.cfg.record_routing:
                 self._graphs = CudaGraphStep(self._decoder, self._sample_compiled, self.generator)
         else:
             d.bind()
@@ -363,10 +383,12 @@ class RolloutEngine:
             if prefilling:
                 self._prefill(dec, slots, prompts, admit, group_size, out)
             if slots.n > 0:
-                pending.append(self._launch(dec, slots))
+                pending.append(self._launch(dec, slots, out))
             elif self.ep_group is not None:  # keep the expert all-to-all matched across ranks
                 dec.positions[0] = 0
                 dec.decode(1, 1)
+                if out.routes is not None:
+                    dec.take_routes()
             while len(pending) > (lag if slots.n > 0 else 0):
                 step = pending.popleft()
                 if step.ready is not None:
@@ -386,9 +408,19 @@ class RolloutEngine:
     def _prefill(self, dec: V3Decoder, slots: _Slots, prompts, admit: list[int], G: int, out: _Outputs) -> None:
         if not admit:  # expert parallelism: another rank is prefilling
             dec.prefill([[self.pad_id]], [[]])
+            if out.routes is not None:
+                dec.take_routes()
             return
         first = slots.n
         logits = dec.prefill([prompts[i] for i in admit], [[first + j * G + g for g in range(G)] for j in range(len(admit))])
+        if out.routes is not None:  # prompt routes: [len(admit) * width] tokens, right-padded prompts
+            routes = dec.take_routes()
+            routes = routes.view(len(admit), -1, *routes.shape[1:])
+            for j, i in enumerate(admit):
+                n = len(prompts[i])
+                for g in range(G):
+                    out.routes[i * G + g] = routes.new_zeros(n + self.cfg.max_new_tokens + self._lag, *routes.shape[2:])
+                    out.routes[i * G + g][:n] = routes[j, :n]
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in admit)
         tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
@@ -397,7 +429,7 @@ class RolloutEngine:
         dec.tokens[new] = tokens
         slots.release(rows[out.add(rows, tokens.cpu(), logprobs.cpu())])
 
-    def _launch(self, dec: V3Decoder, slots: _Slots) -> _Step:
+    def _launch(self, dec: V3Decoder, slots: _Slots, out: _Outputs) -> _Step:
         """Decode one token for every active slot; the results are copied to the host asynchronously."""
         n = slots.n
         dec.positions[:n].copy_(_to_device(slots.pos[:n], dec.device), non_blocking=True)
@@ -407,6 +439,8 @@ class RolloutEngine:
         else:
             tokens, logprobs = self._sample(dec.decode(n, span))
             dec.tokens[:n] = tokens
+        if out.routes is not None:
+            out.add_routes(slots.row[:n], slots.pos[:n], dec.take_routes())
         slots.pos[:n] += 1
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += n

@@ -57,6 +57,7 @@ from grpo.model import force_routing, last_routing, moe_metrics, update_router_b
 from grpo.optim import AdamWConfig, build_step, uses_deepspeed
 from grpo.parallel import ParallelConfig, expert_parallel_group
 from grpo.rollout import RolloutEngine, SamplingConfig, cpu_threads
+from grpo.v3_decode import is_v3
 from rewards.registry import RewardScores
 
 
@@ -83,7 +84,9 @@ class TrainerConfig:
     ref_reset_every: int = 0  # steps; 0 = never (R1: 400)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
     max_sampling_rounds: int = 4  # bound on rollout rounds per step with dynamic_sampling
-    routing_replay: bool = False  # replay pi_old's expert choices in the update forwards (V3 policies)
+    # V3 policies: replay expert choices in the trainer's forwards. old: pi_old's under teacher forcing (GSPO's
+    # Routing Replay); rollout: the engine's own (R3; the rollout engine then records them on its module path)
+    routing_replay: Literal["off", "old", "rollout"] = "off"
     save_every: int = 50  # steps; 0 = only at the end
     keep_last: int = 3
     resume_from: str | None = None  # "latest" (output_dir/checkpoints; fresh start if none) or a checkpoint dir
@@ -144,14 +147,15 @@ class Samples:
     truncated: list[bool]  # [N] stopped by max_new_tokens
     completions: list[str]  # [N] decoded
     rewards: Tensor  # [N, F] fp32, NaN = the function does not apply
+    routing: list[Tensor]  # [N] the engine's experts (Rollout.routing) when it records them, else empty
 
     def groups(self, idx: list[int], G: int) -> "Samples":
         rows = [r for g in idx for r in range(g * G, g * G + G)]
-        pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+        pick = lambda xs: [xs[r] for r in rows] if xs else []  # noqa: E731
         return Samples(rows=[self.rows[g] for g in idx], prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
                        completion_ids=pick(self.completion_ids), logprobs=pick(self.logprobs),
                        truncated=pick(self.truncated), completions=pick(self.completions),
-                       rewards=self.rewards[rows] if rows else self.rewards[:0])
+                       rewards=self.rewards[rows] if rows else self.rewards[:0], routing=pick(self.routing))
 
     @staticmethod
     def cat(parts: list["Samples"]) -> "Samples":
@@ -174,7 +178,8 @@ class RolloutBatch:
     ref_logprobs: Tensor | None = None  # [N, L] fp32
     train_old_logprobs: Tensor | None = None  # [N, L] fp32 log pi_old by the trainer's forward (old_logprobs: recompute)
     is_weights: Tensor | None = None  # [N, L] fp32 TIS weights (loss.rollout_is)
-    routing: dict[int, Tensor] | None = None  # MoE layer -> [N, P+L, K] experts chosen by pi_old
+    routing: dict[int, Tensor] | None = None  # MoE layer -> [N, P+L, K] experts replayed in the trainer's forwards
+    rollout_routing: dict[int, Tensor] | None = None  # MoE layer -> [N, P+L, K] the engine's (-1: not recorded)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -262,7 +267,14 @@ class GRPOTrainer:
                                 parallel=cfg.parallel, accelerator=acc)
         self.model, self.policy = self.optim.model, self.optim.module
         self._mismatch = Mismatch(0.0, 0.0, 0.0, 0.0, 0.0)
-        engine_cfg = dataclasses.replace(sampling, seed=sampling.seed + acc.process_index)
+        self._flips: dict[int, list[int]] = {}  # MoE layer -> [tokens whose experts differ from the engine's, tokens]
+        # the engine records its expert choices for rollout routing replay, and on the CPU (where its module path
+        # runs anyway) for the mismatch metrics
+        record = is_v3(self.policy) and (cfg.routing_replay == "rollout" or acc.device.type == "cpu")
+        if cfg.routing_replay != "off" and not is_v3(self.policy):
+            raise ConfigError("routing_replay", "needs a DeepSeek-V3 policy (grpo.model); this model has no MoE routers")
+        engine_cfg = dataclasses.replace(sampling, seed=sampling.seed + acc.process_index,
+                                         record_routing=sampling.record_routing or record)
         ep_group = expert_parallel_group(self.model) if cfg.deepspeed else None  # EP ranks decode in lockstep
         self.engine = RolloutEngine(self.policy, tokenizer, engine_cfg, ep_group=ep_group)
         self.stream = PromptStream(len(rows), cfg.seed)
@@ -321,7 +333,7 @@ class GRPOTrainer:
         return Samples(rows=rows, prompts=prompts, prompt_ids=ro.prompt_ids, completion_ids=completion_ids,
                        logprobs=[ro.logprobs[i, :lengths[i]] for i in range(n)],
                        truncated=[f == "length" for f in ro.finish_reason], completions=completions,
-                       rewards=rewards_tensor(scores.per_reward, self.reward_names))
+                       rewards=rewards_tensor(scores.per_reward, self.reward_names), routing=ro.routing or [])
 
     def _weights(self) -> Tensor:
         return torch.tensor([self.reward_weights[k] for k in self.reward_names])
@@ -369,9 +381,25 @@ class GRPOTrainer:
         completion_ids, completion_mask = pad_rows(s.completion_ids, pad)
         old, _ = pad_rows(s.logprobs, 0.0, dtype=torch.float32)
         truncated = torch.tensor(s.truncated)
-        return RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                            completion_mask=completion_mask, old_logprobs=old, advantages=advantages,
-                            loss_mask=loss_mask(completion_mask.float(), truncated, self.cfg.loss))
+        batch = RolloutBatch(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                             completion_mask=completion_mask, old_logprobs=old, advantages=advantages,
+                             loss_mask=loss_mask(completion_mask.float(), truncated, self.cfg.loss))
+        if s.routing:
+            batch.rollout_routing = self._rollout_routing(s, prompt_ids.shape[1], completion_ids.shape[1])
+            if self.cfg.routing_replay == "rollout":  # positions the engine never saw get K valid dummy experts
+                batch.routing = {k: torch.where(v < 0, torch.arange(v.shape[-1]), v) for k, v in batch.rollout_routing.items()}
+        return batch
+
+    def _rollout_routing(self, s: Samples, P: int, L: int) -> dict[int, Tensor]:
+        """The engine's experts in the batch layout (left-padded prompts, then completions): layer -> [N, P+L, K]
+        int64, -1 where the engine routed nothing (padding, the last completion token)."""
+        layers = [i for i, _ in self.policy.routers() if i < self.policy.config.num_hidden_layers]  # not MTP
+        K = s.routing[0].shape[-1]
+        out = torch.full((len(s.routing), P + L, len(layers), K), -1, dtype=torch.long)
+        for r, (routes, prompt) in enumerate(zip(s.routing, s.prompt_ids)):
+            start = P - len(prompt)
+            out[r, start:start + len(routes)] = routes.long()
+        return {layer: out[:, :, j] for j, layer in enumerate(layers)}
 
     def _forward(self, model, batch: RolloutBatch, idx: Tensor, *, grad: bool, entropy: bool = True):
         """log pi(o_t) [n, L] and entropy [n, L] (or None) of rows ``idx`` at the rollout temperature; the MoE
@@ -392,6 +420,28 @@ class GRPOTrainer:
         aux = getattr(out, "aux_loss", None)
         return logp, ent, (aux if aux is not None and grad else None)
 
+    def _count_expert_flips(self, batch: RolloutBatch, idx: Tensor) -> None:
+        """After a forward over rows ``idx`` that chose its own experts: per MoE layer, the tokens whose expert set
+        differs from the rollout engine's (where the engine recorded them) -> ``self._flips``."""
+        if batch.rollout_routing is None or self.cfg.routing_replay == "rollout":
+            return
+        for layer, chosen in last_routing(self.policy).items():
+            if layer not in batch.rollout_routing:
+                continue
+            engine = batch.rollout_routing[layer][idx]  # [n, P+L, K]
+            seen = engine[..., 0] >= 0
+            differ = chosen.view(engine.shape).cpu().sort(-1).values != engine.sort(-1).values
+            counts = self._flips.setdefault(layer, [0, 0])
+            counts[0] += int((differ.any(-1) & seen).sum())
+            counts[1] += int(seen.sum())
+
+    def _flip_metrics(self) -> dict[str, float]:
+        if not self._flips:
+            return {}
+        m = {f"mismatch/expert_flips/layer_{layer}": f / max(n, 1) for layer, (f, n) in sorted(self._flips.items())}
+        m["mismatch/expert_flips"] = sum(f for f, _ in self._flips.values()) / max(sum(n for _, n in self._flips.values()), 1)
+        return m
+
     def _autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
@@ -402,24 +452,24 @@ class GRPOTrainer:
         mismatch metrics) and the TIS weights / MIS mask (grpo.loss). Returns the correction's metrics."""
         cfg = self.cfg
         recompute = cfg.loss.old_logprobs == "recompute"
-        if self.reference is None and not cfg.routing_replay and not recompute:
+        old_routes = cfg.routing_replay == "old"
+        if self.reference is None and not old_routes and not recompute:
             return {}
         n_main = getattr(self.policy.config, "num_hidden_layers", 0)
         refs, routes, olds = [], {}, []
         for idx in torch.arange(len(batch)).split(cfg.micro_batch_size):
             if self.reference is not None:
                 refs.append(self._forward(self.reference, batch, idx, grad=False, entropy=False)[0].float().cpu())
-            if cfg.routing_replay or recompute:
+            if old_routes or recompute:
                 olds.append(self._forward(self.model, batch, idx, grad=False, entropy=False)[0].float().cpu())
-            if cfg.routing_replay:
+                self._count_expert_flips(batch, idx)
+            if old_routes:
                 for layer, chosen in last_routing(self.policy).items():
                     if layer < n_main:
                         routes.setdefault(layer, []).append(chosen.view(len(idx), -1, chosen.shape[-1]).cpu())
         if refs:
             batch.ref_logprobs = torch.cat(refs)
-        if cfg.routing_replay:
-            if not routes:
-                raise ValueError("routing_replay needs a DeepSeek-V3 policy (grpo.model); this model has no MoE routers")
+        if old_routes:
             batch.routing = {layer: torch.cat(parts) for layer, parts in routes.items()}
         if not recompute:
             return {}
@@ -448,6 +498,7 @@ class GRPOTrainer:
                 old = batch.old_logprobs[m].to(dev)
                 if first and batch.train_old_logprobs is None:
                     self._mismatch += Mismatch.of(logp, old, batch.completion_mask[m].to(dev), cfg.loss)
+                    self._count_expert_flips(batch, m)
                 if batch.train_old_logprobs is not None:
                     old = batch.train_old_logprobs[m].to(dev)
                 out = grpo_loss(logp=logp, old_logp=old, advantages=batch.advantages[m].to(dev),
@@ -505,11 +556,12 @@ class GRPOTrainer:
         advantages = self._advantages(batch_samples)
         batch = self._to_batch(batch_samples, advantages)
         train_start = time.perf_counter()
-        self._mismatch = Mismatch(0.0, 0.0, 0.0, 0.0, 0.0)
+        self._mismatch, self._flips = Mismatch(0.0, 0.0, 0.0, 0.0, 0.0), {}
         with cpu_threads(self.accelerator.device, self.cfg.cpu_threads):
             metrics.update(self._precompute(batch))
             metrics.update(self._update(batch))
             metrics.update(self._mismatch.metrics())
+            metrics.update(self._flip_metrics())
             metrics = self._reduce(metrics)
         self.step += 1
         if self.reference is not None and cfg.ref_reset_every and self.step % cfg.ref_reset_every == 0:

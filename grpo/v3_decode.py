@@ -117,10 +117,13 @@ class _Experts:
         self.route = _compiled_route if cuda else route
         self.order = _compiled_order if cuda else sorted_order
         self.combine = _compiled_combine if cuda else combine
+        self.sink: list | None = None  # V3Decoder.record_routing: each call appends its expert choices [T, K]
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         logits = F.linear(h.float(), self.gate.weight.float())
         weights, idx, _ = self.route(logits, self.gate.e_score_correction_bias, **self.kw)
+        if self.sink is not None:
+            self.sink.append(idx)
         return self.routed(h, idx, weights) + self.shared_mlp(h)
 
     def routed(self, h: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -329,11 +332,22 @@ def _mlp(mlp: nn.Module, config):
     if isinstance(mlp, DeepseekV3MLP):
         return _DenseMLP(mlp)
 
-    def foreign(h: torch.Tensor) -> torch.Tensor:  # e.g. an expert-parallel MoE block: [T, D] -> [1, T, D]
-        y = mlp(h[None])
-        return (y[0] if isinstance(y, tuple) else y).view_as(h)
+    return _Foreign(mlp)
 
-    return foreign
+
+class _Foreign:
+    """An MLP block called as a module, e.g. an expert-parallel MoE block: [T, D] -> [1, T, D]. Its router's
+    last choices (``PolicyRouter.last_indices``) go to ``sink`` when one is set."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp, self.sink = mlp, None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(h[None])
+        chosen = getattr(getattr(self.mlp, "gate", None), "last_indices", None)
+        if self.sink is not None and chosen is not None:
+            self.sink.append(chosen)
+        return (y[0] if isinstance(y, tuple) else y).view_as(h)
 
 
 def _stacked(buffers: dict, key, *weights: torch.Tensor) -> torch.Tensor:
@@ -434,6 +448,7 @@ class V3Decoder:
         weight = model.lm_head.weight
         self.device, self.dtype, self.slots = weight.device, weight.dtype, slots
         self._stacked: dict = {}  # the fused path's stacked weights (``_Layer.fused``)
+        self.sink: list | None = None  # expert choices of the MoE layers while recording (``record_routing``)
         self.bind()
         self.interleave = bool(getattr(config, "rope_interleave", False))
         first = self.layers[0]
@@ -456,12 +471,28 @@ class V3Decoder:
         self.embed, self.final_norm, self.lm_head = base.embed_tokens, base.norm, _linear(self.model.lm_head)
         self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
         self.layers = [_Layer(layer, self.config) for layer in base.layers[: self.config.num_hidden_layers]]
-        self.fused = self.fused_layers() if self.device.type == "cuda" and self.dtype == torch.bfloat16 else None
+        for layer in self.layers:
+            if hasattr(layer.mlp, "sink"):
+                layer.mlp.sink = self.sink
+        fast = self.device.type == "cuda" and self.dtype == torch.bfloat16 and self.sink is None
+        self.fused = self.fused_layers() if fast else None
         # The Triton kernels (grpo.kernels) take the experts' SiLU and row-major bf16 weights (the fused
         # routing kernel also a bf16 router and power-of-two expert and group counts: ``decode_layer``).
         self.kernels = bool(self.fused) and kernels.AVAILABLE and self.config.hidden_act == "silu" and all(
             w[name].stride(-1) == 1 and w[name].dtype == torch.bfloat16
             for w, static in self.fused if static["moe"] for name in ("gate_up", "expert_down", "down"))
+
+    def record_routing(self) -> None:
+        """From now on keep every MoE layer's expert choices per processed token (``take_routes``). The
+        module path records them: the fused layers, Triton kernels and CUDA graphs are not used."""
+        self.sink = []
+        self.bind()
+
+    def take_routes(self) -> torch.Tensor:
+        """The expert choices since the last call, [T, MoE layers, K] (T tokens of the last forward), on the host."""
+        routes = torch.stack(self.sink, dim=1).to("cpu", torch.int16)
+        self.sink.clear()
+        return routes
 
     def fused_layers(self) -> list | None:
         """``_Layer.fused`` of every layer (each with the next one's input norm; the last with the final

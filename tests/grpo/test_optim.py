@@ -9,7 +9,8 @@ from torch import nn
 from grpo.config import ConfigError
 from grpo.loss import LossConfig
 from grpo.model import ModelConfig, load_policy
-from grpo.optim import AdamWConfig, MasterAdamW, build_step
+from grpo.optim import AdamWConfig, build_step
+from grpo.rollout import SamplingConfig
 from tests.grpo.test_trainer import SMALL, make, one_thread, tokenizer  # noqa: F401 (autouse fixture)
 
 LR = 3e-6  # DeepSeek-R1's RL learning rate
@@ -129,3 +130,23 @@ def test_recompute_and_corrections_in_a_run(tmp_path):
     assert metrics["ratio"] == pytest.approx(1.0, abs=1e-6) and metrics["clip"] == 0.0
     assert metrics["mismatch/k3"] < 1e-8  # fp32: the engine's log-probs are the trainer's
     assert metrics["mismatch/tis_weight"] == pytest.approx(1.0, abs=1e-4) and metrics["mismatch/mis_masked"] == 0.0
+
+
+def test_rollout_routing_replay_cuts_the_bf16_mismatch(tmp_path):
+    """bf16: the engine's and the trainer's router inputs differ by rounding, near-tied experts flip and their
+    tokens' log-probs jump; replaying the engine's experts in the trainer's forward (R3) takes that out."""
+    def first_step(replay):  # the tiny preset (3 MoE layers), sharper next-token distributions as after training
+        trainer = make(tmp_path / replay, max_steps=1, minibatches=1, lr=LR, routing_replay=replay, overrides={},
+                       sampling=SamplingConfig(max_new_tokens=24, max_batch=32))
+        trainer.policy.to(torch.bfloat16)
+        with torch.no_grad():
+            trainer.policy.lm_head.weight.mul_(8)
+        for _, router in trainer.policy.routers():
+            router.float()
+        return trainer.train_step()[0]
+
+    off, r3 = first_step("off"), first_step("rollout")
+    assert off["mismatch/expert_flips"] > 0 and "mismatch/expert_flips/layer_1" in off
+    assert "mismatch/expert_flips" not in r3  # nothing to compare: the trainer used the engine's experts
+    assert r3["mismatch/k3"] < off["mismatch/k3"] / 3, (r3["mismatch/k3"], off["mismatch/k3"])
+    assert r3["mismatch/max_abs"] < off["mismatch/max_abs"]

@@ -360,3 +360,31 @@ def test_pipelined_bookkeeping_reads_results_one_step_late():
     assert engine.stats["decode_tokens"] > int(ro.lengths.sum()) - len(ro.lengths)  # the ignored extra tokens
     for r, ref in enumerate(teacher_forced_logprobs(model, ro, 0.9)):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+
+
+def test_recorded_routing_equals_the_trainers_with_refill_and_stops():
+    """record_routing: every prompt and fed-back completion token's experts, per MoE layer, equal the ones the
+    policy picks under teacher forcing (fp32), through refills and stops."""
+    from grpo.model import DeepseekV3Policy, last_routing
+
+    policy = DeepseekV3Policy(v3_model().config).eval()
+    policy.load_state_dict(v3_model().state_dict(), strict=False)
+    stop = list(range(40, 56))
+    ro = RolloutEngine(policy, None, SamplingConfig(max_new_tokens=10, stop_token_ids=stop, max_batch=7, seed=3,
+                                                    record_routing=True)).generate(PROMPTS, 3)
+    assert {"stop", "length"} <= set(ro.finish_reason)
+    moe_layers = [i for i, _ in policy.routers()]
+    for r, n in enumerate(ro.lengths.tolist()):
+        prompt = ro.prompt_ids[r]
+        with torch.no_grad():
+            policy(input_ids=torch.tensor([prompt + ro.completion_ids[r, :n].tolist()]))
+        ours = last_routing(policy)
+        assert ro.routing[r].shape == (len(prompt) + n - 1, len(moe_layers), 2)
+        for j, layer in enumerate(moe_layers):
+            expected = ours[layer][: len(prompt) + n - 1].sort(-1).values
+            assert torch.equal(ro.routing[r][:, j].long().sort(-1).values, expected), (r, layer)
+
+
+def test_record_routing_needs_a_v3_policy():
+    with pytest.raises(ConfigError, match="record_routing"):
+        RolloutEngine(llama_model(), None, SamplingConfig(record_routing=True, stop_token_ids=[1]))

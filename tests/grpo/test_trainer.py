@@ -50,10 +50,10 @@ def llama(tok):
     return LlamaForCausalLM(config)
 
 
-def make(tmp_path, *, rows=None, sampling=None, arch="v3", **kw):
+def make(tmp_path, *, rows=None, sampling=None, arch="v3", overrides=SMALL, **kw):
     tok = tokenizer()
     torch.manual_seed(0)
-    model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=SMALL), tok) if arch == "v3" else llama(tok)
+    model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=overrides), tok) if arch == "v3" else llama(tok)
     rows = rows or [{"prompt": " ".join(f"t{3 + (i * 7 + j) % 13}" for j in range(4))} for i in range(16)]
     kw = {"prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16, "minibatches": 2, "lr": 3e-3, "save_every": 0,
           "loss": LossConfig(loss_type="dapo"), **kw}
@@ -163,7 +163,7 @@ def test_dynamic_sampling_drops_flat_groups(tmp_path):
 
 
 def test_routing_replay_runs_with_pi_old_experts(tmp_path):
-    t = make(tmp_path, max_steps=1, routing_replay=True, minibatches=1, micro_batch_size=32)
+    t = make(tmp_path, max_steps=1, routing_replay="old", minibatches=1, micro_batch_size=32)
     m = t.train_step()[0]
     assert abs(m["ratio"] - 1) < 1e-4
 
