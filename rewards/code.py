@@ -9,7 +9,9 @@ Rows carry one of:
   * ``tests``: assert-style test code calling functions the program defines (MBPP ``test_list`` as a list of
     lines, HumanEval's ``check(candidate)`` with ``entry_point``, or our generated rows' assert lines). Units are
     the top-level test statements (``rewards.sandbox.plan_tests``); the program and the tests run in two separate
-    sandboxes that exchange only plain values, so the program cannot see, patch or fake the checking.
+    sandboxes that exchange only plain values, so the program cannot see, patch or fake the checking. Helpers the
+    row's prompt defines (HumanEval's ``poly``, ``encode_cyclic``) come from the prompt, never from the program,
+    and the prompt's imports and helpers also run before the program (as HumanEval runs prompt + completion).
   * ``test_cases``: stdin/stdout cases, ``[{"input": str, "output": str}, ...]`` or ``{"inputs": [...],
     "outputs": [...]}`` (either also as a JSON string). Each case is one sandboxed run of the program as
     ``__main__``; it passes when it exits 0 and its stdout equals the expected output up to trailing whitespace
@@ -62,6 +64,8 @@ def code_reward(
     memory_mb: address-space limit per process; workers: concurrent runs (0 = one per CPU);
     allow_weak_isolation: run with rlimits and a timeout only where namespaces are unavailable (logged loudly).
     """
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}; got {scoring!r}")
     n = len(completions)
@@ -84,10 +88,10 @@ def code_reward(
         if program is None:
             continue
         if not _empty(row_tests):
-            key = (json.dumps(row_tests), entry_point[i] if entry_point is not None else None)
+            key = (json.dumps(row_tests), entry_point[i] if entry_point is not None else None, _prompt_text(prompts[i], i))
             if key not in plans:
                 try:
-                    plans[key] = plan_tests(row_tests, key[1])
+                    plans[key] = plan_tests(row_tests, key[1], key[2])
                 except ValueError as e:
                     raise ValueError(f"row {i}: {e}") from None
             jobs.append(("tests", program, plans[key]))
@@ -119,6 +123,16 @@ def code_reward(
 @functools.lru_cache(maxsize=4)
 def _sandbox(cfg: SandboxConfig) -> Sandbox:
     return Sandbox(cfg)
+
+
+def _prompt_text(prompt, row: int) -> str:
+    """The prompt as text: a string, or the contents of a chat-style list of {"role", "content"} messages."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        return "\n".join(m["content"] for m in prompt)
+    raise ValueError(f"row {row}: the prompt must be a string or a list of {{'role', 'content': str}} messages; "
+                     f"got {type(prompt).__name__}")
 
 
 def _empty(value) -> bool:

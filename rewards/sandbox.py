@@ -581,12 +581,13 @@ class _Uids:
     """
 
     def __init__(self, base: int):
-        self.base, self.free, self.locks, self.lock = base, [], [], threading.Lock()
+        self.base, self.free, self.locks, self.ranges, self.lock = base, [], [], [], threading.Lock()
 
     def take(self, n: int) -> list[int]:
         with self.lock:
             while len(self.free) < n:
                 start = _lock_uid_range(self.base, self.locks)
+                self.ranges.append(range(start, start + UID_RANGE))
                 self.free.extend(range(start, start + UID_RANGE))
             taken, self.free = self.free[:n], self.free[n:]
             return taken

@@ -99,6 +99,8 @@ def build_root(spec: dict) -> None:
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "w").close()
+        if path != inside and os.path.isdir(path) and overlay_neutral(mount, path, target):
+            continue
         mount(path, target, None, MS_BIND)  # not recursive: a submount would stay writable
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for name, link in spec["symlinks"].items():
@@ -129,6 +131,21 @@ def build_root(spec: dict) -> None:
     mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chroot(NEW_ROOT)
     os.chdir("/tmp")
+
+
+def overlay_neutral(mount, path: str, target: str) -> bool:
+    """Show ``path`` at ``target`` through a read-only overlay whose layers are named relative to ``path`` itself
+    ("." and the empty mount point): a bind mount would print the host path in /proc/self/mountinfo (the root of
+    the bind inside its filesystem); an overlay prints only its options. False when overlayfs is unavailable."""
+    here = os.getcwd()
+    try:
+        os.chdir(path)
+        mount("overlay", target, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, f"lowerdir=.:{target}")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.chdir(here)
 
 
 def become_init(child: int) -> None:

@@ -3,8 +3,10 @@
 Most attack programs return the right answer only when their attack worked, so a score of 0 means the attack
 failed, not merely that the program crashed.
 """
+import ctypes.util as ctypes_util
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 
 from grpo.config import ConfigError
 from rewards import sandbox as sandbox_module
+from rewards import sandbox_cgroup, sandbox_seccomp
 from rewards.sandbox import Sandbox, SandboxConfig, SandboxUnavailable, isolation_problem, plan_tests
 from rewards.sandbox_child import decode, encode
 
@@ -36,8 +39,11 @@ def score(box, program: str, tests=TESTS) -> float:
     return box.run_tests(program, plan_tests(tests)).pass_rate
 
 
-def sandbox_processes(cfg=SandboxConfig()) -> list[tuple[int, str]]:
-    """(pid, cmdline) of every host process running as a sandbox uid."""
+def sandbox_processes(cfg=SandboxConfig(), everyone: bool = False) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every host process running as one of this process's sandbox uids (``everyone``: as any
+    sandbox uid, those of other trainer processes included)."""
+    ranges = sandbox_module._uids_for(cfg.base_uid).ranges
+    span = range(cfg.base_uid, cfg.base_uid + sandbox_module.UID_RANGES * sandbox_module.UID_RANGE)
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -47,7 +53,7 @@ def sandbox_processes(cfg=SandboxConfig()) -> list[tuple[int, str]]:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, StopIteration):
             continue
-        if cfg.base_uid <= uid < cfg.base_uid + 10_000:
+        if uid in span if everyone else any(uid in r for r in ranges):
             found.append((int(pid), cmdline))
     return found
 
@@ -371,14 +377,14 @@ Sandbox(SandboxConfig(timeout=60, workers=1)).run_tests(program, plan_tests(["as
 """
     proc = subprocess.Popen([sys.executable, "-c", parent])
     deadline = time.monotonic() + 20
-    while not any(marker in cmdline for _, cmdline in sandbox_processes()):
+    while not any(marker in cmdline for _, cmdline in sandbox_processes(everyone=True)):
         assert time.monotonic() < deadline and proc.poll() is None, "the sandboxed sleep never started"
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 5
-    while any(marker in cmdline for _, cmdline in sandbox_processes()):
-        assert time.monotonic() < deadline, sandbox_processes()
+    while any(marker in cmdline for _, cmdline in sandbox_processes(everyone=True)):
+        assert time.monotonic() < deadline, sandbox_processes(everyone=True)
         time.sleep(0.05)
 
 
@@ -462,3 +468,355 @@ def test_missing_isolation_refuses_unless_weak_allowed(monkeypatch, caplog):
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SandboxConfig(**{field: value})
+
+
+# ----------------------------------------------------------------- attacks: kernel state shared per uid or inherited
+KEYS_AVAILABLE = os.path.exists("/proc/keys")
+keyrings = pytest.mark.skipif(not KEYS_AVAILABLE, reason="this kernel has no key management (/proc/keys is missing)")
+SYSCALLS = sandbox_seccomp.SYSCALLS.get(sandbox_seccomp.machine(), {})
+KEYRING_ATTACK = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+NR = {nr!r}
+KEYRINGS = (-3, -4, -5)  # session, user, user-session
+def store(description, payload):
+    for ring in KEYRINGS:
+        libc.syscall(NR["add_key"], b"user", description, payload, len(payload), ring)
+def fetch(description):
+    for ring in KEYRINGS:
+        key = libc.syscall(NR["keyctl"], 10, ring, b"user", description, 0)  # KEYCTL_SEARCH
+        if key > 0:
+            buf = ctypes.create_string_buffer(64)
+            n = libc.syscall(NR["keyctl"], 11, key, buf, 64)  # KEYCTL_READ
+            if n > 0:
+                return buf.raw[:n]
+    try:
+        with open("/proc/keys") as f:
+            if description.decode() in f.read():
+                return b"seen"
+    except OSError:
+        pass
+    return None
+"""
+
+
+@strong
+@keyrings
+def test_keyring_carries_nothing_from_one_run_to_the_next(box):
+    """A program that stores its guesses in the uid's keyrings and reads them back in the next run (the learning
+    hack: a failing assert stops check(), so being called again says the guess was right) learns nothing."""
+    tag = uuid.uuid4().hex[:12].encode()
+    attack = KEYRING_ATTACK.format(nr=SYSCALLS)
+    writer = attack + f"store(b'guess-{tag.decode()}', b'3')\ndef add(a, b):\n    return -1\n"
+    reader = attack + (f"found = fetch(b'guess-{tag.decode()}')\n"
+                       "def add(a, b):\n    return int(found) if found and found.isdigit() else -1\n")
+    for _ in range(2):  # both slots of the pool, so the reader meets the writer's uid at least once
+        assert score(box, writer, TESTS[:1]) == 0.0
+    assert box.map([lambda: score(box, reader, TESTS[:1])] * 2) == [0.0, 0.0]
+
+
+@strong
+@keyrings
+def test_parent_session_keyring_is_not_inherited(tmp_path):
+    """A trainer started with a session keyring (ssh login, systemd service, `keyctl session`): the sandboxed
+    program neither reads its keys nor sees them in /proc/keys."""
+    tag = uuid.uuid4().hex[:12]
+    attack = KEYRING_ATTACK.format(nr=SYSCALLS) + (
+        f"found = fetch(b'secret-{tag}')\ndef add(a, b):\n    return int(found) if found and found.isdigit() else -1\n")
+    parent = f"""
+import ctypes, sys
+sys.path.insert(0, {os.getcwd()!r})
+libc = ctypes.CDLL(None, use_errno=True)
+NR = {SYSCALLS!r}
+assert libc.syscall(NR["keyctl"], 1, None) > 0  # KEYCTL_JOIN_SESSION_KEYRING: a session keyring of our own
+key = libc.syscall(NR["add_key"], b"user", b"secret-{tag}", b"3", 1, -3)
+buf = ctypes.create_string_buffer(8)
+assert key > 0 and libc.syscall(NR["keyctl"], 11, key, buf, 8) == 1 and buf.raw[:1] == b"3"  # it is readable here
+from rewards.sandbox import Sandbox, SandboxConfig, plan_tests
+box = Sandbox(SandboxConfig(timeout=5, workers=1))
+print(box.run_tests({attack!r}, plan_tests(["assert add(1, 2) == 3"])).pass_rate)
+"""
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "0.0"
+
+
+@strong
+@pytest.mark.skipif(sandbox_seccomp.filter_problem() is not None, reason=f"no seccomp filter here: {sandbox_seccomp.filter_problem()}")
+def test_seccomp_refuses_what_test_code_never_needs(box):
+    """Each call is tried for real; the program answers right only if one of them got through."""
+    program = f"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+NR = {SYSCALLS!r}
+got_through = []
+def attempt(name, *args):
+    if libc.syscall(NR[name], *args) >= 0 or ctypes.get_errno() not in (1, 38):
+        got_through.append(name)
+attempt("keyctl", 0, -4, 0)                    # KEYCTL_GET_KEYRING_ID of the user keyring
+attempt("add_key", b"user", b"k", b"v", 1, -4)
+attempt("request_key", b"user", b"k", None, -4)
+attempt("ptrace", 0, 0, 0, 0)                  # PTRACE_TRACEME
+attempt("unshare", 0x10000000)                 # CLONE_NEWUSER
+attempt("unshare", 0x00020000)                 # CLONE_NEWNS
+attempt("clone", 0x10000000 | 17, 0, 0, 0, 0)  # a child in a new user namespace
+attempt("setns", 0, 0)
+attempt("mount", b"none", b"/tmp", b"tmpfs", 0, None)
+attempt("bpf", 0, 0, 0)
+attempt("perf_event_open", 0, 0, -1, -1, 0)
+attempt("userfaultfd", 0)
+attempt("memfd_create", b"x", 0)
+attempt("shmget", 0, 1 << 20, 0o1600)
+attempt("io_uring_setup", 8, None)
+attempt("kexec_load", 0, 0, 0, 0)
+attempt("init_module", None, 0, b"")
+attempt("sched_setaffinity", 0, 8, None)
+for family, kind in ((40, socket.SOCK_STREAM), (17, socket.SOCK_RAW), (socket.AF_INET, socket.SOCK_RAW),
+                     (socket.AF_INET6, socket.SOCK_RAW), (38, socket.SOCK_SEQPACKET), (socket.AF_INET, 10)):
+    try:
+        socket.socket(family, kind).close()
+        got_through.append(f"socket({{family}}, {{kind}})")
+    except OSError:
+        pass
+import threading, subprocess  # and ordinary work still runs: threads, fork, exec, AF_UNIX, netlink
+t = threading.Thread(target=lambda: None); t.start(); t.join()
+assert subprocess.run(["true"]).returncode == 0
+socket.socketpair()[0].close(); socket.if_nameindex()
+def add(a, b):
+    return a + b if got_through else -1 - len(got_through)
+"""
+    result = box.run_tests(program, plan_tests(TESTS))
+    assert result.pass_rate == 0.0 and result.errors == ["AssertionError"] * 2, (result, result.stderr)
+
+
+@pytest.mark.skipif(not ctypes_util.find_library("seccomp"), reason="libseccomp is not installed to check the numbers against")
+def test_seccomp_numbers_match_libseccomp():
+    import ctypes
+
+    lib = ctypes.CDLL(ctypes_util.find_library("seccomp"))
+    lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
+    for arch, numbers in sandbox_seccomp.SYSCALLS.items():
+        for name, number in numbers.items():
+            assert lib.seccomp_syscall_resolve_name_arch(sandbox_seccomp.AUDIT_ARCH[arch], name.encode()) == number, (arch, name)
+        program = sandbox_seccomp.build_filter(arch)
+        assert program[0] == (sandbox_seccomp.LD_ABS_W, 0, 0, sandbox_seccomp.ARCH)  # the ABI is checked first
+        assert program[-1] == (sandbox_seccomp.RET, 0, 0, sandbox_seccomp.RET_KILL_PROCESS)
+
+
+# ------------------------------------------------------------------------------- attacks: memory and CPU
+def _cgroups_have(controller: str) -> bool:
+    return os.geteuid() == 0 and controller in sandbox_module._cgroups().has
+
+
+memory_cgroup = pytest.mark.skipif(not _cgroups_have("memory"), reason="no memory cgroup here (root and a writable "
+                                   "cgroup v1 memory hierarchy or v2 memory controller needed)")
+cpu_cgroup = pytest.mark.skipif(not _cgroups_have("cpu"), reason="no CPU cgroup here")
+
+
+@pytest.fixture(scope="module")
+def small_box():
+    sb = Sandbox(SandboxConfig(timeout=5, workers=2, memory_mb=64, tmpfs_mb=16))
+    yield sb
+    sb.close()
+
+
+@strong
+@pytest.mark.parametrize("program", [
+    # pages of a memfd are not in the address space once unmapped: 600 MiB under a 64 MiB RLIMIT_AS
+    "import os\nfd = os.memfd_create('x')\nfor _ in range(600):\n    os.write(fd, b'x' * (1 << 20))\n",
+    # SysV shared memory: a detached segment keeps its pages
+    "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfor _ in range(20):\n"
+    "    sid = libc.shmget(0, 32 << 20, 0o1600)\n    assert sid >= 0\n    addr = libc.shmat(sid, None, 0)\n"
+    "    ctypes.memset(addr, 1, 32 << 20)\n    libc.shmdt(ctypes.c_void_p(addr))\n",
+], ids=["memfd", "sysv_shm"])
+def test_memory_outside_the_address_space_is_refused(small_box, program):
+    assert score(small_box, program + CORRECT) == 0.0
+    assert no_sandbox_processes_left(), sandbox_processes()
+
+
+@strong
+@memory_cgroup
+def test_memory_cgroup_caps_the_whole_run(small_box):
+    """Four processes of 40 MiB each fit their 64 MiB address spaces but not the run's 80 MiB: the kernel's
+    OOM killer stops the run, and its cgroup is gone afterwards."""
+    program = """
+import os, time
+children = []
+for _ in range(4):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(40 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os.write(w, b"k")
+        time.sleep(30)
+    os.close(w)
+    if os.read(r, 1) == b"k":
+        children.append(pid)
+time.sleep(0.3)  # a child the OOM killer picked after it reported is gone by now
+held = sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in children)
+def add(a, b):
+    return a + b if held == 4 else -1
+"""
+    result = small_box.run_tests(program, plan_tests(TESTS))
+    assert result.pass_rate == 0.0, result
+    assert score(small_box, CORRECT) == 1.0
+    parent = sandbox_module._cgroups().parents["memory"]
+    assert not [d for d in os.listdir(parent) if d.startswith("run-")]
+
+
+@strong
+@cpu_cgroup
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to tell a one-CPU quota from none")
+def test_cpu_quota_bounds_a_run_with_spinning_children(box):
+    """Seven spinning children for ~1 s use one CPU's worth at most (the run's quota), not the machine."""
+    assert box.cpus_per_run == pytest.approx(max(1.0, len(os.sched_getaffinity(0)) / box.workers))
+    hog = "import os, time\nfor _ in range(7):\n    if os.fork() == 0:\n        while True:\n            pass\ntime.sleep(1.0)\nprint(3)\n"
+    before = os.times()
+    start = time.monotonic()
+    result = box.run_script(hog)
+    wall = time.monotonic() - start
+    after = os.times()
+    used = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    assert result.ok, result
+    assert used <= wall * box.cpus_per_run * 1.15 + 0.3, (used, wall)
+
+
+@strong
+def test_spinning_children_do_not_starve_a_neighbour(box):
+    """A correct program leaving spinning children behind, next to an honest CPU-bound one: the honest one passes."""
+    hog = ("import os\nfor _ in range(7):\n    if os.fork() == 0:\n        while True:\n            pass\n"
+           "def add(a, b):\n    return a + b\n")
+    honest = "def add(a, b):\n    total = 0\n    for i in range(300000):\n        total += i % 7\n    return a + b\n"
+    scores = box.map([lambda: score(box, hog), lambda: score(box, honest)], "hog and neighbour")
+    assert scores[1] == 1.0
+
+
+def test_without_cpu_cgroups_runs_are_pinned_one_per_cpu(monkeypatch, caplog):
+    class NoCgroups:
+        has, parents, problems = set(), {}, {c: "absent (test)" for c in sandbox_cgroup.CONTROLLERS}
+
+    monkeypatch.setattr(sandbox_module, "_cgroups", lambda: NoCgroups())
+    cpus = sorted(os.sched_getaffinity(0))
+    with caplog.at_level("WARNING", logger="rewards.sandbox"):
+        sb = Sandbox(SandboxConfig(timeout=TIMEOUT, workers=len(cpus) + 3, allow_weak_isolation=True))
+    try:
+        assert "WITHOUT CPU" in caplog.text and sb.workers == len(cpus)
+        assert sb.cpus == [[c] for c in cpus]
+        if isolation_problem() is None and sandbox_seccomp.filter_problem() is None:
+            program = ("import os\ntry:\n    os.sched_setaffinity(0, range(os.cpu_count()))\nexcept OSError:\n    pass\n"
+                       "print(sorted(os.sched_getaffinity(0)))")
+            out = sb.run_script(program)
+            assert out.ok and eval(out.stdout) in [[c] for c in cpus], out
+    finally:
+        sb.close()
+
+
+# ------------------------------------------------------------------------------ uids of concurrent trainers
+def test_uid_ranges_are_locked_per_process_and_skip_live_users(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox_module, "LOCK_DIR", str(tmp_path))
+    base = 3_000_000
+    locks = []
+    try:
+        first = sandbox_module._lock_uid_range(base, locks)
+        assert first == base
+        # another process cannot take a range this one holds: it gets the next one
+        other = subprocess.run([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+from rewards import sandbox
+sandbox.LOCK_DIR = {str(tmp_path)!r}
+print(sandbox._lock_uid_range({base}, []))
+"""], capture_output=True, text=True, timeout=60)
+        assert other.stdout.split() == [str(base + sandbox_module.UID_RANGE)], other.stderr[-2000:]
+        # a range some live process runs in (a sandbox that takes no lock) is skipped, with the reason logged
+        if os.geteuid() == 0 and shutil.which("setpriv"):
+            squatter = subprocess.Popen(["setpriv", f"--reuid={base + sandbox_module.UID_RANGE + 5}",
+                                         f"--regid={base}", "--clear-groups", "sleep", "30"])
+            try:  # range 1 is free again (the other process exited), but a live process runs in it
+                deadline = time.monotonic() + 5
+                while not sandbox_module._processes_of_uids(base + 256, base + 512):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                assert sandbox_module._lock_uid_range(base, locks) == base + 2 * sandbox_module.UID_RANGE
+            finally:
+                squatter.kill()
+                squatter.wait()
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+@strong
+def test_concurrent_trainer_processes_use_disjoint_uids(box):
+    other = subprocess.run([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {os.getcwd()!r})
+from rewards.sandbox import Sandbox, SandboxConfig
+print(*Sandbox(SandboxConfig(workers=2)).uids)
+"""], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr[-2000:]
+    theirs = {int(u) for u in other.stdout.split()}
+    assert len(theirs) == 2 and not theirs & set(box.uids)
+
+
+def test_missing_setpriv_is_refused_naming_the_package(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(sandbox_module.shutil, "which", lambda name: None if name == "setpriv" else real_which(name))
+    problem = sandbox_module.isolation_problem.__wrapped__()
+    if os.geteuid() == 0 and sys.platform.startswith("linux") and real_which("unshare"):
+        assert "setpriv" in problem and "util-linux" in problem
+        monkeypatch.setattr(sandbox_module, "isolation_problem", sandbox_module.isolation_problem.__wrapped__)
+        with pytest.raises(SandboxUnavailable, match="setpriv"):
+            Sandbox(SandboxConfig(timeout=TIMEOUT))
+
+
+# -------------------------------------------------------------------------- attacks: what the program sees
+@strong
+def test_no_host_paths_or_host_identity_inside(box):
+    """The project path, the interpreter's host prefix, the host's kernel command line, hostname and cgroup path
+    appear nowhere a program can look."""
+    with open("/proc/cmdline") as f:
+        host_cmdline = f.read().strip()
+    with open("/proc/self/cgroup") as f:
+        host_cgroups = [line.split(":", 2)[2].strip() for line in f if line.split(":", 2)[2].strip() not in ("/", "")]
+    secrets = [os.path.dirname(os.path.dirname(os.path.abspath(sandbox_module.__file__))),
+               os.path.realpath(sys.base_prefix)] + host_cgroups + ([host_cmdline] if host_cmdline else [])
+    secrets = [s for s in secrets if s not in ("/usr", "/", "")]
+    program = f"""
+import os, sys, socket, traceback
+seen = []
+def look(text):
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    seen.extend(s for s in {secrets!r} if s and s in text)
+look(repr(sys.path)); look(sys.executable); look(sys.prefix); look(sys.base_prefix); look(repr(sys.argv))
+look(repr(sys.orig_argv)); look(repr(dict(os.environ)))
+if {socket.gethostname()!r} in (socket.gethostname(), os.uname().nodename, open("/proc/sys/kernel/hostname").read().strip()):
+    seen.append("hostname")
+look(repr([getattr(m, "__file__", "") for m in list(sys.modules.values())]))
+for path in ("/proc/cmdline", "/proc/self/cgroup", "/proc/self/mountinfo", "/proc/self/cmdline", "/proc/1/cmdline",
+             "/proc/self/environ", "/proc/self/maps", "/proc/sys/kernel/hostname", "/etc/hostname"):
+    try:
+        with open(path, "rb") as f:
+            look(f.read())
+    except OSError:
+        pass
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            look(open(f"/proc/{{pid}}/cmdline", "rb").read())
+        except OSError:
+            pass
+try:
+    os.makedirs("/usr/x")
+except OSError:
+    look(traceback.format_exc())
+look(repr(os.listdir("/")))
+def add(a, b):
+    return a + b if seen else -1
+"""
+    result = box.run_tests(program, plan_tests(TESTS))
+    assert result.pass_rate == 0.0 and result.errors == ["AssertionError"] * 2, result
+    assert score(box, "import sys\nassert not sys.path[0].endswith('rewards')\n" + CORRECT) == 1.0
