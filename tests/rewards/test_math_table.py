@@ -354,6 +354,20 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
         ("42", "52_8", F),
         ("1011_2", "11", F),
         ("11", "1011_2", F),
+        ("3", r"The answer is not 3. \boxed{3}", T),  # the box is the answer, whatever the text says
+        ("7", "The answer is 1, 2, 3, 4, 5, 6, 7, 8, 9, 10", F),
+        (r"\infty", r"\boxed{-\infty}", F),
+        ("5", "Answer: 5 or 6 or 7", F),
+        ("5, 6, 7", "Answer: 5 or 6 or 7", T),
+        (r"\{5, 6\}", r"\boxed{5}, \boxed{6}, \boxed{7}", F),
+        ("5", r"\boxed{(-\infty, \infty)}", F),
+        ("5", r"\boxed{x}", F),
+        ("5", r"\boxed{5x/x}", T),
+        ("1", r"\boxed{0.999999999}", F),
+        ("0", r"\boxed{0 \cdot \infty}", F),
+        ("1", r"\boxed{\frac{0}{0}}", F),
+        ("12", r"\boxed{12} \text{ is wrong, the answer is } \boxed{13}", F),
+        ("4", r"\boxed{4}" * 20, T),
     ],
 }
 
