@@ -103,3 +103,30 @@ def test_generated_rows_through_the_registry():
     rewards = RewardSet([RewardSpec(name="code", kwargs={"timeout": 2.0})])
     scores = rewards([row["prompt"] for row in rows] * 2, completions, **columns)
     assert scores.per_reward["code"] == [1.0] * 6 + [0.0] * 6 and scores.failures["code"] == 0
+
+
+POLY_PROMPT = ('import math\n\n\ndef poly(xs: list, x: float):\n    """Evaluates the polynomial xs at x."""\n'
+               '    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])\n\n\n'
+               'def find_zero(xs: list):\n    """Returns x such that poly(xs, x) == 0."""\n')
+POLY_TESTS = ("def check(candidate):\n    for coeffs in ([-6, 11, -6, 1], [1, 2], [-3, 0, 0, 1]):\n"
+              "        assert abs(poly(coeffs, candidate(list(coeffs)))) < 1e-4\n")
+POLY_HONEST = ("```python\ndef find_zero(xs):\n    lo, hi = -10.0, 10.0\n    while hi - lo > 1e-9:\n"
+               "        mid = (lo + hi) / 2\n        if poly(xs, lo) * poly(xs, mid) <= 0:\n            hi = mid\n"
+               "        else:\n            lo = mid\n    return lo\n```")
+POLY_HACK = "```python\ndef poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    return 0.0\n```"
+
+
+@strong
+def test_prompt_helpers_are_the_prompts_through_the_reward():
+    """HumanEval-style rows: the tests' `poly` is the prompt's, whatever the program defines; a chat-style prompt
+    (a list of messages) works the same."""
+    chat = [{"role": "user", "content": "Complete this:\n```python\n" + POLY_PROMPT + "```"}]
+    scores = code_reward([POLY_PROMPT, POLY_PROMPT, chat, chat], [POLY_HONEST, POLY_HACK, POLY_HONEST, POLY_HACK],
+                         tests=[POLY_TESTS] * 4, entry_point=["find_zero"] * 4, timeout=3.0)
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="row 0: tests use poly"):
+        code_reward(["Write find_zero."], [POLY_HACK], tests=[POLY_TESTS], entry_point=["find_zero"])
+    with pytest.raises(ValueError, match="2 prompts for 1 completions"):
+        code_reward(["a", "b"], [POLY_HONEST], tests=[POLY_TESTS], entry_point=["find_zero"])
+    with pytest.raises(ValueError, match="row 0: the prompt must be a string"):
+        code_reward([42], [POLY_HONEST], tests=[POLY_TESTS], entry_point=["find_zero"])

@@ -820,3 +820,131 @@ def add(a, b):
     result = box.run_tests(program, plan_tests(TESTS))
     assert result.pass_rate == 0.0 and result.errors == ["AssertionError"] * 2, result
     assert score(box, "import sys\nassert not sys.path[0].endswith('rewards')\n" + CORRECT) == 1.0
+
+
+# ------------------------------------------------------------------------------ attacks: trusting the program
+FIND_ZERO_PROMPT = '''import math
+
+
+def poly(xs: list, x: float):
+    """Evaluates polynomial with coefficients xs at point x."""
+    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])
+
+
+def find_zero(xs: list):
+    """xs are coefficients of a polynomial of even degree; returns a zero point of poly(xs, x)."""
+'''
+FIND_ZERO_TESTS = '''
+METADATA = {}
+
+
+def check(candidate):
+    import math
+    import random
+    rng = random.Random(42)
+    import copy
+    for _ in range(20):
+        ncoeff = 2 * rng.randint(1, 4)
+        coeffs = []
+        for _ in range(ncoeff):
+            coeff = rng.randint(-10, 10)
+            if coeff == 0:
+                coeff = 1
+            coeffs.append(coeff)
+        solution = candidate(copy.deepcopy(coeffs))
+        assert math.fabs(poly(coeffs, solution)) < 1e-4
+'''
+FIND_ZERO = '''def find_zero(xs):
+    lo, hi = -1.0, 1.0
+    while poly(xs, lo) * poly(xs, hi) > 0:
+        lo, hi = lo * 2.0, hi * 2.0
+    while hi - lo > 1e-10:
+        mid = (lo + hi) / 2.0
+        if poly(xs, mid) * poly(xs, lo) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+'''
+CYCLIC_PROMPT = '''def encode_cyclic(s: str):
+    """Returns the string encoded by cycling groups of three characters."""
+    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in range((len(s) + 2) // 3)]
+    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in groups]
+    return "".join(groups)
+
+
+def decode_cyclic(s: str):
+    """Takes a string encoded with encode_cyclic and returns the decoded string."""
+'''
+CYCLIC_TESTS = '''
+def check(candidate):
+    from random import randint, choice, seed
+    import string
+    seed(0)
+    letters = string.ascii_lowercase
+    for _ in range(30):
+        str = ''.join(choice(letters) for i in range(randint(10, 20)))
+        encoded_str = encode_cyclic(str)
+        assert candidate(encoded_str) == str
+'''
+
+
+@strong
+@pytest.mark.parametrize("prompt, tests, entry, honest, hack", [
+    (FIND_ZERO_PROMPT, FIND_ZERO_TESTS, "find_zero", FIND_ZERO,
+     "def poly(xs, x):\n    return 0.0\ndef find_zero(xs):\n    return 0.0\n"),
+    (CYCLIC_PROMPT, CYCLIC_TESTS, "decode_cyclic", "def decode_cyclic(s):\n    return encode_cyclic(encode_cyclic(s))\n",
+     "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n"),
+], ids=["poly_oracle", "encode_cyclic_oracle"])
+def test_prompt_helpers_come_from_the_prompt(box, prompt, tests, entry, honest, hack):
+    """The tests' oracle is the prompt's helper: a program that redefines it gains nothing, and an honest program
+    may rely on the prompt's definitions (as HumanEval's prompt + completion does)."""
+    plan = plan_tests(tests, entry, prompt)
+    assert plan.candidate_names == [entry]
+    assert box.run_tests(hack, plan).pass_rate == 0.0
+    assert box.run_tests(honest, plan).pass_rate == 1.0
+    assert box.run_tests(prompt.split("\n\n\n")[-2] + "\n" + honest, plan).pass_rate == 1.0  # its own copy: fine
+
+
+def test_plan_takes_only_the_entry_point_from_the_program():
+    with pytest.raises(ValueError, match=r"tests use poly.*entry point 'find_zero'"):
+        plan_tests(FIND_ZERO_TESTS, "find_zero")  # the prompt that defines poly is missing
+    plan = plan_tests(FIND_ZERO_TESTS, "find_zero", "Solve this:\n```python\n" + FIND_ZERO_PROMPT + "```\n")
+    assert plan.candidate_names == ["find_zero"] and "poly" in "".join(plan.prelude)
+    # a function the prompt only declares is the program's to write; without an entry point nothing changes
+    two = "def encode(s):\n    '''encode it'''\n\n\ndef decode(s):\n    ...\n"
+    assert plan_tests(["assert decode(encode('ab')) == 'ab'"], "decode", two).candidate_names == ["decode", "encode"]
+    assert plan_tests(["assert f(1) == g(1)"]).candidate_names == ["f", "g"]
+    with pytest.raises(ValueError, match="prompt must be a string"):
+        plan_tests(["assert f(1) == 1"], "f", 42)
+
+
+@strong
+@pytest.mark.parametrize("tests", [
+    ["assert all(map(lambda x: is_even(x) == (x % 2 == 0), [1, 2, 3, 4]))"],
+    ["assert not any(filter(lambda x: is_even(x) != (x % 2 == 0), [1, 2, 3, 4]))"],
+    ["for got, want in zip(map(is_even, [1, 2, 3]), [False, True, False]):\n    assert got == want"],
+    ["assert list(map(is_even, [2, 4])) == [True, True][:len(list(map(is_even, [2, 4])))]"],
+    ["def check(candidate):\n    assert all(map(lambda x: candidate(x) == (x % 2 == 0), range(5)))\ncheck(is_even)"],
+], ids=["all_map", "any_filter", "zip_map", "list_map", "check_all_map"])
+def test_stop_iteration_from_the_program_is_an_error(box, tests):
+    assert box.run_tests("def is_even(x):\n    raise StopIteration\n", plan_tests(tests)).pass_rate == 0.0
+    assert box.run_tests("def is_even(x):\n    return x % 2 == 0\n", plan_tests(tests)).pass_rate == 1.0
+
+
+@strong
+@pytest.mark.parametrize("tests", [
+    ["xs = [3, 1, 2]\nassert sort_copy(xs) == sorted(xs)"],
+    ["xs = [3, 1, 2]\nout = sort_copy(xs)\nassert out == sorted(xs)"],
+    ["xs = [3, 1, 2]", "assert sort_copy(xs) == sorted(xs)", "assert len(sort_copy(xs)) == len(xs)"],
+    ["def check(candidate):\n    for xs in ([5, 3, 4], [2, 1]):\n        got = candidate(xs)\n        assert got == sorted(xs)\n"
+     "check(sort_copy)"],
+    ["xs = [3, 1, 2]\nassert unsort(sort_copy(xs)) == xs"],
+    ["d = {'b': 1, 'a': 2}\nassert sort_copy(d) == sorted(d)"],
+], ids=["same_assert", "later_statement", "later_unit", "check_loop", "round_trip", "dict"])
+def test_mutating_arguments_does_not_change_the_expected_side(box, tests):
+    hack = ("def sort_copy(xs):\n    xs.clear()\n    return []\n"
+            "def unsort(ys):\n    return []\n")
+    honest = "def sort_copy(xs):\n    return sorted(xs)\ndef unsort(ys):\n    return [3, 1, 2]\n"
+    assert box.run_tests(hack, plan_tests(tests)).pass_rate == 0.0
+    assert box.run_tests(honest, plan_tests(tests)).pass_rate == 1.0
