@@ -21,7 +21,8 @@ with ``units``: degrees, percent, currency (``\\$``, ``€``, ``£``, ``USD``...
 ``5 km²``, ``12 meters``, ``5 m``) are dropped; ``\\text{..}``/``\\mathrm{..}`` are unwrapped (``\\mathrm{e}`` = ``e``);
 thousands separators in either locale (``1,000``, ``1{,}000``, ``1\\,000``, ``2.500,50``, ``1.000.000``) are
 removed when the answer is one number, and ``3,75`` may also read as 3.75 when the other side is a number;
-``[[1, 2], [3, 4]]`` is a matrix; a chain ``y = 2 + 3 = 5`` keeps its last side; ``(C)`` -> ``C``.
+``[[1, 2], [3, 4]]`` is a matrix; ``\\{x \\mid x > 2\\}`` is its condition; a chain ``y = 2 + 3 = 5`` keeps its
+last side; ``(C)`` -> ``C``.
 
 Equivalence (``verify_batch`` / ``is_equivalent`` / ``correctness``, options in ``MathConfig``):
   * labels: with ``assignment``, a side written as ``label = value`` (``x = 3``, ``f(x) = ..``, ``(a, b) = (5, 1)``,
@@ -211,6 +212,7 @@ _EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:\.\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{3}
 _DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d{1,2}|\d{4,})$")
 _CHOICE = re.compile(r"^\(([A-Za-z])\)$")
 _LIST_MATRIX = re.compile(r"^\[\s*\[.*\]\s*\]$")
+_SET_BUILDER = re.compile(r"^\\\{\s*[A-Za-z]\s*(?:\\in\s*\\mathbb\s*\{?R\}?\s*)?(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
 
 
 def _matrix_from_lists(s: str) -> str:
@@ -276,6 +278,8 @@ def normalize(answer: str, units: bool = True) -> str:
         s = s.replace(".", "").replace(",", ".")
     if _LIST_MATRIX.match(s):
         s = _matrix_from_lists(s)
+    if m := _SET_BUILDER.match(s):  # {x | x > 2}: the condition, a relation compared as its solution set
+        s = m.group(1).strip()
     approx = re.split(r"\\approx(?![A-Za-z])", s)
     if len(approx) > 1 and approx[-1].strip():  # x \approx 2.65, \sqrt{7} \approx 2.65: the value
         s = approx[-1].strip()

@@ -119,6 +119,10 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
         (r"x \ne 2", r"(-\infty, 2) \cup (2, \infty)", T),
         ("x > 3", "x < 3", F),
         ("x = 4", "So $x = 4$ satisfies the inequality.", T),
+        (r"(2, \infty)", r"\{x \mid x > 2\}", T),
+        (r"(2, \infty)", r"\{x | x \geq 2\}", F),
+        (r"(-\infty, \infty)", r"\mathbb{R}", T),
+        (r"(-\infty, 2) \cup (2, \infty)", r"\mathbb{R} \setminus \{2\}", T),
     ],
     "labelled answers": [
         ("(5, 1)", "(a, b) = (5, 1)", T),
