@@ -183,7 +183,8 @@ _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div
             "\u00b2": "^2", "\u00b3": "^3", "\u00b9": "^1", "\u22c5": "\\cdot ", "\u00b7": "\\cdot ",
             "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " ",
             "\u2248": "\\approx ", "\u00bd": "\\frac{1}{2}", "\u00bc": "\\frac{1}{4}", "\u00be": "\\frac{3}{4}",
-            "\u2153": "\\frac{1}{3}", "\u2154": "\\frac{2}{3}", "\u2070": "^0", "\u2074": "^4", "\u00b1": "\\pm "}
+            "\u2153": "\\frac{1}{3}", "\u2154": "\\frac{2}{3}", "\u2070": "^0", "\u2074": "^4", "\u00b1": "\\pm ",
+            "\u00b0": "^\\circ "}
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60",
@@ -239,6 +240,8 @@ def normalize(answer: str, units: bool = True) -> str:
     if "=" in s:  # a computation: 200,000-130,000=70,000 has thousands separators, not list commas
         s = re.sub(r"(?<![\d.])(\d{1,3})((?:,\d{3})+)(?![\d,])", lambda m: m.group(1) + m.group(2).replace(",", ""), s)
     s = _DROP.sub("", s)
+    if re.search(r"\\(?:sin|cos|tan|cot|sec|csc)(?![A-Za-z])", s):  # \sin 30^\circ: degrees are pi/180 there
+        s = re.sub(r"(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?", r"(\1\\pi/180)", s)
     if units:
         s = _DROP_UNITS.sub("", s)
         s = _CURRENCY.sub("", s.strip())

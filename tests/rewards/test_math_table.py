@@ -94,6 +94,10 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
         ("45", r"45^\circ", T),
         (r"45^\circ", r"\frac{\pi}{4}", F),
         ("32348", r"\$32,\!348", T),
+        (r"\frac{1}{2}", r"\sin 30^\circ", T),
+        (r"\frac{\sqrt{3}}{2}", "sin(60°)", T),
+        (r"\frac{1}{2}", r"\cos 30^\circ", F),
+        ("120", r"\angle ABC = 120°", T),
     ],
     "relations": [
         (r"t \in [1, 4]", r"1 \le t \le 4", T),
