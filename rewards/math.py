@@ -391,7 +391,7 @@ def _side_variants(raw: str, cfg: MathConfig) -> list[str]:
     return out
 
 
-_CHOICE_WITH_VALUE = re.compile(r"^\(([A-E])\)\s*:?\s*(\S.*)$")
+_CHOICE_WITH_VALUE = re.compile(r"^\(([A-E])\)(?::\s*|\s+)([^-+*/^=\s].*)$")
 
 
 def _pair_variants(gold: str, pred: str, cfg: MathConfig) -> list[tuple[str, str]]:

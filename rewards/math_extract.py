@@ -427,7 +427,7 @@ def _trailing_formula(sentence: str, copula_before: bool = False, drop: int = 3)
     return " ".join(run).strip(",;: ")
 
 
-_TRAILING_REMARK = re.compile(r"\s*\((?=[^()]*[A-Za-z]{3})[^()]*\)[\s.]*$")
+_TRAILING_REMARK = re.compile(r"\s*(?<!\\)\((?=[^()]*(?<![\\A-Za-z])[A-Za-z]{3})[^()]*(?<!\\)\)[\s.]*$")
 _SUBORDINATE = re.compile(r",?\s*\b(?:when|where|whenever|if|since|because|attained|achieved|reached|occurring)\b", re.I)
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -256,6 +257,29 @@ def test_math500_answer_in_other_forms():
     assert accuracy([""] * len(rows), forms, answer=golds) == [1.0] * len(rows)
     wrong = [rf"\boxed{{{g}}} or \boxed{{{g}+1}}" for g in golds[:50]]
     assert sum(accuracy([""] * 50, wrong, answer=golds[:50])) <= 2
+
+
+RUNNING_TEXT_FORMS = ["So we get ${g}$.", "**Answer:** ${g}$", "Thus the value is \\({g}\\).",
+                      "<think>hmm 12</think>\nTherefore the result is\n\\[{g}\\]", "Hence ${g}$ is the answer.",
+                      "After simplification, we find that the required quantity equals ${g}$.", "<answer>{g}</answer>"]
+
+
+def _wrong(gold):
+    digits = list(re.finditer(r"\d", gold))
+    if not digits:
+        return gold + "+1"
+    m = digits[-1]
+    return gold[: m.start()] + str((int(m.group()) + 1) % 10) + gold[m.end():]
+
+
+@pytest.mark.parametrize("form", RUNNING_TEXT_FORMS)
+def test_math500_answers_in_running_text(form):
+    rows = _rows("math500_test.jsonl")
+    golds = [r["answer"] for r in rows]
+    assert correctness([form.format(g=g) for g in golds], golds) == [True] * len(rows)
+    golds = golds[:200]  # the wrong answers mostly need sympy: a sample keeps the test fast
+    accepted = [g for g, ok in zip(golds, correctness([form.format(g=_wrong(g)) for g in golds], golds)) if ok]
+    assert set(accepted) <= {r"864 \mbox{ inches}^2", r"15\mbox{ cm}^2"}  # only a unit's exponent changed
 
 
 def _unboxed(text):
