@@ -395,7 +395,9 @@ class _Launcher:
     """Builds the command line and environment of one sandboxed process; probes nothing."""
 
     def __init__(self, cfg: SandboxConfig, isolated: bool, seccomp: bool = True):
-        self.cfg, self.isolated, self.seccomp = cfg, isolated, seccomp
+        self.cfg, self.isolated = cfg, isolated
+        self.seccomp = seccomp
+        self.keyctl = sandbox_seccomp.SYSCALLS.get(sandbox_seccomp.machine(), {}).get("keyctl")
         self.python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
         self.unshare = shutil.which("unshare") or "unshare"
         # If this process dies mid-run, SIGKILL reaches the run's top process (unshare, which then kills its
@@ -405,8 +407,7 @@ class _Launcher:
         self.view = _root_view(self.python)
         self.boot = _boot_bytecode()
         with contextlib.suppress(OSError):  # the first interpreter imports them: a read-only checkout starts slower
-            for module in (CHILD, sandbox_seccomp.__file__):
-                py_compile.compile(module, doraise=True)
+            py_compile.compile(CHILD, doraise=True)
         self.rlimits = {
             "RLIMIT_AS": cfg.memory_mb << 20,
             "RLIMIT_CPU": math.ceil(cfg.timeout) + 1,
@@ -420,6 +421,14 @@ class _Launcher:
             self.rlimits["RLIMIT_NPROC"] = _tasks_of_uid(os.getuid()) + cfg.max_processes
 
     @property
+    def seccomp(self) -> bool:
+        return self.seccomp_blob is not None
+
+    @seccomp.setter
+    def seccomp(self, on: bool) -> None:
+        self.seccomp_blob = sandbox_seccomp.filter_blob() if on else None
+
+    @property
     def ro_binds(self) -> list[tuple[str, str]]:
         return self.view.binds
 
@@ -428,7 +437,7 @@ class _Launcher:
         spec = {"role": role, "isolate": self.isolated, "uid": uid, "rlimits": self.rlimits, "fds": fds,
                 "ro_binds": self.view.binds, "symlinks": self.view.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb,
                 "python": self.view.python, "library_path": self.view.library_path, "boot": self.boot,
-                "cgroups": list(cgroups), "cpus": cpus, "seccomp": self.seccomp}
+                "cgroups": list(cgroups), "cpus": cpus, "seccomp": self.seccomp_blob, "keyctl": self.keyctl}
         argv = [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOT, marshal.dumps(spec).hex()]
         workdir = None
         if self.isolated:

@@ -52,7 +52,7 @@ MASKED_PROC = ("cmdline", "keys", "key-users", "kallsyms", "modules", "sched_deb
                "sysrq-trigger", "config.gz", "partitions", "swaps", "vmallocinfo")
 BOOT_PYC = "/boot.pyc"  # this module's bytecode inside the new root: what the fresh interpreter runs
 STAGE2 = "stage2"
-sandbox_seccomp = None  # the filter's module (``main`` imports it from beside this file before the chroot)
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
 # ----------------------------------------------------------------------------------------------- isolation
@@ -161,11 +161,11 @@ def become_init(child: int) -> None:
             os._exit(code if code >= 0 else 128 - code)
 
 
-def join_fresh_session_keyring() -> None:
-    """An anonymous, empty session keyring: the keys of the parent's session keyring are no longer possessed."""
+def join_fresh_session_keyring(keyctl: int | None) -> None:
+    """An anonymous, empty session keyring: the keys of the parent's session keyring are no longer possessed.
+    ``keyctl``: the system call's number here (None: an architecture the sandbox has no table for)."""
     ctypes, libc = _libc()
-    numbers = sandbox_seccomp.SYSCALLS.get(sandbox_seccomp.machine())
-    if numbers and libc.syscall(numbers["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+    if keyctl is not None and libc.syscall(keyctl, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
         err = ctypes.get_errno()
         if err != 38:  # ENOSYS: a kernel without keyrings has nothing to isolate
             raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
@@ -176,7 +176,7 @@ def confine(spec: dict) -> None:
     ctypes, libc = _libc()  # before the uid drop: in weak mode the interpreter's files may be unreadable to the sandbox uid
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
-    join_fresh_session_keyring()
+    join_fresh_session_keyring(spec["keyctl"])
     if spec.get("cpus"):
         os.sched_setaffinity(0, spec["cpus"])
     if os.geteuid() == 0:
@@ -193,8 +193,23 @@ def confine(spec: dict) -> None:
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         os._exit(125)
     if spec["seccomp"]:
-        sandbox_seccomp.install()
+        install_seccomp(spec["seccomp"])
     os.umask(0o077)
+
+
+def install_seccomp(blob: bytes) -> None:
+    """Install the filter ``sandbox_seccomp.filter_blob`` built (this process is single-threaded and has set
+    no_new_privs)."""
+    ctypes, libc = _libc()
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    buffer = ctypes.create_string_buffer(blob, len(blob))
+    prog = SockFprog(len(blob) // 8, ctypes.addressof(buffer))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
 
 
 def exec_stage2(spec: dict) -> None:
@@ -514,10 +529,7 @@ def main() -> None:
         ROLES[sys.argv[2]]({"fds": fds})
         return
     spec = marshal.loads(bytes.fromhex(sys.argv[1]))
-    global sandbox_seccomp  # imported here, before the chroot: the fresh interpreter inside never needs it
-    import sandbox_seccomp
-
-    _libc()
+    _libc()  # ctypes, imported before the chroot
     join_cgroups(spec["cgroups"])
     if spec["isolate"]:
         if spec["cgroups"]:

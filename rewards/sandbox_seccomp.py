@@ -1,7 +1,7 @@
 """The seccomp filter every sandboxed process runs under: system calls untrusted test code never needs, refused.
 
-Standard library only (``rewards/sandbox_child.py`` installs it before any untrusted byte runs, after the uid drop
-and ``no_new_privs``; it is inherited by every child and kept across ``execve``). A classic-BPF deny-list built
+Built on the host (``filter_blob``); ``rewards/sandbox_child.py`` installs it before any untrusted byte runs, after the
+uid drop and ``no_new_privs``; it is inherited by every child and kept across ``execve``. A classic-BPF deny-list built
 here and installed with ``prctl(PR_SET_SECCOMP)``: everything not listed is allowed, so ordinary Python (files in
 its private /tmp, threads, subprocesses, pipes, AF_UNIX/INET sockets in its empty network namespace) works
 unchanged. What is refused and why:
@@ -31,7 +31,6 @@ Refused calls fail with EPERM (ENOSYS for ``clone3``), so a program that tries o
 Only x86-64 and aarch64 are described; elsewhere ``filter_problem()`` says so and the sandbox runs without it
 (logged loudly).
 """
-import ctypes
 import os
 import struct
 
@@ -84,7 +83,6 @@ EPERM, ENOSYS = 1, 38
 LD_ABS_W, JEQ, JGE, JSET, JA, AND, RET = 0x20, 0x15, 0x35, 0x45, 0x05, 0x54, 0x06
 RET_KILL_PROCESS, RET_ERRNO, RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 NR, ARCH = 0, 4  # offsets in struct seccomp_data; args[i] at 16 + 8 i (low 32 bits first: little-endian only)
-PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
 def machine() -> str:
@@ -178,20 +176,7 @@ def build_filter(arch: str | None = None) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def install() -> None:
-    """Install the filter on the calling thread (the caller is single-threaded and has set no_new_privs)."""
-    problem = filter_problem()
-    if problem:
-        raise OSError(problem)
-    instructions = build_filter()
-    blob = b"".join(struct.pack("=HBBI", *ins) for ins in instructions)
-    buffer = ctypes.create_string_buffer(blob, len(blob))
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    prog = SockFprog(len(instructions), ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
+def filter_blob(arch: str | None = None) -> bytes:
+    """The filter as the kernel takes it (an array of ``struct sock_filter``), for ``sandbox_child.install_seccomp``
+    (built here, on the host, once: the sandboxed process only hands it to ``prctl``)."""
+    return b"".join(struct.pack("=HBBI", *ins) for ins in build_filter(arch))
