@@ -194,14 +194,14 @@ _RELATION_OPS = [(re.compile(r">=|\\geqslant(?![A-Za-z])|\\geq?(?![A-Za-z])"), r
                  (re.compile(r"<=|\\leqslant(?![A-Za-z])|\\leq?(?![A-Za-z])"), r"\\leq "),
                  (re.compile(r"(?<![\d)}!])!=|\\neq?(?![A-Za-z])"), r"\\neq ")]  # 5!=120 is a factorial
 _WRAPPERS = r"(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mathsf|mbox|boldsymbol|bm|operatorname)"
-_UNIT_TEXT = re.compile(r"\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z][A-Za-z .]*\}"
+_UNIT_TEXT = re.compile(r"\s*\\" + _WRAPPERS + r"\s*\{\s*~?\s*[A-Za-z][A-Za-z ./]*(?:\^\{?\d\}?)?\}"
                         r"(?:\^\{?\d\}?)?(?:\s*/\s*\\" + _WRAPPERS + r"\s*\{\s*[A-Za-z]+\s*\}(?:\^\{?\d\}?)?)?$")
 _UNIT_WORDS = re.compile(r"^(?P<v>[-+]?\d[\d.,]*(?:/\d+)?)(?P<sp>\s*)(?P<u>(?:[A-Za-z]+\.?(?:\^\{?\d\}?)?"
                          r"(?:\s*/\s*[A-Za-z]+(?:\^\{?\d\}?)?)?\s*)+)$")
 _ONE_LETTER_UNITS = set("mgshlLKNJWV")
 _NOT_UNITS = {"pi", "or", "and", "sqrt", "infty", "e", "i"}
-_CURRENCY = re.compile(r"\\(?:euro|texteuro|pounds|textsterling|yen|textyen|textdollar)(?![A-Za-z])|[\u20ac\u00a3\u00a5\u20b9]"
-                       r"|^(?:USD|EUR|GBP|INR|Rs\.?)\s*(?=[-+]?\d)")
+_CURRENCY = re.compile(r"\\(?:euro|texteuro|pounds|textsterling|yen|textyen|textdollar)(?![A-Za-z])|[\u20ac\u00a3\u00a5\u20b9\u20bd\u20a9]"
+                       r"|^(?:USD|EUR|GBP|INR|CHF|JPY|CNY|RMB|AUD|CAD|Rs\.?)\s*(?=[-+]?\d)")
 _SPACING = re.compile(r"(?<!\\)\\(?:,|;|:| |quad\b|qquad\b)|~")
 _DELIMS = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg)(?![A-Za-z])\s*")
 _DROP = re.compile(r"\\(?:displaystyle|textstyle|scriptstyle)(?![A-Za-z])|\\\$|\$")
@@ -209,7 +209,7 @@ _DROP_UNITS = re.compile(r"\\%|%|\\(?:degree)(?![A-Za-z])|\^\s*\{?\s*\\circ\s*\}
 _TEXT_SEP = re.compile(r"\s*\\" + _WRAPPERS + r"\{\s*(?:or|and)\s*\}\s*|\s+(?:or|and)\s+")
 _UNWRAP = re.compile(r"\\" + _WRAPPERS + r"\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
-_EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:\.\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{3}){2,}$")
+_EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:[. ]\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{3}){2,}$")
 _DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d{1,2}|\d{4,})$")
 _CHOICE = re.compile(r"^\(([A-Za-z])\)$")
 _LIST_MATRIX = re.compile(r"^\[\s*\[.*\]\s*\]$")
@@ -264,21 +264,18 @@ def normalize(answer: str, units: bool = True) -> str:
             m = _UNIT_TEXT.search(s)
             if m and re.search(r"\d", s[:m.start()]):
                 s = s[:m.start()].strip()
-        m = _UNIT_WORDS.match(s)
-        if m:
-            words = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group("u"))]
-            one_letter = len(words) == 1 and len(words[0]) == 1
-            if not set(words) & _NOT_UNITS and (not one_letter or (m.group("sp") and m.group("u").strip() in _ONE_LETTER_UNITS)):
-                s = m.group("v")
+        s = _strip_unit_words(s)
     s = re.sub(r"\s*,(?:\s*,)+\s*", ", ", _TEXT_SEP.sub(", ", s))  # "1, 2, and 3"
     for _ in range(3):
         s = _UNWRAP.sub(r"\1", s)
     s = " ".join(s.split()).rstrip(".").strip()
+    if units:
+        s = _strip_unit_words(s)  # \text{7 days}
     s = re.sub(r"([(\[{])\s+|\s+([)\]}])", lambda m: m.group(1) or m.group(2), s)
     if _THOUSANDS.match(s):
         s = s.replace(",", "").replace(" ", "")
     elif _EU_NUMBER.match(s):
-        s = s.replace(".", "").replace(",", ".")
+        s = s.replace(".", "").replace(" ", "").replace(",", ".")
     if _LIST_MATRIX.match(s):
         s = _matrix_from_lists(s)
     if m := _SET_BUILDER.match(s):  # {x | x > 2}: the condition, a relation compared as its solution set
@@ -293,6 +290,18 @@ def normalize(answer: str, units: bool = True) -> str:
         return normalize(parts[last], units)  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value
     m = _CHOICE.match(s)
     return m.group(1) if m else s
+
+
+def _strip_unit_words(s: str) -> str:
+    """``12 meters``, ``60 km/h``, ``5 m`` -> the number (one-letter units only after a space: ``5m`` is 5m)."""
+    m = _UNIT_WORDS.match(s)
+    if not m:
+        return s
+    words = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group("u"))]
+    if set(words) & _NOT_UNITS:
+        return s
+    one_letter = len(words) == 1 and len(words[0]) == 1
+    return m.group("v") if not one_letter or (m.group("sp") and m.group("u").strip() in _ONE_LETTER_UNITS) else s
 
 
 def _plain_text_math(s: str) -> str:
