@@ -69,7 +69,7 @@ from fractions import Fraction
 from typing import Literal
 
 if __name__ != "_rewards_math_worker":  # the worker process only compares normalised strings
-    from rewards.math_extract import _BOX, answer_region, final_answers
+    from rewards.math_extract import _BOX, ATTACHED_UNITS, answer_region, final_answers
     from rewards.math_extract import braced as _braced  # noqa: F401  (rewards.format reads boxes with it)
 
 REL_TOL = 5e-6
@@ -293,15 +293,19 @@ def normalize(answer: str, units: bool = True) -> str:
 
 
 def _strip_unit_words(s: str) -> str:
-    """``12 meters``, ``60 km/h``, ``5 m`` -> the number (one-letter units only after a space: ``5m`` is 5m)."""
+    """``12 meters``, ``60 km/h``, ``5 m``, ``5km`` -> the number; against the number only the units of
+    ``ATTACHED_UNITS`` (``5km``, ``5m``, not ``5xy``), after a space one-letter words only if they are units."""
     m = _UNIT_WORDS.match(s)
     if not m:
         return s
     words = [w.lower() for w in re.findall(r"[A-Za-z]+", m.group("u"))]
     if set(words) & _NOT_UNITS:
         return s
+    if not m.group("sp"):  # 5km is a number of km; 5xy is a product
+        unit = re.sub(r"\^\{?\d\}?|\.", "", m.group("u").strip())
+        return m.group("v") if unit in ATTACHED_UNITS or unit.split("/")[0] in ATTACHED_UNITS else s
     one_letter = len(words) == 1 and len(words[0]) == 1
-    return m.group("v") if not one_letter or (m.group("sp") and m.group("u").strip() in _ONE_LETTER_UNITS) else s
+    return m.group("v") if not one_letter or m.group("u").strip() in _ONE_LETTER_UNITS else s
 
 
 def _plain_text_math(s: str) -> str:

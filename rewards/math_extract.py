@@ -67,8 +67,10 @@ _ENV_OPEN = re.compile(r"\\begin\{(" + _ENV + r")\}")
 _NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")  # Asymptote figures, GSM8K calculator notes
+ATTACHED_UNITS = ("km", "kg", "cm", "mm", "mg", "ml", "mL", "m", "g", "s", "h", "L", "min", "sec", "hr", "hrs", "mph",
+                  "kmh", "ft", "yd", "mi", "lb", "lbs", "oz")  # units written against a number: 5km, 12kg
 _NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+|:\d+)?"
-                     r"(?:\s?\\?%)?(?![\w^])")
+                     r"(?:\s?\\?%)?(?:(?![\w^])|(?=(?:" + "|".join(ATTACHED_UNITS) + r")(?:\^?[23²³])?\b))")
 _JOINER = re.compile(r"^\s*(?:,|;|\band\b|\bor\b|,\s*and\b|,\s*or\b)\s*$", re.I)
 _LONE_VARIABLE = re.compile(r"^(?:[A-Za-z]|\\[A-Za-z]+)(?:_\{?\w+\}?)?(?:\([A-Za-z]\))?$")
 _NEGATION = re.compile(r"\b(?:not|no|never|isn't|cannot|can't|wrong|incorrect)\b", re.I)
