@@ -211,7 +211,7 @@ _UNWRAP = re.compile(r"\\" + _WRAPPERS + r"\s*\{([^{}]*)\}")
 _THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$|^[-+]?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
 _EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:[. ]\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{3}){2,}$")
 _DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d{1,2}|\d{4,})$")
-_CHOICE = re.compile(r"^\(([A-Za-z])\)$")
+_CHOICE = re.compile(r"^(?:\(([A-Za-z])\)|(?:(?:option|choice)\s*\(?)?([A-E])[).]?|(?:option|choice)\s*\(?([a-e])\)?)$", re.I)
 _LIST_MATRIX = re.compile(r"^\[\s*\[.*\]\s*\]$")
 _SET_BUILDER = re.compile(r"^\\\{\s*[A-Za-z]\s*(?:\\in\s*\\mathbb\s*\{?R\}?\s*)?(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
 
@@ -288,8 +288,8 @@ def normalize(answer: str, units: bool = True) -> str:
             len(parts) >= 3 or len(parts) == 2 and not re.search(r"[A-Za-z]", parts[0])):
         last = -2 if len(parts) >= 3 and re.fullmatch(r"\s*[A-Za-z]\s*", parts[-1]) else -1
         return normalize(parts[last], units)  # a chain y = 2 + 3 = 5 (.. = 17 = x), or 5 + 7 = 12: the last value
-    m = _CHOICE.match(s)
-    return m.group(1) if m else s
+    m = _CHOICE.match(s)  # (C), C), Option C
+    return next(g for g in m.groups() if g) if m else s
 
 
 def _strip_unit_words(s: str) -> str:

@@ -52,6 +52,9 @@ TABLE: dict[str, list[tuple[str, str, bool]]] = {
         ("Tuesday", "Monday!", F),
         (r"\text{(C)}", "The correct option is (C).", T),
         (r"\text{(D)}", "The correct option is (C).", F),
+        ("B", "Option B", T),
+        (r"\text{(A)}", "A)", T),
+        ("A", "Option B", F),
     ],
     "locale numbers, currency, units, text": [
         ("3.75", "3,75", T),
