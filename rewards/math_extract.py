@@ -20,8 +20,12 @@ applies, in this order (a text with several ``</think>`` is graded after the las
      equation environment) that is not a lone variable (``... values of $k$.``), joined with the spans of
      the same kind before it that a comma, "and" or "or" separates (``$x = 1$ and $y = 2$`` -> ``x = 1, y = 2``;
      ``$3$ and $5$`` -> ``3, 5``);
-  6. the last number (``-12``, ``3.5``, ``1,000``, ``3/4``), or the number right after the last ``=`` of its
-     sentence (``9 + 6 = 15 liters out of the 24`` -> ``15``);
+     A number after the last span that follows "is" wins over it (``the remainder when $2^{100}$ is divided by 7
+     is 5.`` -> ``5``; ``so the smallest $k$ is 17.`` -> ``17``);
+  6. the last number (``-12``, ``3.5``, ``1,000``, ``3/4``, ``25%``, ``3:8``, ``5km``): the formula that ends its
+     sentence when that is more than the number (``we get x = 3 and y = -1.``, ``the values are 1, 2, and 3.``,
+     ``It takes 2 1/2 hours.``), else the number right after the sentence's last ``=`` (``9 + 6 = 15 liters out
+     of the 24`` -> ``15``), else the number;
   7. a leading "yes" / "no" (``Yes, it is possible.``); else one or two words, after the last "is" of the last
      sentence if it has one (``Monday``, ``The function is even.`` -> ``even``).
 
@@ -31,7 +35,8 @@ opens with prose, what follows its last "is / are / equals / =" (``the smallest 
 every number it holds, as one list (``probably 3, maybe 4`` -> ``3, 4``, which no single gold equals).
 
 Only the last ``MAX_REGION_CHARS`` (20,000) characters of the region are read, in time linear in their length;
-Asymptote figures (``[asy]..[/asy]``) and GSM8K calculator notes (``<<9*2=18>>``) are removed first.
+Asymptote figures (``[asy]..[/asy]``), GSM8K calculator notes (``<<9*2=18>>``) and markdown emphasis
+(``**12**``) are removed first. The checker (``rewards.math``) splits an answer ``A or B`` into alternatives.
 Rules 1-7 never look inside the reasoning before ``</think>``. Dataset gold fields use the same function
 (``$x = 11$`` -> ``x = 11``; ``\\boxed{1}\\boxed{2}`` -> two candidates the checker joins into one list).
 """
@@ -64,9 +69,9 @@ _PHRASE = re.compile(
 _HASHES = re.compile(r"####\s*(.+?)\s*(?:\n|$)")
 _ENV = r"(?:align|equation|gather|eqnarray|multline|displaymath|math)\*?"
 _ENV_OPEN = re.compile(r"\\begin\{(" + _ENV + r")\}")
-_NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")  # Asymptote figures, GSM8K calculator notes
+_NOISE = re.compile(r"\[asy\].*?\[/asy\]", re.S)  # Asymptote figures
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K calculator notes
+_BOLD = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__")  # markdown emphasis
 ATTACHED_UNITS = ("km", "kg", "cm", "mm", "mg", "ml", "mL", "m", "g", "s", "h", "L", "min", "sec", "hr", "hrs", "mph",
                   "kmh", "ft", "yd", "mi", "lb", "lbs", "oz")  # units written against a number: 5km, 12kg
 _NUMBER = re.compile(r"(?<![\w.^_])[-\u2212]?\d+(?:,\d{3}|(?<=\d) \d{3}(?!\d))*(?:\.\d+)?(?:/\d+|:\d+)?"
