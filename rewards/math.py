@@ -10,19 +10,21 @@ Extraction (``rewards.math_extract.final_answers``; its docstring has the preced
 ``</think>``, a bare formula, else every ``\\boxed{}``, else the last ``<answer>``, else the last "final answer"
 / "the answer is" phrase, else ``####``, else the last math span (``$..$``, ``\\[..\\]``...), else the last
 number. The gold goes through the same extraction (``$x = 11$``, ``\\boxed{1}\\boxed{2}``). Several different
-final answers are a hedge: the completion is right when every one of them equals the gold, or when together,
-as one list, they equal a gold of several parts (``\\boxed{3}, \\boxed{5}`` vs ``\\{3, 5\\}``); so
-``\\boxed{3} or \\boxed{4}`` scores 0 against 3 (``multiple_answers="last"`` grades the last one only).
+final answers (several boxes, or one answer ``A or B``) are a hedge: the completion is right when every one of
+them equals the gold, or when together, as one list, they equal a gold of several parts (``\\boxed{3},
+\\boxed{5}`` vs ``\\{3, 5\\}``); so ``\\boxed{3} or \\boxed{4}`` scores 0 against 3 (``multiple_answers="last"``
+grades the last one only); more than ``MAX_CANDIDATES`` (8) distinct answers score 0.
 
 Normalisation (``normalize``): ``$``/``\\(\\)`` delimiters, ``\\left``/``\\right``, spacing commands,
 ``\\displaystyle`` and a trailing period are dropped; ``\\dfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``;
 ``>=``/``\\geq``/``\\geqslant`` -> ``\\geq`` (likewise ``<=``, ``!=``/``\\ne``, unicode); ``km²`` -> ``km^2``;
-with ``units``: degrees, percent, currency (``\\$``, ``€``, ``£``, ``USD``...) and unit suffixes (``\\text{ kg}``,
-``5 km²``, ``12 meters``, ``5 m``) are dropped; ``\\text{..}``/``\\mathrm{..}`` are unwrapped (``\\mathrm{e}`` = ``e``);
+with ``units``: degrees (inside ``\\sin`` and the like they are pi/180), percent, currency (``\\$``, ``€``,
+``£``, ``USD``...) and unit suffixes (``\\text{ kg}``, ``5 km²``, ``12 meters``, ``5 m``, ``5km``) are dropped;
+plain-text math is read as LaTeX (``sqrt(3)/2``, ``pi``, ``3 1/2``, ``five``); ``\\text{..}``/``\\mathrm{..}`` are unwrapped (``\\mathrm{e}`` = ``e``);
 thousands separators in either locale (``1,000``, ``1{,}000``, ``1\\,000``, ``2.500,50``, ``1.000.000``) are
 removed when the answer is one number, and ``3,75`` may also read as 3.75 when the other side is a number;
 ``[[1, 2], [3, 4]]`` is a matrix; ``\\{x \\mid x > 2\\}`` is its condition; a chain ``y = 2 + 3 = 5`` keeps its
-last side; ``(C)`` -> ``C``.
+last side; ``(C)``, ``C)``, ``Option C`` -> ``C``, and ``(B) 12`` may read as ``B`` or ``12``.
 
 Equivalence (``verify_batch`` / ``is_equivalent`` / ``correctness``, options in ``MathConfig``):
   * labels: with ``assignment``, a side written as ``label = value`` (``x = 3``, ``f(x) = ..``, ``(a, b) = (5, 1)``,
