@@ -57,6 +57,7 @@ import atexit
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import select
@@ -186,7 +187,8 @@ _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "\\times ", "\u00f7": "\\div
             "\u222a": "\\cup ", "\u2229": "\\cap ", "\u2208": "\\in ", "\u00a0": " ", "\u2009": " ", "\u202f": " ",
             "\u2248": "\\approx ", "\u00bd": "\\frac{1}{2}", "\u00bc": "\\frac{1}{4}", "\u00be": "\\frac{3}{4}",
             "\u2153": "\\frac{1}{3}", "\u2154": "\\frac{2}{3}", "\u2070": "^0", "\u2074": "^4", "\u00b1": "\\pm ",
-            "\u00b0": "^\\circ "}
+            "\u00b0": "^\\circ ", "\u211d": "\\mathbb{R}", "\u2216": "\\setminus ", "\u2026": "\\ldots ",
+            **{chr(0x2080 + d): f"_{d}" for d in range(10)}}
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60",
@@ -215,6 +217,7 @@ _EU_NUMBER = re.compile(r"^[-+]?\d{1,3}(?:[. ]\d{3})+,\d+$|^[-+]?\d{1,3}(?:\.\d{
 _DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d{1,2}|\d{4,})$")
 _CHOICE = re.compile(r"^(?:\(([A-Za-z])\)|(?:(?:option|choice)\s*\(?)?([A-E])[).]?|(?:option|choice)\s*\(?([a-e])\)?)$", re.I)
 _LIST_MATRIX = re.compile(r"^\[\s*\[.*\]\s*\]$")
+_MEMBERSHIP = re.compile(r"^([^=<>]+?)\s*\\in\s+(?!\\mathbb)(.+)$")
 _SET_BUILDER = re.compile(r"^\\\{\s*[A-Za-z]\s*(?:\\in\s*\\mathbb\s*\{?R\}?\s*)?(?:\\mid|\||:)\s*(.+?)\s*\\\}$")
 
 
@@ -259,6 +262,7 @@ def normalize(answer: str, units: bool = True) -> str:
     s = re.sub(r"\\frac\s*(\{[^{}]*\})\s*(\d)", r"\\frac\1{\2}", s)
     s = re.sub(r"\\sqrt\s*([0-9A-Za-z])", r"\\sqrt{\1}", s)
     s = s.replace("{,}", ",")
+    s = re.sub(r"(?<=\d)\s*(?:\\[lc]?dots|\.\.\.)\s*$", "", s)  # 2.6457513...: the digits shown
     s = " ".join(s.split()).rstrip(".").strip()
     s = re.sub(r"^=\s*", "", s)  # an aligned line "&= 3\sqrt{13}"
     if units:
@@ -282,6 +286,8 @@ def normalize(answer: str, units: bool = True) -> str:
         s = _matrix_from_lists(s)
     if m := _SET_BUILDER.match(s):  # {x | x > 2}: the condition, a relation compared as its solution set
         s = m.group(1).strip()
+    if (m := _MEMBERSHIP.match(s)) and _is_label(m.group(1)):  # g(x) \in (2, 5): the set
+        s = m.group(2).strip()
     approx = re.split(r"\\approx(?![A-Za-z])", s)
     if len(approx) > 1 and approx[-1].strip():  # x \approx 2.65, \sqrt{7} \approx 2.65: the value
         s = approx[-1].strip()
@@ -564,8 +570,11 @@ def _math_verify_parse(s: str):
     from math_verify import parse
 
     for got in parse(f"${s}$", parsing_timeout=None):
-        if not isinstance(got, str):
-            return got
+        if isinstance(got, str):
+            continue
+        if getattr(got, "is_Number", False) and re.search(r"\\in\b|[<>=]|\\[lg]eq|\\neq|\\cup", s):
+            break  # a relation or a set read as one of its numbers (g(x) \in (2, 5) -> 5): not a reading
+        return got
     raise ValueError(f"unparsable: {s[:80]!r}")
 
 
@@ -848,6 +857,7 @@ def _worker_main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.disable(logging.WARNING)  # math-verify warns on every call with its timeouts off; stderr is a file
     parent = os.getppid()
 
     def exit_with_parent():  # even in the middle of a runaway computation
