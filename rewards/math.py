@@ -1088,8 +1088,8 @@ def _judge(golds: list[str], preds: list[str], cfg: MathConfig, cache: bool, poo
     for pair in (v for vs in variants.values() for v in vs):
         if pair in decided or pair in todo:
             continue
-        if cache and (pair + opts) in _CACHE:
-            decided[pair] = _CACHE[pair + opts]
+        if cache and (known := _CACHE.get(pair + opts)) is not None:  # one lookup: another thread may clear it
+            decided[pair] = known
         elif (fast := _fast(*pair, cfg)) is not None:
             decided[pair] = fast
         else:
