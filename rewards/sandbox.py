@@ -1,63 +1,92 @@
-"""A local sandbox for untrusted Python: namespaces + unprivileged uid + rlimits, and a verdict the program cannot forge.
+"""A local sandbox for untrusted Python: namespaces, unprivileged uids, seccomp, cgroups, and a verdict the program cannot forge.
 
 Threat model
 ------------
 The program is arbitrary, possibly adversarial Python written by the policy under RL, which is rewarded for
-passing tests and will exploit any shortcut. It must not be able to (a) harm the host (files, processes, network,
-memory/CPU beyond its limits), (b) outlive its run, or (c) make failing code score as passing. We trust the kernel,
-util-linux ``unshare``, the Python interpreter and the dataset's tests (tests still run sandboxed, so a broken or
-hostile test can only fail). We do not try to stop kernel exploits: no seccomp filter is installed.
+passing tests and will exploit any shortcut, including lowering the rewards of its group-mates. It must not be
+able to (a) harm or read the host (files, processes, network, kernel state, the trainer's keys; memory or CPU
+beyond its share), (b) outlive its run, (c) pass anything to another run (a later sample, or a concurrent one),
+or (d) make failing code score as passing. We trust the kernel, util-linux ``unshare``/``setpriv``, the Python
+interpreter, the dataset's tests and the row's prompt (tests still run sandboxed, so a broken or hostile test
+can only fail). Kernel exploits are out of scope; the seccomp filter only narrows the kernel surface.
 
-Isolation (strong mode, the default; needs root on Linux and util-linux ``unshare``, nothing else)
+Isolation (strong mode, the default; needs root on Linux and util-linux ``unshare`` and ``setpriv``)
   * ``unshare --pid --fork --kill-child --net --mount --ipc --uts``: own pid space (it cannot see or signal any
-    host process; ``kill -9 -1`` only reaches its own children), no network (a fresh net namespace with only a
-    downed loopback), private mounts, SysV IPC and hostname;
+    host process; ``kill -9 -1`` only reaches its own processes), no network (a fresh net namespace with only a
+    downed loopback), private mounts, SysV IPC and hostname (``sandbox``), and a cgroup namespace rooted at the
+    run's cgroup;
   * ``rewards/sandbox_child.py`` (trusted, runs before any untrusted byte is read) builds a new root holding
-    only read-only, nosuid bind mounts of /usr and the interpreter's prefix, four /dev nodes, a fresh /proc and
-    a private size-capped /tmp (the working directory), and chroots into it. The project tree, /root, /home,
-    the host's /tmp and the datasets do not exist in there;
-  * the program runs as uid ``base_uid + slot`` (a distinct unprivileged uid per pool slot, so per-uid limits of
-    parallel runs are independent), no groups, no capabilities, no_new_privs, a minimal environment (no host
-    variables, so no tokens leak);
+    only read-only, nosuid mounts of /usr and the interpreter (an interpreter installed outside /usr appears at
+    ``/opt/python`` through an overlay whose options name no host path), four /dev nodes, a /proc mounted with
+    ``hidepid`` (other uids' processes are invisible) where host-wide files are masked (/proc/cmdline, keys,
+    kallsyms, ...), and a private size-capped /tmp (the working directory), and chroots into it. The process
+    that runs the program then executes a fresh interpreter from that neutral path, so its argv, ``sys.path``,
+    ``sys.executable`` and module file names hold no host path. The project tree, /root, /home, the host's /tmp
+    and the datasets do not exist in there;
+  * uids: each trainer process locks a range of ``UID_RANGE`` uids for itself (``flock`` on a file under
+    ``LOCK_DIR``, released by the kernel when the process dies; a range some live process runs in is skipped),
+    so concurrent trainers (ranks, an evaluation) never share a uid and its per-uid limits; each pool slot gets
+    two uids, the program's and the checker's. No groups, no capabilities, no_new_privs, a fresh empty session
+    keyring (the trainer's is not inherited), a minimal environment (no host variables, so no tokens leak);
+  * seccomp (``rewards/sandbox_seccomp.py``): keyrings, ptrace, mount and namespace calls, bpf,
+    perf_event_open, userfaultfd, io_uring, kexec and modules, memfd_create and SysV shared memory, CPU
+    affinity, sockets other than unix/IP/netlink, raw sockets and other ABIs are refused;
+  * cgroups (``rewards/sandbox_cgroup.py``, v1 and v2): each run gets its own under this process's cgroup, with
+    a memory limit covering all its pages (``memory_mb + tmpfs_mb``: processes, memfd, tmpfs, page cache; no
+    swap), a CPU quota of ``max(1, CPUs / workers)`` CPUs and the weight of its two processes, and a process
+    cap; removed when the run ends. Without them (no root over a writable hierarchy) the pool says so loudly and
+    runs at most one run per CPU, each pinned to its own CPU (seccomp keeps it there); memory is then bounded
+    per process only (RLIMIT_AS; what it does not count is refused by seccomp);
   * rlimits: CPU seconds, address space, file size, open files, processes/threads (per uid), no core dumps;
   * wall clock: the parent kills the namespace's init on timeout; the kernel then kills every process of the
     namespace, double-forked daemons included, before the run is reported done. Any run (timeout or not) ends
     with the namespace torn down: nothing it started survives it, not even a crash of the parent (``setpriv
-    --pdeathsig KILL`` on unshare, whose ``--kill-child`` then takes the namespace down);
+    --pdeathsig KILL`` on unshare, whose ``--kill-child`` then takes the namespace down; ``isolation_problem``
+    refuses to run without ``setpriv``);
   * stdout/stderr are read up to ``max_output_bytes`` each; a run that writes more is killed and fails.
 Weak mode (``allow_weak_isolation=True``, used only when strong isolation is unavailable, with a loud warning
-every time a pool starts): a separate process in its own session with the same rlimits, timeout and output caps,
-and the uid drop when running as root (the interpreter's files must then be readable by other users, or the
-program cannot import modules); no namespaces, so it sees the host filesystem and network, and only its session
-is killed at the end. It is NOT secure against hostile code; use it only to develop on machines without root.
+every time a pool starts): a separate process in its own session with the same rlimits, seccomp filter, fresh
+keyring, timeout and output caps, and the uid drop when running as root (the interpreter's files must then be
+readable by other users, or the program cannot import modules); no namespaces, so it sees the host filesystem
+and network, and only its session is killed at the end. It is NOT secure against hostile code; use it only to
+develop on machines without root.
 
 Verdict (``run_tests``): the tests never enter the program's process
-  * the program is loaded in a *candidate* sandbox; the tests run in a separate *checker* sandbox where every
-    name the tests take from the program (``plan_tests``) is a stub. A call ``f(x)`` sends ``("f", x)`` over a
-    pipe; the candidate runs ``f(x)`` and sends back the result. Only plain values cross, in a tagged binary
-    encoding (``sandbox_child.encode``) that the checker decodes into exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple, dict, set,
-    frozenset); anything else is an error in that test;
-  * so the candidate cannot read or change the tests or the checker (different process, pid and mount
-    namespace; no test file exists in its filesystem); an object whose ``__eq__`` always returns True never
-    reaches the comparison (it cannot be encoded; a builtin subclass arrives as its plain base value);
-    patching builtins, ``AssertionError``, ``__import__`` or the harness only changes the candidate's own
-    process; exiting early (``sys.exit``, ``os._exit``, ``SystemExit``, ``KeyboardInterrupt``) just leaves calls
-    unanswered, i.e. failed; the pass/fail lines come from the checker only, and units without one failed.
+  * the program is loaded in a *candidate* process; the tests run in a *checker* process beside it (same
+    namespaces, another uid, its own /var/tmp) where every name the tests take from the program
+    (``plan_tests``) is a stub. A call ``f(x)`` sends ``("f", x)`` over a pipe; the candidate runs ``f(x)`` and
+    sends back the result. Only plain values cross, in a tagged binary encoding (``sandbox_child.encode``) that
+    the checker decodes into exact builtin types (None, bool, int, float, complex, str, bytes, list, tuple, dict,
+    set, frozenset); anything else is an error in that test;
+  * so the candidate cannot read or change the tests or the checker (another process under another uid: hidden
+    by ``hidepid``, out of reach of its signals, ``/proc/<pid>/mem`` and ptrace; no test file exists in its
+    filesystem); an object whose ``__eq__`` always returns True never reaches the comparison (it cannot be
+    encoded; a builtin subclass arrives as its plain base value); patching builtins, ``AssertionError``,
+    ``__import__`` or the harness only changes the candidate's own process; exiting early (``sys.exit``,
+    ``os._exit``, ``SystemExit``, ``KeyboardInterrupt``) just leaves calls unanswered, i.e. failed; the pass/fail
+    lines come from the checker only, and units without one failed;
+  * the tests trust nothing the program supplies beyond its answers: names the prompt defines (helpers such as
+    HumanEval's ``poly``, the oracle of its test) are the prompt's, run in the checker, and with an
+    ``entry_point`` the program supplies only that function (and functions the prompt declares without a body);
+    a ``StopIteration`` the program raises is an error (it would end a ``map`` inside ``all(...)`` early); the
+    arguments it receives are copies, and its in-place changes are mirrored back only for a call made as a
+    statement of its own (``sort_in_place(xs)``), never for a call whose value the tests use, so it cannot change
+    the expected side of ``assert f(xs) == g(xs)`` or of a later ``assert out == ref(xs)``;
   * test units are the top-level test statements that check something: those holding an ``assert`` or a
     ``raise`` (an assert, a loop of asserts, ``if f(x) != y: raise ...``) and calls of functions the tests define
     (HumanEval's ``check(candidate)``, one unit). Everything else (imports, definitions, assignments, bare calls)
     is setup: it runs in order, and a failure there shows in the units that depend on it.
 Limits of this protocol: arguments and results must be plain values (tests passing lambdas or test-defined
 objects, or expecting program-defined class instances back, fail); in-place changes to list/dict/set arguments are
-mirrored back, deeper aliasing is not; a program's module-level names that shadow builtins are not seen by the
-tests (unlike plain ``exec``, where a program could redefine ``sorted`` for the tests); the program runs as
-module ``candidate``, so its ``if __name__ == "__main__":`` block does not run.
+mirrored back only from statement calls and only one level deep; a program's module-level names that shadow
+builtins are not seen by the tests (unlike plain ``exec``, where a program could redefine ``sorted`` for the
+tests); the program runs as module ``candidate``, so its ``if __name__ == "__main__":`` block does not run; a
+prompt that carries a full solution of a function the tests use (other than the entry point) supplies it.
 
 stdin/stdout (``run_script``): one sandboxed run per case; the parent feeds the input and reads the output, so
 there is nothing to forge; comparison is the caller's (``rewards.code``).
-Limit not covered: memory is capped per process (RLIMIT_AS), so a run may use up to ``memory_mb *
-max_processes`` (a memory cgroup would cap the sum; it is not used, to stay independent of the host's cgroup
-setup).
+Not covered: a concurrent run can still observe timing (load) of its neighbours; host pids of other containers
+sharing this kernel are not seen when ranges are chosen (the uid lock is per machine's /run).
 """
 from __future__ import annotations
 
@@ -433,11 +462,12 @@ class _Launcher:
         return self.view.binds
 
     def start(self, role: str, uid: int, stdin: bytes, fds: dict[str, int], cgroups: list[str] = (),
-              cpus: list[int] | None = None) -> _Process:
+              cpus: list[int] | None = None, checker_uid: int | None = None) -> _Process:
         spec = {"role": role, "isolate": self.isolated, "uid": uid, "rlimits": self.rlimits, "fds": fds,
                 "ro_binds": self.view.binds, "symlinks": self.view.symlinks, "tmpfs_mb": self.cfg.tmpfs_mb,
                 "python": self.view.python, "library_path": self.view.library_path, "boot": self.boot,
-                "cgroups": list(cgroups), "cpus": cpus, "seccomp": self.seccomp_blob, "keyctl": self.keyctl}
+                "cgroups": list(cgroups), "cpus": cpus, "seccomp": self.seccomp_blob, "keyctl": self.keyctl,
+                "checker_uid": checker_uid}
         argv = [self.python, "-I", "-S", "-B", "-X", "utf8", "-c", BOOT, marshal.dumps(spec).hex()]
         workdir = None
         if self.isolated:
@@ -724,10 +754,10 @@ class Sandbox:
             self.cpus = [[available[i]] for i in range(self.workers)]
         self.cpus_per_run = max(1.0, len(os.sched_getaffinity(0)) / self.workers)
         self.launcher = _Launcher(cfg, self.isolated, seccomp=seccomp_problem is None)
-        if os.geteuid() == 0:
-            self._uid_list = _uids_for(cfg.base_uid).take(self.workers)
+        if os.geteuid() == 0:  # two per slot: the program's and the checker's
+            self._uid_list = _uids_for(cfg.base_uid).take(2 * self.workers)
         else:  # no uid switch without root: the slots run as this user
-            self._uid_list = [os.getuid()] * self.workers
+            self._uid_list = [os.getuid()] * (2 * self.workers)
         self._slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(self.workers):
             self._slots.put(i)
@@ -740,15 +770,15 @@ class Sandbox:
 
     @contextlib.contextmanager
     def _slot(self):
-        """(uid, this run's cgroup.procs files, CPUs to pin to); the run's cgroups are removed afterwards."""
+        """(uid, checker uid, this run's cgroup.procs files, CPUs to pin to); the run's cgroups are removed afterwards."""
         index = self._slots.get()
-        uid, run, procs = self._uid_list[index], None, []
+        uid, checker_uid, run, procs = self._uid_list[2 * index], self._uid_list[2 * index + 1], None, []
         try:
             if self.cgroups is not None and self.cgroups.has:
                 run = f"run-{uid}-{next(_run_ids)}"
                 procs = self.cgroups.create(run, (self.cfg.memory_mb + self.cfg.tmpfs_mb) << 20, self.cpus_per_run,
                                             self.cfg.max_processes + 2)
-            yield uid, procs, self.cpus[index]
+            yield uid, checker_uid, procs, self.cpus[index]
         finally:
             if run is not None and not self.cgroups.remove(run):
                 log.warning("code sandbox: cgroup %s could not be removed", run)
@@ -787,7 +817,7 @@ def _payload(program: str) -> bytes:
 
 def _run_script(launcher: _Launcher, slot: tuple, program: str, stdin: str) -> RunResult:
     start = time.monotonic()
-    uid, cgroups, cpus = slot
+    uid, _, cgroups, cpus = slot
     proc = launcher.start("script", uid, _payload(program) + stdin.encode("utf-8", "surrogatepass"), {}, cgroups, cpus)
     captures = [proc.stdout, proc.stderr]
     try:
@@ -803,42 +833,67 @@ def _run_script(launcher: _Launcher, slot: tuple, program: str, stdin: str) -> R
 
 def _run_tests(launcher: _Launcher, slot: tuple, program: str, plan: TestPlan) -> TestResult:
     start = time.monotonic()
-    uid, cgroups, cpus = slot
+    uid, checker_uid, cgroups, cpus = slot
+    candidate_input = sandbox_child.encode([plan.prelude, program])
+    candidate_input = len(candidate_input).to_bytes(4, "big") + candidate_input
+    plan_data = marshal.dumps({"statements": plan.checker_statements, "candidate_names": plan.candidate_names,
+                               "modules": plan.modules})
     req_r, req_w = os.pipe()
     rep_r, rep_w = os.pipe()
     res_r, res_w = os.pipe()
+    child_ends = [req_r, req_w, rep_r, rep_w, res_w]
+    extra: list[_Capture | _Feed] = []
     procs = []
     try:
-        candidate_input = sandbox_child.encode([plan.prelude, program])
-        candidate_input = len(candidate_input).to_bytes(4, "big") + candidate_input
-        procs.append(launcher.start("candidate", uid, candidate_input, {"requests": req_r, "replies": rep_w},
-                                    cgroups, cpus))
-        plan_data = marshal.dumps({"statements": plan.checker_statements, "candidate_names": plan.candidate_names,
-                                   "modules": plan.modules})
-        procs.append(launcher.start("checker", uid, plan_data, {"requests": req_w, "replies": rep_r, "results": res_w},
-                                    cgroups, cpus))
+        if launcher.isolated:  # one set of namespaces, the candidate and the checker as two uids inside it
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            child_ends += [in_r, out_w, err_w]
+            extra = [_Feed(in_w, plan_data), _Capture(out_r, launcher.cfg.max_output_bytes),
+                     _Capture(err_r, launcher.cfg.max_output_bytes)]
+            fds = {"requests_r": req_r, "replies_w": rep_w, "requests_w": req_w, "replies_r": rep_r,
+                   "results": res_w, "checker_in": in_r, "checker_out": out_w, "checker_err": err_w}
+            procs.append(launcher.start("tests", uid, candidate_input, fds, cgroups, cpus, checker_uid=checker_uid))
+        else:  # weak mode: two separate processes
+            procs.append(launcher.start("candidate", uid, candidate_input, {"requests": req_r, "replies": rep_w},
+                                        cgroups, cpus))
+            procs.append(launcher.start("checker", uid, plan_data,
+                                        {"requests": req_w, "replies": rep_r, "results": res_w}, cgroups, cpus))
     except BaseException:
         for p in procs:
             p.signal_kill()
             p.reap()
             p.close()
+        for c in extra:
+            c.close()
         os.close(res_r)
         raise
     finally:
-        for fd in (req_r, req_w, rep_r, rep_w, res_w):
+        for fd in child_ends:
             os.close(fd)
-    candidate, checker = procs
+    candidate = procs[0]
     results = _Capture(res_r, 1 << 20)
-    captures = [results, candidate.stdout, candidate.stderr, checker.stdout, checker.stderr]
+    if launcher.isolated:
+        feed, checker_out, checker_err = extra
+        feeds, checker_proc = [candidate, feed], candidate
+    else:
+        feeds, checker_proc = procs, procs[1]
+        checker_out, checker_err = procs[1].stdout, procs[1].stderr
+    captures = [results, candidate.stdout, candidate.stderr, checker_out, checker_err]
     try:
         deadline = start + launcher.cfg.timeout
-        reason = _pump(procs, captures, checker, deadline)
-        if reason == "exit":  # the checker is done; the candidate leaves by itself once its request pipe closes
+        reason = _pump(feeds, captures, checker_proc, deadline)
+        if reason == "exit" and not launcher.isolated:  # the candidate leaves by itself once its requests end
             _pump([], captures, candidate, min(deadline, time.monotonic() + EXIT_GRACE))
     finally:
         _finish(procs, captures)
         for p in procs:
             p.close()
+        if launcher.isolated:
+            feed.close_stdin()
+            checker_out.close()
+            checker_err.close()
         results.close()
     exceeded = reason == "output" or any(c.over for c in captures[1:])
     units = [i for i, (_, is_unit) in enumerate(plan.statements) if is_unit]
@@ -851,7 +906,21 @@ def _run_tests(launcher: _Launcher, slot: tuple, program: str, plan: TestPlan) -
     passed = [reported.get(i, (False, ""))[0] for i in units]
     errors = ["" if ok else (reported[i][1] if i in reported else "not run") for i, ok in zip(units, passed)]
     return TestResult(passed, errors, reason == "timeout", exceeded, time.monotonic() - start,
-                      bytes(candidate.stderr.data[-4096:]), bytes(checker.stderr.data[-4096:]))
+                      bytes(candidate.stderr.data[-4096:]), bytes(checker_err.data[-4096:]))
+
+
+class _Feed:
+    """A pipe the parent writes ``data`` into, fed by ``_pump`` like a process's stdin."""
+
+    def __init__(self, fd: int, data: bytes):
+        os.set_blocking(fd, False)
+        self.stdin_fd, self.stdin_left = fd, memoryview(data)
+
+    feed = _Process.feed
+    close_stdin = _Process.close_stdin
+
+    def close(self) -> None:
+        self.close_stdin()
 
 
 # ------------------------------------------------------------------------------------------- host checks
@@ -956,7 +1025,7 @@ def isolation_problem() -> str | None:
         return str(e)
     probe = f"import os, socket, sys\nprint(os.getuid(), os.getpid(), os.path.exists({CHILD!r}), socket.if_nameindex(), sys.prefix)"
     try:
-        result = _run_script(launcher, (uid, [], None), probe, "")
+        result = _run_script(launcher, (uid, None, [], None), probe, "")
     except OSError as e:
         return f"cannot start an isolated process: {e}"
     finally:

@@ -52,6 +52,7 @@ MASKED_PROC = ("cmdline", "keys", "key-users", "kallsyms", "modules", "sched_deb
                "sysrq-trigger", "config.gz", "partitions", "swaps", "vmallocinfo")
 BOOT_PYC = "/boot.pyc"  # this module's bytecode inside the new root: what the fresh interpreter runs
 STAGE2 = "stage2"
+CHECKER_TMP = "/var/tmp"  # the checker's writable directory (role "tests"); the candidate's is /tmp
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
@@ -124,8 +125,15 @@ def build_root(spec: dict) -> None:
             mount("/dev/null", target, None, MS_BIND)
             mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     os.mkdir(NEW_ROOT + "/tmp")
-    mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-          f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=1777")
+    if spec["role"] == "tests":  # the candidate's /tmp and the checker's /var/tmp, each closed to the other's uid
+        mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={spec['uid']},gid={spec['uid']}")
+        os.makedirs(NEW_ROOT + CHECKER_TMP)
+        mount("tmpfs", NEW_ROOT + CHECKER_TMP, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={spec['checker_uid']},gid={spec['checker_uid']}")
+    else:
+        mount("tmpfs", NEW_ROOT + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              f"size={spec['tmpfs_mb']}m,nr_inodes=4096,mode=1777")
     with open(NEW_ROOT + BOOT_PYC, "wb") as f:
         f.write(boot)
     mount(None, NEW_ROOT, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
@@ -171,8 +179,9 @@ def join_fresh_session_keyring(keyctl: int | None) -> None:
             raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
 
 
-def confine(spec: dict) -> None:
-    """rlimits, a fresh keyring, (when started as root) the uid drop for good, no_new_privs, the seccomp filter."""
+def confine(spec: dict, uid: int | None = None) -> None:
+    """rlimits, a fresh keyring, (when started as root) the uid drop for good (to ``uid``, by default the spec's),
+    no_new_privs, the seccomp filter."""
     ctypes, libc = _libc()  # before the uid drop: in weak mode the interpreter's files may be unreadable to the sandbox uid
     for name, value in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
@@ -180,7 +189,7 @@ def confine(spec: dict) -> None:
     if spec.get("cpus"):
         os.sched_setaffinity(0, spec["cpus"])
     if os.geteuid() == 0:
-        uid = spec["uid"]
+        uid = spec["uid"] if uid is None else uid
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
@@ -212,15 +221,16 @@ def install_seccomp(blob: bytes) -> None:
         raise OSError(err, f"installing the seccomp filter failed: {os.strerror(err)}")
 
 
-def exec_stage2(spec: dict) -> None:
+def exec_stage2(spec: dict, role: str | None = None, fds: dict | None = None) -> None:
     """Replace this interpreter (started from the host's path) by a fresh one from the neutral path in the root."""
-    fds = spec["fds"]
+    fds = spec["fds"] if fds is None else fds
+    role = role or spec["role"]
     for fd in fds.values():
         os.set_inheritable(fd, True)
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
     if spec["library_path"]:
         env["LD_LIBRARY_PATH"] = spec["library_path"]
-    argv = [spec["python"], "-I", "-S", "-B", "-X", "utf8", BOOT_PYC, STAGE2, spec["role"],
+    argv = [spec["python"], "-I", "-S", "-B", "-X", "utf8", BOOT_PYC, STAGE2, role,
             ",".join(f"{name}={fd}" for name, fd in fds.items())]
     os.execve(spec["python"], argv, env)
 
@@ -535,15 +545,52 @@ def main() -> None:
         if spec["cgroups"]:
             enter_cgroup_namespace()
         build_root(spec)
+        if spec["role"] == "tests":
+            start_tests(spec)
         child = os.fork()
         if child:
             become_init(child)
     confine(spec)
     if spec["isolate"]:
-        if spec["role"] != "checker":
-            exec_stage2(spec)
-        rebase_sys_path(spec)
+        exec_stage2(spec)
     ROLES[spec["role"]](spec)
+
+
+def start_tests(spec: dict) -> None:
+    """Role "tests" (isolated): the candidate and the checker as two children of this init, in one set of
+    namespaces, under two uids. The candidate (stdin/stdout/stderr: the process's) cannot see the checker's
+    process (``hidepid``: another uid), signal it (another uid), trace it (seccomp) or enter its /var/tmp (mode
+    0700, another uid); each holds only its own ends of the pipes. The init leaves when the checker is done,
+    which ends the candidate too."""
+    fds = spec["fds"]
+    candidate_fds = {"requests": fds["requests_r"], "replies": fds["replies_w"]}
+    checker_fds = {"requests": fds["requests_w"], "replies": fds["replies_r"], "results": fds["results"]}
+    if os.fork() == 0:
+        _keep_only([0, 1, 2, *candidate_fds.values()])
+        confine(spec, spec["uid"])
+        exec_stage2(spec, "candidate", candidate_fds)
+    checker = os.fork()
+    if checker == 0:
+        for target, name in enumerate(("checker_in", "checker_out", "checker_err")):
+            os.dup2(fds[name], target)
+        _keep_only([0, 1, 2, *checker_fds.values()])
+        os.chdir(CHECKER_TMP)
+        os.environ.update(HOME=CHECKER_TMP, TMPDIR=CHECKER_TMP)
+        confine(spec, spec["checker_uid"])
+        rebase_sys_path(spec)
+        run_checker({"fds": checker_fds})
+        sys.stdout.flush()
+        os._exit(0)
+    become_init(checker)
+
+
+def _keep_only(keep: list[int]) -> None:
+    """Close every descriptor but ``keep`` (the other role's pipe ends above all)."""
+    last = -1
+    for fd in sorted(set(keep)) + [max(resource.getrlimit(resource.RLIMIT_NOFILE)[0], max(keep) + 1)]:
+        if fd > last + 1:  # os.closerange(n, n) is not empty on every Python: it may close from n on
+            os.closerange(last + 1, fd)
+        last = fd
 
 
 def rebase_sys_path(spec: dict) -> None:

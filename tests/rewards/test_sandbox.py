@@ -758,7 +758,7 @@ print(*Sandbox(SandboxConfig(workers=2)).uids)
 """], capture_output=True, text=True, timeout=60)
     assert other.returncode == 0, other.stderr[-2000:]
     theirs = {int(u) for u in other.stdout.split()}
-    assert len(theirs) == 2 and not theirs & set(box.uids)
+    assert len(theirs) == 4 and not theirs & set(box.uids)  # two per slot: the program's and the checker's
 
 
 def test_missing_setpriv_is_refused_naming_the_package(monkeypatch):
@@ -948,3 +948,37 @@ def test_mutating_arguments_does_not_change_the_expected_side(box, tests):
     honest = "def sort_copy(xs):\n    return sorted(xs)\ndef unsort(ys):\n    return [3, 1, 2]\n"
     assert box.run_tests(hack, plan_tests(tests)).pass_rate == 0.0
     assert box.run_tests(honest, plan_tests(tests)).pass_rate == 1.0
+
+
+@strong
+def test_the_checker_is_out_of_the_programs_reach(box):
+    """The checker runs beside the program (same namespaces, another uid): the program sees no process but its
+    own, cannot signal, trace or read the checker, nor enter its directory; the checker still reports every unit."""
+    program = """
+import ctypes, os, signal
+seen = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+reached = []
+for pid in range(1, 512):
+    if pid == os.getpid():
+        continue
+    for attempt in (lambda: os.kill(pid, signal.SIGKILL), lambda: open(f"/proc/{pid}/mem", "rb").read(1)):
+        try:
+            attempt()
+            reached.append(pid)
+        except OSError:
+            pass
+    if ctypes.CDLL(None).ptrace(16, pid, 0, 0) == 0:  # PTRACE_ATTACH
+        reached.append(pid)
+for path in ("/var/tmp/x", "/var/tmp"):
+    try:
+        open(path, "w") if path.endswith("x") else os.listdir(path)
+        reached.append(path)
+    except OSError:
+        pass
+def add(a, b):
+    return a + b if not reached else -1
+def visible():
+    return seen
+"""
+    result = box.run_tests(program, plan_tests(TESTS + ["assert visible() == []"]))
+    assert result.passed == [True, True, True], result
