@@ -6,12 +6,14 @@ prefix (at a neutral path) is visible. Steps:
 
 1. Isolated runs start as root, as pid 1 of fresh pid/mount/net/ipc/uts namespaces. Join the run's cgroups (memory,
    CPU, pids; ``rewards/sandbox_cgroup.py``) and enter a new cgroup namespace; name the host ``sandbox``. Build a
-   minimal root: a tmpfs holding read-only, nosuid bind mounts of /usr and of the interpreter's prefix (at
-   ``/opt/python`` when it lives outside /usr), /dev/{null,zero,random,urandom}, a fresh /proc for this pid
-   namespace where other users' processes are invisible (``hidepid``: the root init below, whose command line
-   names host paths) and host-wide files are masked (``/proc/cmdline``, ``/proc/keys``, ...), a private,
-   size-capped, writable /tmp, and this module's bytecode as ``/boot.pyc``. chroot into it, then fork. The parent
-   stays the namespace's init (root, holding no fds, doing nothing but reaping). It exits with the child's
+   minimal root: a tmpfs holding read-only, nosuid mounts of /usr and of the interpreter's prefix (at
+   ``/opt/python`` through an overlay when it lives outside /usr), /dev/{null,zero,random,urandom}, a fresh /proc
+   for this pid namespace where other users' processes are invisible (``hidepid``: the root init below, whose
+   command line names host paths, and the checker) and host-wide files are masked (``/proc/cmdline``,
+   ``/proc/keys``, ...), a private, size-capped, writable /tmp (for role "tests": the candidate's, and /var/tmp
+   the checker's, each mode 0700 for its own uid), and this module's bytecode as ``/boot.pyc``. chroot into it,
+   then fork the worker(s): one for "script", the candidate and the checker for "tests". The parent stays the
+   namespace's init (root, holding no fds, doing nothing but reaping). It exits with the (checker's) worker's
    status, and the kernel then kills everything left in the namespace, daemons included.
 2. The child sets its rlimits, joins a fresh, empty session keyring (the parent's is not inherited), pins its CPU
    when asked, drops every group, switches to the unprivileged uid (all capabilities go with uid 0), sets
@@ -21,10 +23,10 @@ prefix (at a neutral path) is visible. Steps:
    the checker, which runs only the tests, keeps its interpreter with ``sys.path`` moved to the binds.
 3. Then it plays its role:
    * ``script`` runs the program as ``__main__`` on the rest of stdin (stdin/stdout test cases);
-   * ``candidate`` runs the prompt's definitions (the prelude: imports and helpers the prompt gives), loads the
-     program as a module and answers calls (function name, arguments) sent by the checker;
-   * ``checker`` runs the test statements in a namespace where every name the tests take from the program is a
-     stub that forwards the call to the candidate process. It reports ``<unit> <0|1> <error>`` lines on the
+   * ``candidate`` (for "tests") runs the prompt's definitions (the prelude: imports and helpers the prompt
+     gives), loads the program as a module and answers calls (function name, arguments) sent by the checker;
+   * ``checker`` (for "tests", under its own uid) runs the test statements in a namespace where every name the
+     tests take from the program is a stub that forwards the call to the candidate process. It reports ``<unit> <0|1> <error>`` lines on the
      results fd. Only plain values cross the boundary (``encode``/``decode``), so the candidate's objects,
      code and patches never reach the process that evaluates the asserts. A ``StopIteration`` raised by the
      program reaches the tests as an error (it would otherwise end a ``map`` or ``filter`` early inside
