@@ -632,6 +632,17 @@ def _relation_list_as_set(x):
     return x
 
 
+def _same_label(a, b) -> bool:
+    """Labels of two assignments that name the same thing: equal, or ``y`` and a function ``f(x)`` (a graph)."""
+    from sympy import Symbol
+    from sympy.core.function import AppliedUndef
+
+    def y_and_call(u, v) -> bool:
+        return isinstance(u, Symbol) and u.name == "y" and isinstance(v, AppliedUndef)
+
+    return a == b or y_and_call(a, b) or y_and_call(b, a)
+
+
 def _equal(g, p) -> bool:
     from sympy import Expr, MatrixBase, Set, Tuple
 
@@ -646,7 +657,7 @@ def _equal(g, p) -> bool:
         g, p = _relation_list_as_set(g), _relation_list_as_set(p)
     ga, pa = _assignment(g), _assignment(p)
     if ga and pa:
-        return ga[0] == pa[0] and _equal(ga[1], pa[1])
+        return _same_label(ga[0], pa[0]) and _equal(ga[1], pa[1])
     if ga and not _is_relation(p):
         return _OPTS[3] and _equal(ga[1], p)
     if pa and not _is_relation(g):
