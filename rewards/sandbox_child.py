@@ -159,7 +159,8 @@ def overlay_neutral(mount, path: str, target: str) -> bool:
 
 
 def become_init(child: int) -> None:
-    """The namespace's init: hold nothing, reap everything, leave with the child's exit status."""
+    """The namespace's init: hold nothing, reap everything, and once ``child`` is done kill and reap what is left
+    (so the CPU time of every process of the run is accounted to it), then leave with the child's exit status."""
     os.closerange(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     while True:
         try:
@@ -168,6 +169,15 @@ def become_init(child: int) -> None:
             os._exit(0)
         if pid == child:
             code = os.waitstatus_to_exitcode(status)
+            try:
+                os.kill(-1, 9)  # SIGKILL to every other process of this pid namespace
+            except ProcessLookupError:
+                pass
+            while True:
+                try:
+                    os.wait()
+                except ChildProcessError:
+                    break
             os._exit(code if code >= 0 else 128 - code)
 
 
