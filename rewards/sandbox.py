@@ -776,8 +776,13 @@ class Sandbox:
         try:
             if self.cgroups is not None and self.cgroups.has:
                 run = f"run-{uid}-{next(_run_ids)}"
-                procs = self.cgroups.create(run, (self.cfg.memory_mb + self.cfg.tmpfs_mb) << 20, self.cpus_per_run,
-                                            self.cfg.max_processes + 2)
+                try:
+                    procs = self.cgroups.create(run, (self.cfg.memory_mb + self.cfg.tmpfs_mb) << 20,
+                                                self.cpus_per_run, 2 * self.cfg.max_processes + 2)
+                except OSError as e:
+                    log.error("!!! CODE SANDBOX: cannot create the cgroups of run %s (%s); it runs without them "
+                              "(rlimits only) !!!", run, e)
+                    run = None
             yield uid, checker_uid, procs, self.cpus[index]
         finally:
             if run is not None and not self.cgroups.remove(run):

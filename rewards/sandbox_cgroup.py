@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import time
+
+log = logging.getLogger("rewards.sandbox")
 
 CONTROLLERS = ("memory", "cpu", "pids")
 PREFIX = "r1-sandbox."
@@ -114,6 +117,7 @@ class Cgroups:
         self.parents: dict[str, str] = {}  # controller -> the r1-sandbox.<pid> directory holding its runs
         self.versions: dict[str, int] = {}
         self.problems: dict[str, str] = {}
+        self.quota_warned = False
         try:
             self._find()
         except OSError as e:
@@ -212,13 +216,19 @@ class Cgroups:
                         _optional(f"{path}/memory.swappiness", "0")
                 elif controller == "cpu":
                     quota = max(1000, int(cpus * CPU_PERIOD_US))
-                    if v2:
-                        _write(f"{path}/cpu.max", f"{quota} {CPU_PERIOD_US}")
-                        _optional(f"{path}/cpu.weight", str(RUN_WEIGHT * 100))
-                    else:
-                        _write(f"{path}/cpu.cfs_period_us", str(CPU_PERIOD_US))
-                        _write(f"{path}/cpu.cfs_quota_us", str(quota))
-                        _optional(f"{path}/cpu.shares", str(RUN_WEIGHT * 1024))
+                    try:
+                        if v2:
+                            _write(f"{path}/cpu.max", f"{quota} {CPU_PERIOD_US}")
+                        else:
+                            _write(f"{path}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+                            _write(f"{path}/cpu.cfs_quota_us", str(quota))
+                    except OSError as e:  # v1 refuses a quota above an enclosing cgroup's: that one bounds the run
+                        if not self.quota_warned:
+                            self.quota_warned = True
+                            log.warning("code sandbox: a CPU quota of %.2f CPUs per run is refused (%s); runs keep "
+                                        "their fair share and the enclosing cgroup's quota", cpus, e)
+                    _optional(f"{path}/cpu.weight" if v2 else f"{path}/cpu.shares",
+                              str(RUN_WEIGHT * (100 if v2 else 1024)))
                 elif controller == "pids":
                     _write(f"{path}/pids.max", str(pids))
         except OSError:

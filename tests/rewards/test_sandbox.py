@@ -982,3 +982,17 @@ def visible():
 """
     result = box.run_tests(program, plan_tests(TESTS + ["assert visible() == []"]))
     assert result.passed == [True, True, True], result
+
+
+@strong
+def test_a_run_whose_cgroups_cannot_be_made_runs_without_them_loudly(box, monkeypatch, caplog):
+    if box.cgroups is None or not box.cgroups.has:
+        pytest.skip("no cgroups here to fail")
+
+    def refuse(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(box.cgroups, "create", refuse)
+    with caplog.at_level("ERROR", logger="rewards.sandbox"):
+        assert score(box, CORRECT) == 1.0
+    assert "cannot create the cgroups" in caplog.text
