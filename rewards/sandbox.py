@@ -328,7 +328,8 @@ def prompt_definitions(prompt: str, entry_point: str | None = None) -> tuple[lis
     The code is the prompt's fenced Python blocks, else the whole prompt if it parses, else the prompt from its
     first line that starts a definition or import. Helpers are functions and classes with a real body (not the
     entry point); a function whose body is only a docstring, ``pass``, ``...`` or ``raise NotImplementedError``
-    is the program's to write. The prelude keeps the imports, the helpers and simple top-level assignments.
+    is the program's to write. The prelude keeps the imports, the helpers and top-level assignments of values
+    that call nothing (constants; ``result = f(3)`` in an example is left out).
     """
     prelude, helpers, stubs = [], set(), set()
     for module in _prompt_code(prompt):
@@ -342,8 +343,9 @@ def prompt_definitions(prompt: str, entry_point: str | None = None) -> tuple[lis
                     prelude.append(ast.unparse(node))
                     helpers.add(node.name)
                     stubs.discard(node.name)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and all(
-                    isinstance(t, ast.Name) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])):
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and all(
+                    isinstance(t, ast.Name) for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            ) and not any(isinstance(n, ast.Call) for n in ast.walk(node.value)):  # constants, not example calls
                 prelude.append(ast.unparse(node))
                 helpers.update(t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
     helpers -= stubs | ({entry_point} if entry_point else set())
