@@ -400,7 +400,8 @@ def _key(s: str) -> str:
 
 
 def _side_variants(raw: str, cfg: MathConfig) -> list[str]:
-    """Normalised readings of one answer: the reading, plus 3.75 for ``3,75`` and 0.5 for ``50%``."""
+    """Normalised readings of one answer: the reading, plus 3.75 for ``3,75``, 0.5 for ``50%``, and ``B`` and ``12``
+    for ``(B) 12``."""
     s = normalize(raw, cfg.units)
     out = [s]
     if m := _DECIMAL_COMMA.match(s):
@@ -420,13 +421,14 @@ def _pair_variants(gold: str, pred: str, cfg: MathConfig) -> list[tuple[str, str
     out: list[tuple[str, str]] = []
     for g in _side_variants(gold, cfg):
         for p in _side_variants(pred, cfg):
-            if cfg.assignment and ("=" in g) != ("=" in p):
+            pair = (g, p)
+            if cfg.assignment and ("=" in g) != ("=" in p):  # x = 3 vs 3; 3! \times 5! = 720 vs 720
                 if "=" in g:
-                    g = normalize(_values(g) or _last_side(g), cfg.units)
+                    pair = (normalize(_values(g) or _last_side(g), cfg.units), p)
                 else:
-                    p = normalize(_values(p) or _last_side(p), cfg.units)
-            if (g, p) not in out:
-                out.append((g, p))
+                    pair = (g, normalize(_values(p) or _last_side(p), cfg.units))
+            if pair not in out:
+                out.append(pair)
     return out
 
 
