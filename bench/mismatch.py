@@ -142,16 +142,16 @@ def main() -> None:
         # R3: the same, with the engine's experts (recorded on its module path) replayed in the trainer's forward
         rec = RolloutEngine(policy, None, SamplingConfig(temperature=1.0, max_new_tokens=L, stop_token_ids=[],
                                                          max_batch=prompts_n * G, record_routing=True))
-        ro = rec.generate(prompts, G)
-        comp = ro.completion_ids.to(dev)
-        routed = torch.stack(ro.routing)  # [N, P+L-1, layers, K] (no stops: every row has L tokens)
+        ro3 = rec.generate(prompts, G)
+        comp3 = ro3.completion_ids.to(dev)
+        routed = torch.stack(ro3.routing)  # [N, P+L-1, layers, K] (no stops: every row has L tokens)
         routed = torch.cat([routed, routed[:, -1:]], 1).long().to(dev)  # the last token's experts: unused
         layers = [i for i, _ in policy.routers() if i < policy.config.num_hidden_layers]  # not the MTP modules
         replay = {layer: routed[:, :, j] for j, layer in enumerate(layers)}
-        base, _ = teacher_forced(policy, p, comp, autocast=autocast)
-        r3, _ = teacher_forced(policy, p, comp, autocast=autocast, replay=replay)
-        print(json.dumps({"rows": "engine (module path) vs trainer", "precision": name, **stats(base, ro.logprobs.to(dev), mask)}))
-        print(json.dumps({"rows": "... with R3", "precision": name, **stats(r3, ro.logprobs.to(dev), mask)}))
+        base, _ = teacher_forced(policy, p, comp3, autocast=autocast)
+        r3, _ = teacher_forced(policy, p, comp3, autocast=autocast, replay=replay)
+        print(json.dumps({"rows": "engine (module path) vs trainer", "precision": name, **stats(base, ro3.logprobs.to(dev), mask)}))
+        print(json.dumps({"rows": "... with R3", "precision": name, **stats(r3, ro3.logprobs.to(dev), mask)}))
         if name != "bf16 weights":
             continue
         alone = [teacher_forced(policy, p[i:i + 1], comp[i:i + 1], autocast=False) for i in range(len(p))]
