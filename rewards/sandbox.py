@@ -96,7 +96,6 @@ import builtins
 import contextlib
 import fcntl
 import functools
-import importlib.util
 import itertools
 import logging
 import marshal
@@ -129,7 +128,7 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.
 # starting the interpreter. It is loaded before the chroot, and before the uid drop in weak mode.
 BOOT = f"import sys; sys.path[:] = [{os.path.dirname(CHILD)!r}] + sys.path; import sandbox_child; sandbox_child.main()"
 NEW_ROOT = "/tmp"  # where sandbox_child.py mounts the new root inside its private mount namespace
-EXIT_GRACE = 0.2  # seconds the candidate gets to exit on its own after the checker is done
+EXIT_GRACE = 0.2  # weak mode: seconds the candidate gets to exit on its own after the checker is done
 STATEMENT_CALL = sandbox_child.STATEMENT_CALL
 NAMESPACES = ["--pid", "--fork", "--kill-child", "--net", "--mount", "--ipc", "--uts", "--propagation", "private"]
 
