@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 WandbMode = Literal["offline", "online", "disabled"]
 WANDB_MODES = ("offline", "online", "disabled")
-POSTFIX_KEYS = ("loss", "reward", "accuracy", "lr", "grad_norm", "tokens_per_s")
+POSTFIX_KEYS = ("loss", "reward", "accuracy", "lr", "grad_norm", "tokens_per_s", "mismatch/k3")
 
 
 def _jsonable(value: Any) -> Any:
