@@ -528,16 +528,21 @@ import ctypes, sys
 sys.path.insert(0, {os.getcwd()!r})
 libc = ctypes.CDLL(None, use_errno=True)
 NR = {SYSCALLS!r}
-assert libc.syscall(NR["keyctl"], 1, None) > 0  # KEYCTL_JOIN_SESSION_KEYRING: a session keyring of our own
-key = libc.syscall(NR["add_key"], b"user", b"secret-{tag}", b"3", 1, -3)
+key = -1
+if libc.syscall(NR["keyctl"], 1, None) > 0:  # KEYCTL_JOIN_SESSION_KEYRING: a session keyring of our own
+    key = libc.syscall(NR["add_key"], b"user", b"secret-{tag}", b"3", 1, -3)
 buf = ctypes.create_string_buffer(8)
-assert key > 0 and libc.syscall(NR["keyctl"], 11, key, buf, 8) == 1 and buf.raw[:1] == b"3"  # it is readable here
+if not (key > 0 and libc.syscall(NR["keyctl"], 11, key, buf, 8) == 1 and buf.raw[:1] == b"3"):
+    print("NOKEYS")  # this host refuses keyrings to us (a container's seccomp profile): nothing to test
+    sys.exit(0)
 from rewards.sandbox import Sandbox, SandboxConfig, plan_tests
 box = Sandbox(SandboxConfig(timeout=5, workers=1))
 print(box.run_tests({attack!r}, plan_tests(["assert add(1, 2) == 3"])).pass_rate)
 """
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.strip() == "NOKEYS":
+        pytest.skip("this host does not let the test process make a session keyring")
     assert out.stdout.strip().splitlines()[-1] == "0.0"
 
 
