@@ -49,7 +49,8 @@ Timeouts are enforced from outside: checks run in a persistent pool of plain wor
 (``python -I``, only the stdlib, sympy, latex2sympy2_extended and math-verify are imported there, never torch
 or the trainer's main module). The parent waits on pipes with a deadline and kills and replaces a worker
 that overruns; the check then counts as not equivalent. No signals are used, so it works from any thread;
-concurrent callers are served one batch at a time.
+concurrent callers share the workers check by check (a hanging check of one caller holds up another's checks
+by at most its timeout and a worker restart, never by a whole batch).
 """
 from __future__ import annotations
 
@@ -919,10 +920,10 @@ class _Worker:
         self.buf = b""
         self.ready = False
         self.started = time.monotonic()
-        self.task: int | None = None
+        self.task: tuple | None = None  # (the _Call, the index of the pair in it)
         self.deadline = 0.0
 
-    def send(self, task: int, gold: str, pred: str, timeout: float, options: tuple = ()) -> bool:
+    def send(self, task, gold: str, pred: str, timeout: float, options: tuple = ()) -> bool:
         try:
             self.proc.stdin.write((json.dumps([gold, pred, *options]) + "\n").encode())
         except (BrokenPipeError, OSError):
@@ -954,12 +955,29 @@ def _default_size() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+class _Call:
+    """One ``VerifierPool.run`` call: its pairs, their verdicts, and the indices not yet sent to a worker."""
+
+    def __init__(self, pairs: list[tuple], timeout: float):
+        self.pairs, self.timeout = pairs, timeout
+        self.results: list[bool | None] = [None] * len(pairs)
+        self.pending = deque(range(len(pairs)))
+        self.left = len(pairs)  # checks without a verdict yet
+        self.cancelled = False
+
+
 class VerifierPool:
     """A persistent pool of sympy worker subprocesses with per-check wall-clock deadlines.
 
     Workers start lazily on the first call. A worker that overruns its check's deadline is killed and
     replaced (the check is not equivalent); one that dies mid-check likewise. Thread-safe: concurrent
-    ``run`` calls are served one at a time.
+    ``run`` calls share the workers check by check: a free worker takes the next check of the call with the
+    fewest checks running (the longest-waiting of those), so a call never waits for another call's whole
+    batch: with every worker busy, its next check goes to the first one that frees (at most one timeout away,
+    plus a restart when that worker was killed), and from then on it keeps its share of the workers.
+    A check's deadline runs from when it is sent to a worker. One calling thread at a time drives the
+    workers (sends, reads, kills) for everyone while the others wait for their verdicts; a verdict goes to
+    the call and index its worker was given, so verdicts never cross calls.
     """
 
     def __init__(self, size: int | None = None):
@@ -967,7 +985,13 @@ class VerifierPool:
         self.pid = os.getpid()
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.calls: deque[_Call] = deque()  # calls with checks not yet sent, in turn order
+        self.driving = False  # a thread is running the workers (only that thread touches them)
         self.timeouts = 0
+        self._wake_r, self._wake_w = os.pipe()  # a new call wakes the driver out of its poll
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     def run(self, pairs: list[tuple], timeout: float = DEFAULT_TIMEOUT) -> list[bool]:
         """Equivalence of each normalised (gold, pred) pair, each check limited to ``timeout`` seconds.
@@ -975,53 +999,131 @@ class VerifierPool:
         A pair may carry ``MathConfig.worker_options()`` as further items: (gold, pred, *options)."""
         if timeout <= 0:
             raise ValueError(f"math verification timeout must be > 0 seconds, got {timeout}")
-        results: list[bool | None] = [None] * len(pairs)
-        with self.lock:
-            pending = deque(range(len(pairs)))
+        call = _Call(list(pairs), timeout)
+        if not call.left:
+            return []
+        with self.cond:
+            self.calls.append(call)
+            self._wake()
             try:
-                while pending or any(w.task is not None for w in self.workers):
-                    while len(self.workers) < min(self.size, max(1, len(pending) + self._busy())):
-                        self.workers.append(_Worker())
-                    for w in self.workers:
-                        if w.ready and w.task is None and pending:
-                            i = pending.popleft()
-                            if not w.send(i, pairs[i][0], pairs[i][1], timeout, tuple(pairs[i][2:])):
-                                pending.appendleft(i)
-                    self._wait(results)
-            except BaseException:  # e.g. KeyboardInterrupt: no worker may keep a task of this batch
-                for w in list(self.workers):
-                    self._drop(w)
+                while call.left:
+                    if self.driving:
+                        self.cond.wait()
+                    else:
+                        self._drive(call)
+            except BaseException:  # e.g. KeyboardInterrupt: no worker may keep a check of this call
+                call.cancelled = True
+                if call in self.calls:
+                    self.calls.remove(call)
+                if not self.driving:
+                    self._reap()
+                    self.cond.notify_all()  # a waiting call may drive now
+                else:
+                    self._wake()  # the driver kills the workers still busy with this call
                 raise
-        return results  # type: ignore[return-value]
+        return call.results  # type: ignore[return-value]
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already signalled
+
+    def _drive(self, call: _Call) -> None:
+        """Run the workers for every call until ``call`` has all its verdicts (the lock held, released while polling)."""
+        self.driving = True
+        try:
+            while call.left:
+                self._reap()
+                self._dispatch()
+                wait = self._wait_seconds()
+                poller = select.poll()  # not select.select: the trainer may hold fds above FD_SETSIZE
+                poller.register(self._wake_r, select.POLLIN)
+                for w in self.workers:
+                    poller.register(w.fd, select.POLLIN)
+                self.cond.release()
+                try:
+                    readable = {fd for fd, _ in poller.poll(wait * 1000)}
+                finally:
+                    self.cond.acquire()
+                self._collect(readable)
+        except BaseException:  # a worker's state may be half-updated: drop them all, others' checks start again
+            self._drop_all()
+            raise
+        finally:
+            self.driving = False
+            self.cond.notify_all()
+
+    def _reap(self) -> None:
+        """Kill the workers busy with a check of a cancelled call."""
+        for w in list(self.workers):
+            if w.task is not None and w.task[0].cancelled:
+                self._drop(w)
+
+    def _dispatch(self) -> None:
+        """Start workers as needed, then give each idle ready worker the next check, one call after another."""
+        pending = sum(len(c.pending) for c in self.calls)
+        while len(self.workers) < min(self.size, max(1, pending + self._busy())):
+            self.workers.append(_Worker())
+        running: dict[int, int] = {}
+        for w in self.workers:
+            if w.task is not None:
+                running[id(w.task[0])] = running.get(id(w.task[0]), 0) + 1
+        for w in self.workers:
+            if not self.calls:
+                break
+            if w.ready and w.task is None:
+                c = min(self.calls, key=lambda c: running.get(id(c), 0))  # the first of those with fewest running
+                self.calls.remove(c)
+                i = c.pending.popleft()
+                if not w.send((c, i), c.pairs[i][0], c.pairs[i][1], c.timeout, tuple(c.pairs[i][2:])):
+                    c.pending.appendleft(i)
+                    self.calls.appendleft(c)
+                    continue
+                running[id(c)] = running.get(id(c), 0) + 1
+                if c.pending:
+                    self.calls.append(c)  # its turn again after the others'
 
     def _busy(self) -> int:
         return sum(w.task is not None for w in self.workers)
 
-    def _wait(self, results: list) -> None:
+    def _wait_seconds(self) -> float:
         now = time.monotonic()
         deadlines = [w.deadline if w.task is not None else w.started + WORKER_STARTUP_TIMEOUT
                      for w in self.workers if w.task is not None or not w.ready]
-        wait = max(0.0, min(deadlines) - now) if deadlines else 0.0
-        poller = select.poll()  # not select.select: the trainer may hold fds above FD_SETSIZE
-        for w in self.workers:
-            poller.register(w.fd, select.POLLIN)
-        readable = {fd for fd, _ in poller.poll(wait * 1000)}
+        return min(1.0, max(0.0, min(deadlines) - now)) if deadlines else 1.0
+
+    def _verdict(self, w: _Worker, ok: bool) -> None:
+        c, i = w.task
+        w.task = None
+        if c.results[i] is None:
+            c.results[i] = ok
+            c.left -= 1
+            if not c.left:
+                self.cond.notify_all()
+
+    def _collect(self, readable: set) -> None:
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
         for w in list(self.workers):
             if w.fd in readable:
                 lines = w.read_lines()
                 if lines is None:
-                    self._died(w, results)
+                    self._died(w)
                     continue
                 for line in lines:
                     if line == "ready":
                         w.ready = True
                     elif w.task is not None:
-                        results[w.task] = line == "1"
-                        w.task = None
+                        self._verdict(w, line == "1")
         now = time.monotonic()
         for w in list(self.workers):
             if w.task is not None and now >= w.deadline:
-                results[w.task] = False
+                self._verdict(w, False)
                 self.timeouts += 1
                 self._drop(w)
                 self.workers.append(_Worker())  # warm the replacement now, not on the next call
@@ -1031,26 +1133,40 @@ class VerifierPool:
                 raise RuntimeError(f"math verification worker did not start within {WORKER_STARTUP_TIMEOUT:.0f}s "
                                    f"(needs sympy and latex2sympy2_extended in {sys.executable}); stderr:\n{tail}")
 
-    def _died(self, w: _Worker, results: list) -> None:
+    def _died(self, w: _Worker) -> None:
         if not w.ready:
             tail = w.stderr_tail()
             self._drop(w)
             raise RuntimeError(f"math verification worker exited during start-up (needs sympy and "
                                f"latex2sympy2_extended in {sys.executable}); stderr:\n{tail}")
         if w.task is not None:
-            results[w.task] = False
+            self._verdict(w, False)
         self._drop(w)
 
     def _drop(self, w: _Worker) -> None:
         w.kill()
         self.workers.remove(w)
 
+    def _drop_all(self) -> None:
+        """Kill every worker; the checks they had go back to their calls' queues (sent again later, afresh)."""
+        for w in list(self.workers):
+            if w.task is not None and not w.task[0].cancelled:
+                c, i = w.task
+                if c.results[i] is None:
+                    c.pending.appendleft(i)
+                    if c not in self.calls:
+                        self.calls.appendleft(c)
+            w.task = None
+            self._drop(w)
+
     def close(self) -> None:
         if os.getpid() != self.pid:
             return
-        with self.lock:
-            for w in list(self.workers):
-                self._drop(w)
+        with self.cond:
+            while self.driving:
+                self.cond.wait()
+            self._drop_all()  # a call still waiting gets new workers from its own thread
+            self.cond.notify_all()
 
 
 _POOL: VerifierPool | None = None
