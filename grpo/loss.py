@@ -132,6 +132,23 @@ class LossOutput:
     tokens: float  # mask sum of the micro-batch (weight of ``metrics`` when averaging micro-batches)
 
 
+def _blocked_log_softmax(block_logits, ids: Tensor, temperature: float, rows: int, n: int):
+    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s)`` gives for rows s..s+rows
+    (``_SelectiveLogSoftmax``'s formulas), one block at a time."""
+    y = ids.reshape(-1, 1)
+    lse, logp, ent = (torch.empty(n, device=ids.device) for _ in range(3))
+    for s in range(0, n, rows):
+        z = block_logits(s).float()
+        z = z if temperature == 1 else z / temperature
+        m = z.amax(-1, keepdim=True)
+        e = (z - m).exp_()
+        total = e.sum(-1)
+        lse[s:s + rows] = block_lse = total.log() + m[:, 0]
+        logp[s:s + rows] = z.gather(-1, y[s:s + rows]).squeeze(-1) - block_lse
+        ent[s:s + rows] = block_lse - e.mul_(z).sum(-1) / total
+    return lse, logp, ent
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(z / T)[y] and (without gradient) the entropy of softmax(z / T), in blocks of rows, never
     materialising log_softmax(z) [N, L, V]: each block is read once forward and once backward, and its
@@ -144,17 +161,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, rows: int, overwrite: bool = False):
-        flat, y = logits.reshape(-1, logits.shape[-1]), ids.reshape(-1, 1)
-        lse, logp, ent = (torch.empty(flat.shape[0], device=logits.device) for _ in range(3))
-        for s in range(0, flat.shape[0], rows):
-            z = flat[s:s + rows].float()
-            z = z if temperature == 1 else z / temperature
-            m = z.amax(-1, keepdim=True)
-            e = (z - m).exp_()
-            total = e.sum(-1)
-            lse[s:s + rows] = block_lse = total.log() + m[:, 0]
-            logp[s:s + rows] = z.gather(-1, y[s:s + rows]).squeeze(-1) - block_lse
-            ent[s:s + rows] = block_lse - e.mul_(z).sum(-1) / total
+        flat = logits.reshape(-1, logits.shape[-1])
+        lse, logp, ent = _blocked_log_softmax(lambda s: flat[s:s + rows], ids, temperature, rows, flat.shape[0])
         ctx.save_for_backward(logits, ids, lse)
         ctx.temperature, ctx.rows, ctx.overwrite = temperature, rows, overwrite
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
@@ -173,6 +181,54 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             p = torch.sub(z if T == 1 else z / T, lse[s:s + rows, None], out=grad[s:s + rows]).exp_()
             p.mul_(-g[s:s + rows]).scatter_add_(-1, y[s:s + rows], g[s:s + rows])
         return grad.to(logits.dtype).view(logits.shape), None, None, None, None
+
+
+class _HeadLogSoftmax(torch.autograd.Function):
+    """The output layer fused with ``_SelectiveLogSoftmax``: logits z = h W^T are made block by block of rows and
+    dropped, so neither the forward nor the backward holds [N, L, V]; only h, W and one fp32 log-sum-exp per row
+    are saved. Per block: z = fp32(h_b W^T) (the GEMM in W's dtype with fp32 output, as ``lm_head`` then
+    ``.float()`` give), then the same formulas; backward: g_z = (1[v = y] - softmax(z / T)_v) g / T recomputed from
+    the saved log-sum-exp, d h = g_z W, d W = sum_b g_z^T h_b."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        lse, logp, ent = _blocked_log_softmax(lambda s: F.linear(flat[s:s + rows], weight), ids, temperature, rows,
+                                              flat.shape[0])
+        ctx.save_for_backward(hidden, weight, ids, lse)
+        ctx.temperature, ctx.rows = temperature, rows
+        logp, ent = logp.view(ids.shape), ent.view(ids.shape)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        hidden, weight, ids, lse = ctx.saved_tensors
+        T, rows = ctx.temperature, ctx.rows
+        flat, y = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, 1)
+        g = grad_logp.reshape(-1, 1).float() / T
+        grad_h = torch.empty_like(flat)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, flat.shape[0], rows):
+            z = F.linear(flat[s:s + rows], weight).float()
+            p = (z if T == 1 else z / T).sub_(lse[s:s + rows, None]).exp_()
+            gz = p.mul_(-g[s:s + rows]).scatter_add_(-1, y[s:s + rows], g[s:s + rows])
+            grad_h[s:s + rows] = (gz.to(weight.dtype) @ weight).to(flat.dtype)
+            grad_w.addmm_(gz.t(), flat[s:s + rows].float())
+        return grad_h.view(hidden.shape), grad_w.to(weight.dtype), None, None, None
+
+
+def head_logprobs_and_entropy(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
+                              *, entropy: bool = True, rows: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``logprobs_and_entropy(hidden @ weight.T, ids, temperature)`` without materialising the logits: hidden
+    [N, L, d] (the final normed hidden states at the positions that predict ``ids`` [N, L]), weight [V, d] (the
+    output layer). Blocks of ``rows`` positions (default: ~64 MB of fp32 logits on CPU, ~1 GB on GPU). The
+    entropy carries no gradient."""
+    if rows is None:
+        block = (1 << 26) if hidden.device.type == "cpu" else (1 << 30)
+        rows = max(1, block // (4 * weight.shape[0]))
+    logp, ent = _HeadLogSoftmax.apply(hidden, weight, ids, temperature, rows)
+    return logp, ent if entropy else None
 
 
 def logprobs_and_entropy(logits: Tensor, ids: Tensor, temperature: float = 1.0, *, entropy: bool = True,

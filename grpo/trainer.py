@@ -51,8 +51,8 @@ from grpo import checkpoint
 from grpo.advantages import AdvantageConfig, combine_rewards, compute_advantages, group_stats, rewards_tensor
 from grpo.config import ConfigError
 from grpo.logger import MetricsLogger
-from grpo.loss import (LossConfig, LossNorm, Mismatch, grpo_loss, logprobs_and_entropy, loss_mask,
-                       rollout_correction)
+from grpo.loss import (LossConfig, LossNorm, Mismatch, grpo_loss, head_logprobs_and_entropy, logprobs_and_entropy,
+                       loss_mask, rollout_correction)
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
 from grpo.optim import AdamWConfig, build_step, uses_deepspeed
 from grpo.parallel import ParallelConfig, expert_parallel_group
@@ -95,6 +95,9 @@ class TrainerConfig:
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
     cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.cpu_threads)
+    # the output layer and log-probs computed together in blocks of positions (grpo.loss.head_logprobs_and_entropy):
+    # the update never holds [micro-batch, L, V] logits; same values and gradients as the plain head
+    chunked_head: bool = True
 
     def __post_init__(self):
         positive = ("max_steps", "prompts_per_step", "group_size", "mu", "minibatches", "micro_batch_size",
@@ -412,11 +415,18 @@ class GRPOTrainer:
         replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
         P, L = batch.prompt_ids.shape[1], completion.shape[1]
         keep = torch.arange(P - 1, P + L - 1, device=dev)  # positions whose logits predict the completion
+        head = self._fused_head()
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
-                        logits_to_keep=keep)
-            logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature, entropy=entropy,
-                                             entropy_grad=self.cfg.loss.entropy_coef > 0, overwrite_logits=True)
+            if head is not None and not (grad and self.cfg.loss.entropy_coef > 0):  # no [n, L, V] logits
+                out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
+                            logits_to_keep=keep[:0], output_hidden_states=True)
+                logp, ent = head_logprobs_and_entropy(out.hidden_states[-1][:, keep], head, completion,
+                                                      self.sampling.temperature, entropy=entropy)
+            else:
+                out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
+                            logits_to_keep=keep)
+                logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature, entropy=entropy,
+                                                 entropy_grad=self.cfg.loss.entropy_coef > 0, overwrite_logits=True)
         aux = getattr(out, "aux_loss", None)
         return logp, ent, (aux if aux is not None and grad else None)
 
@@ -441,6 +451,14 @@ class GRPOTrainer:
         m = {f"mismatch/expert_flips/layer_{layer}": f / max(n, 1) for layer, (f, n) in sorted(self._flips.items())}
         m["mismatch/expert_flips"] = sum(f for f, _ in self._flips.values()) / max(sum(n for _, n in self._flips.values()), 1)
         return m
+
+    def _fused_head(self) -> Tensor | None:
+        """The output layer's weight when the log-probs can be computed with it block by block (``chunked_head``:
+        a plain bias-free linear head, no logit soft-capping), else None."""
+        head = self.policy.get_output_embeddings()
+        plain = (type(head) is torch.nn.Linear and head.bias is None
+                 and getattr(self.policy.config, "final_logit_softcapping", None) is None)
+        return head.weight if self.cfg.chunked_head and plain else None
 
     def _autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)

@@ -281,3 +281,21 @@ def test_corrections_need_recompute():
         LossConfig(rollout_is="token")
     with pytest.raises(ConfigError, match="rollout_mask_band"):
         LossConfig(old_logprobs="recompute", rollout_mask="token", rollout_mask_band=[1.1, 2.0])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 7, 21, 64])  # 21 = all rows; 5 does not divide 21
+def test_head_logprobs_equal_the_materialised_logits(rows):
+    from grpo.loss import head_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    ids, weights = torch.randint(0, 50, (3, 7), generator=g), torch.randn(3, 7, generator=g)
+    logp, ent = head_logprobs_and_entropy(h, w, ids, 0.7, rows=rows)
+    ref, ref_ent = logprobs_and_entropy(h @ w.t(), ids, 0.7)
+    torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-5)  # fp32 GEMMs of other shapes: last-bit differences
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-5)
+    got = torch.autograd.grad((logp * weights).sum(), (h, w))
+    want = torch.autograd.grad((ref * weights).sum(), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

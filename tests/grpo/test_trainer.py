@@ -237,3 +237,20 @@ def test_two_processes_stay_in_sync(tmp_path):
     assert a["w"] == b["w"] and a["w_abs"] == b["w_abs"] and a["bias"] == b["bias"] and a["bias"] > 0
     assert a["reward"] == b["reward"] and a["rounds"] == b["rounds"] and a["index"] == b["index"]
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize("arch", ["v3", "generic"])
+def test_chunked_head_gives_the_same_step(tmp_path, arch):
+    """The output layer fused with the log-probs (no [n, L, V] logits) gives the plain head's losses, metrics and
+    weights after two RL steps (fp32)."""
+    runs = {}
+    for chunked in (True, False):
+        t = make(tmp_path / str(chunked), arch=arch, max_steps=2, chunked_head=chunked)
+        metrics = [t.train_step()[0] for _ in range(2)]
+        runs[chunked] = metrics, {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
+    (m1, w1), (m0, w0) = runs[True], runs[False]
+    for a, b in zip(m1, m0):
+        for key in ("loss", "grad_norm", "entropy", "ratio"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    for key in w0:
+        torch.testing.assert_close(w1[key], w0[key], rtol=1e-5, atol=1e-6, msg=key)
