@@ -4,12 +4,14 @@ A stage declares one dataclass (composed of the dataclasses that sit next to the
 configure); a recipe is a YAML mapping over its fields; command-line ``key=value`` pairs override
 single fields, nested with dots (``sampling.temperature=0.7``). Everything is validated before any
 work starts: unknown keys, wrong types and failed cross-field checks (``__post_init__`` raising
-``ConfigError``) are reported with the dotted key and what is allowed.
+``ConfigError``) are reported with the dotted key and what is allowed. Booleans are strict: only
+``true``/``false`` (YAML 1.1's ``yes``/``no``/``on``/``off`` are strings, so a bool field refuses them).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -19,6 +21,23 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class _StrictBoolLoader(yaml.SafeLoader):
+    """YAML with strict booleans: only true/false (any case YAML 1.2 allows) are booleans; YAML 1.1's
+    yes/no/on/off/y/n stay strings, so a bool field given one is refused instead of silently read."""
+
+
+_StrictBoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictBoolLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_load(stream) -> Any:
+    return yaml.load(stream, Loader=_StrictBoolLoader)
 
 
 class ConfigError(ValueError):
@@ -88,7 +107,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return {_convert(kt, k, key): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
+            raise ConfigError(key, f"expected true or false (booleans are strict), got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -132,9 +151,10 @@ def build(cls: type[T], values: dict, prefix: str = "") -> T:
 
 
 def _parse_scalar(text: str) -> Any:
-    """Parse an override's value with YAML rules (numbers, booleans, null, lists, mappings)."""
+    """Parse an override's value with YAML rules (numbers, booleans, null, lists, mappings); booleans are
+    only true/false (``yes``/``on`` stay strings)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return _yaml_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
 
@@ -161,7 +181,7 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: list[
         if not path.is_file():
             raise ConfigError("--recipe", f"no such recipe file: {path}")
         with path.open() as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _yaml_load(f) or {}
         if not isinstance(loaded, dict):
             raise ConfigError("--recipe", f"{path} must hold a YAML mapping of config keys")
         values = loaded

@@ -116,3 +116,19 @@ def test_help_shows_the_parents_nested_defaults(capsys):
     with pytest.raises(SystemExit):
         cli(FromCheckpoint, "demo", ["--help"])
     assert "sampling.temperature : float = 0.6" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "y", "Yes", "OFF"])
+def test_booleans_are_strict_in_overrides_and_recipes(tmp_path, text):
+    with pytest.raises(ConfigError) as e:
+        load_config(Stage, None, [f"bf16={text}"])
+    assert e.value.key == "bf16" and "expected true or false" in str(e.value) and repr(text) in str(e.value)
+    with pytest.raises(ConfigError, match=rf"^bf16: expected true or false .*got '{text}'$"):
+        load_config(Stage, write(tmp_path, f"bf16: {text}\n"))
+    assert load_config(Stage, None, [f"resume_from={text}"]).resume_from == text  # a string stays a string
+
+
+def test_true_false_still_parse():
+    assert load_config(Stage, None, ["bf16=true"]).bf16 is True
+    assert load_config(Stage, None, ["bf16=False"]).bf16 is False
+    assert load_config(Stage, None, ["sampling.stop=[yes, 'no']"]).sampling.stop == ["yes", "no"]
