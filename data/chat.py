@@ -44,6 +44,8 @@ def _check_messages(messages: list[dict]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise ValueError(f"message {i} is an empty assistant turn; assistant content must be non-empty text")
 
 
 def _encode_by_prefixes(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

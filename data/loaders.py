@@ -13,7 +13,8 @@
    (nested braces matched), e.g. of a MATH ``solution`` column mapped to ``answer``. For ``gsm8k``/``boxed``
    the full text is also kept as ``solution`` when the row has none;
 5. validate each row: every required field present and a non-empty string (``answer`` may also be a
-   number, converted to ``str``; ``messages`` must be a non-empty list of ``{role, content}`` strings).
+   number, converted to ``str``; ``messages`` must be a non-empty list of ``{role, content}`` strings,
+   with no empty or whitespace-only assistant turn).
    A malformed row raises ``DataError`` naming the source, the 1-based row number and the problem,
    unless ``skip_invalid``: then it is dropped, counted in ``n_skipped`` and logged as a warning.
 
@@ -149,6 +150,9 @@ def _check_field(row: dict, name: str, column: str) -> None:
         for i, m in enumerate(value):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"{what}: message {i} must have string 'role' and 'content', got {m!r:.60}")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise ValueError(f"{what}: message {i} is an empty assistant turn; assistant content must be "
+                                 "non-empty text (it is what SFT trains on)")
         return
     if name == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
         row[name] = value = str(value)

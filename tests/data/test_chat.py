@@ -73,6 +73,8 @@ def test_bad_messages_and_missing_template(tokenizer):
         encode_chat(tokenizer, [])
     with pytest.raises(ValueError, match="message 1 must be a dict with string 'role' and 'content'"):
         encode_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant"}])
+    with pytest.raises(ValueError, match="message 1 is an empty assistant turn"):
+        encode_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}])
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):

@@ -146,3 +146,14 @@ def test_real_math500_boxed_matches_answer_column():
                                  answer_format="boxed", limit=100), ["prompt", "answer"])
     assert len(plain) == 500 and len(boxed) == 100
     assert [b["answer"].replace(" ", "") for b in boxed] == [p["answer"].replace(" ", "") for p in plain[:100]]
+
+
+@pytest.mark.parametrize("content", ["", "  \n"])
+def test_empty_assistant_turn_names_file_and_row(tmp_path, content):
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]}
+    path = write_jsonl(tmp_path / "sft.jsonl", [ok, ok, bad])
+    with pytest.raises(DataError, match=rf"^{path}: row 3: field 'messages': message 1 is an empty assistant turn"):
+        load_rows(DataConfig(path=str(path)), ["messages"])
+    loaded = load_rows(DataConfig(path=str(path), skip_invalid=True), ["messages"])
+    assert len(loaded) == 2 and loaded.n_skipped == 1
