@@ -18,14 +18,17 @@
    A malformed row raises ``DataError`` naming the source, the 1-based row number and the problem,
    unless ``skip_invalid``: then it is dropped, counted in ``n_skipped`` and logged as a warning.
 
-Problems with the dataset as a whole (missing file, unreadable file, a mapped column that does not
-exist, a required field with no column) always raise ``DataError``.
+Problems with the dataset as a whole (missing file, unreadable or empty file, a mapped column that does
+not exist, a required field with no column) always raise ``DataError``. Local ``.jsonl``/``.json``/``.csv``
+files are checked before loading: a line that is not UTF-8 raises ``DataError`` naming the file and its
+1-based line (under ``skip_invalid`` such a ``.jsonl`` line is dropped and counted in ``n_skipped``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -107,22 +110,67 @@ def _unreadable(path: Path, builder: str, error: Exception) -> DataError:
                     json.loads(line)
                 except json.JSONDecodeError as e:
                     return DataError(f"{path}: row {n}: invalid JSON ({e.msg} at column {e.colno})")
-    return DataError(f"{path}: could not be loaded as {builder}: {error}")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return DataError(f"{path}: could not be loaded as {builder}: {reason}")
 
 
-def load_dataset_split(cfg: DataConfig):
-    """The ``datasets.Dataset`` that ``cfg`` points at, and a description of its source for messages."""
+def _check_text_file(path: Path, skip_invalid: bool) -> list[int]:
+    """Refuse an empty text data file and lines that are not UTF-8, naming the file and the 1-based line.
+    Under ``skip_invalid`` the undecodable lines of a ``.jsonl`` file (one row per line) are returned
+    instead, to be dropped; other formats cannot lose a line without breaking the file, so they raise."""
+    bad, content = [], False
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if skip_invalid and path.suffix.lower() == ".jsonl":
+                    bad.append(n)
+                    continue
+                raise DataError(f"{path}: line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at byte column "
+                                f"{e.start + 1}); data files must be UTF-8 text (re-encode it, e.g. with iconv)"
+                                + ("; skip_invalid drops such lines only in .jsonl files" if skip_invalid else "")
+                                ) from None
+            content = content or bool(text.strip())
+    if not content:
+        what = "one JSON object per line" if path.suffix.lower() == ".jsonl" else f"{path.suffix} data"
+        detail = f"its {len(bad)} line(s) are not valid UTF-8" if bad else "no rows"
+        raise DataError(f"{path}: empty data file ({detail}); expected {what}")
+    return bad
+
+
+def _load_file(path: Path, cfg: DataConfig):
+    """A data file as a ``datasets.Dataset`` and the number of undecodable lines dropped (``skip_invalid``)."""
+    import datasets
+
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; allowed: {', '.join(FILE_BUILDERS)}")
+    bad = _check_text_file(path, cfg.skip_invalid) if path.suffix.lower() != ".parquet" else []
+    if bad:
+        logger.warning("%s: dropping %d line(s) that are not valid UTF-8 (skip_invalid=True): line(s) %s", path,
+                       len(bad), ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = path
+        if bad:  # load a copy without the undecodable lines
+            data_file, skip = Path(tmp, path.name), set(bad)
+            with path.open("rb") as src, data_file.open("wb") as dst:
+                dst.writelines(line for n, line in enumerate(src, 1) if n not in skip)
+        try:
+            ds = datasets.load_dataset(builder, data_files={cfg.split: str(data_file)}, split=cfg.split)
+        except Exception as e:
+            raise _unreadable(path, builder, e) from e
+    return ds, len(bad)
+
+
+def _load(cfg: DataConfig):
+    """``(dataset, source, undecodable lines dropped)``; see ``load_dataset_split``."""
     import datasets
 
     path = Path(cfg.path)
     if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"{path}: unsupported file type {path.suffix!r}; allowed: {', '.join(FILE_BUILDERS)}")
-        try:
-            return datasets.load_dataset(builder, data_files={cfg.split: str(path)}, split=cfg.split), str(path)
-        except Exception as e:
-            raise _unreadable(path, builder, e) from e
+        ds, dropped = _load_file(path, cfg)
+        return ds, str(path), dropped
     source = f"{cfg.path} (split {cfg.split!r})"
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         ds = datasets.load_from_disk(str(path))
@@ -130,13 +178,21 @@ def load_dataset_split(cfg: DataConfig):
             if cfg.split not in ds:
                 raise DataError(f"{path}: no split {cfg.split!r}; splits: {', '.join(ds)}")
             ds = ds[cfg.split]
-        return ds, source
+        return ds, source, 0
     if not path.is_dir() and (path.suffix.lower() in FILE_BUILDERS or cfg.path.startswith(("/", "./", "../"))):
         raise DataError(f"{path}: no such file or directory")
     try:
-        return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split), source
+        return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split), source, 0
     except Exception as e:
         raise DataError(f"{source}: could not be loaded with datasets.load_dataset: {e}") from e
+
+
+def load_dataset_split(cfg: DataConfig):
+    """The ``datasets.Dataset`` that ``cfg`` points at, and a description of its source for messages. A local
+    text file (.jsonl/.json/.csv) is checked first: empty, or a line that is not UTF-8, raises ``DataError``
+    naming the file and line (under ``skip_invalid`` such ``.jsonl`` lines are dropped instead)."""
+    ds, source, _ = _load(cfg)
+    return ds, source
 
 
 def _check_field(row: dict, name: str, column: str) -> None:
@@ -165,7 +221,9 @@ def _check_field(row: dict, name: str, column: str) -> None:
 def load_rows(cfg: DataConfig, required: list[str]) -> Rows:
     """Load, map, extract answers and validate (see the module docstring). ``required``: our field names
     every row must have, e.g. ``["prompt", "answer"]``."""
-    ds, source = load_dataset_split(cfg)
+    ds, source, undecodable = _load(cfg)
+    if len(ds) == 0:
+        raise DataError(f"{source}: no rows")
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     available = ", ".join(ds.column_names)
@@ -178,7 +236,7 @@ def load_rows(cfg: DataConfig, required: list[str]) -> Rows:
     if absent:
         raise DataError(f"{source}: no column for required field(s) {', '.join(absent)}; columns: {available}; "
                         f"map them with columns, e.g. columns={{{absent[0]!r}: '<column>'}}")
-    rows, skipped = [], 0
+    rows, skipped = [], undecodable
     for n, raw in enumerate(ds, 1):
         row = dict(raw)
         row.update({ours: raw[col] for ours, col in cfg.columns.items()})
@@ -196,5 +254,6 @@ def load_rows(cfg: DataConfig, required: list[str]) -> Rows:
             continue
         rows.append(row)
     if skipped:
-        logger.warning("%s: skipped %d malformed row(s) of %d (skip_invalid=True)", source, skipped, len(ds))
+        logger.warning("%s: skipped %d malformed row(s) of %d (skip_invalid=True)", source, skipped,
+                       len(ds) + undecodable)
     return Rows(rows, n_skipped=skipped, source=source)

@@ -157,3 +157,27 @@ def test_empty_assistant_turn_names_file_and_row(tmp_path, content):
         load_rows(DataConfig(path=str(path)), ["messages"])
     loaded = load_rows(DataConfig(path=str(path), skip_invalid=True), ["messages"])
     assert len(loaded) == 2 and loaded.n_skipped == 1
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path, caplog):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n\n{"prompt": "caf\xe9", "answer": "2"}\n{"prompt": "c", "answer": "3"}\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 3: not valid UTF-8 \(byte 0xe9 at byte column 16\)"):
+        load_rows(DataConfig(path=str(path)), ["prompt", "answer"])
+    with caplog.at_level(logging.WARNING, logger="data.loaders"):
+        rows = load_rows(DataConfig(path=str(path), skip_invalid=True), ["prompt", "answer"])
+    assert [r["prompt"] for r in rows] == ["a", "c"] and rows.n_skipped == 1
+    assert "line(s) 3" in caplog.text
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"prompt\ncaf\xe9\n")
+    with pytest.raises(DataError, match=rf"^{csv}: line 2: not valid UTF-8.*only in .jsonl files$"):
+        load_rows(DataConfig(path=str(csv), skip_invalid=True), ["prompt"])
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_empty_jsonl_says_so(tmp_path, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text)
+    for skip in (False, True):
+        with pytest.raises(DataError, match=rf"^{path}: empty data file \(no rows\); expected one JSON object per line$"):
+            load_rows(DataConfig(path=str(path), skip_invalid=skip), ["prompt"])
