@@ -26,11 +26,17 @@ replay forced choices), and MTP module k is appended as ``model.layers.{num_hidd
 
 Departures from the report: the MTP concatenation order is [emb; h] (the order of the released
 weights; the report writes [h; emb], equivalent up to a permutation of W_k's columns); the MTP
-modules' routers are balanced and counted like any MoE layer; the shared embedding and output
-head are not stored a second time inside the MTP layer (the release duplicates them there);
+modules' routers are balanced and counted like any MoE layer;
 lambda is a constant (the report uses 0.3 then 0.1: change ``mtp_loss_weight`` between runs).
 Without ``labels``, MTP targets are the input tokens; padding (attention_mask 0) is excluded from the
 balance loss, the loads and the MTP targets. In training, MTP runs only while lambda > 0.
+
+Checkpoints are in DeepSeek's release format (what vLLM / SGLang serve): each MTP layer also stores
+copies of the shared embedding and output head (``model.layers.{N}.embed_tokens.weight``,
+``model.layers.{N}.shared_head.head.weight``; ignored on load, the model shares the main ones), and
+config.json carries every routing field those servers read (``RELEASE_ROUTING`` fixed, the rest from
+the config; ``ROUTING_KEYS``). vLLM defaults scoring_func to softmax and creates the correction bias
+only for topk_method noaux_tc, so without them a checkpoint would be served with the wrong routing.
 """
 from __future__ import annotations
 
@@ -102,6 +108,24 @@ class ModelConfig:
             raise ConfigError("mtp_layers", f"must be >= 0, got {self.mtp_layers}")
 
 
+# The routing this policy implements, in the config keys DeepSeek's release and vLLM / SGLang use. transformers'
+# DeepseekV3Config has no such fields (it always routes this way); configs may carry them only with these values.
+RELEASE_ROUTING: dict[str, Any] = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+# Every config key vLLM's / SGLang's DeepSeek-V2/V3 loaders read for routing and MoE / MTP layer placement.
+ROUTING_KEYS = (
+    "scoring_func", "topk_method", "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor",
+    "num_experts_per_tok", "n_routed_experts", "first_k_dense_replace", "moe_layer_freq", "num_nextn_predict_layers",
+)
+
+
+def check_release_routing(values, prefix: str = "") -> None:
+    """Refuse a routing key (RELEASE_ROUTING) of ``values`` (a config or a mapping) holding another value."""
+    for key, allowed in RELEASE_ROUTING.items():
+        value = values.get(key) if isinstance(values, dict) else getattr(values, key, None)
+        if value is not None and value != allowed:
+            raise ConfigError(f"{prefix}{key}", f"this policy implements only {key}={allowed!r}, got {value!r}")
+
+
 class PolicyRouter(DeepseekV3TopkRouter):
     """transformers' router (same ``weight`` and ``e_score_correction_bias``), routing via ``moe.route``.
 
@@ -165,6 +189,7 @@ class DeepseekV3Policy(DeepseekV3ForCausalLM):
     """transformers' DeepseekV3ForCausalLM + policy routers, balance loss, MTP (module docstring)."""
 
     def __init__(self, config: DeepseekV3Config):
+        check_release_routing(config)
         super().__init__(config)
         n_main, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
         for layer in self.model.layers:
@@ -279,13 +304,38 @@ class DeepseekV3Policy(DeepseekV3ForCausalLM):
         loss = torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
         return loss, routed
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As transformers, but config.json names the architecture DeepseekV3ForCausalLM (loadable anywhere)."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+    def save_pretrained(self, save_directory, *args, state_dict: dict[str, torch.Tensor] | None = None, **kwargs):
+        """As transformers, in DeepSeek's release format: each MTP layer also holds copies of the shared
+        embedding and head; config.json names the architecture DeepseekV3ForCausalLM (loadable anywhere) and
+        carries every routing field vLLM / SGLang read (ROUTING_KEYS). ``state_dict``: as transformers (e.g.
+        gathered weights); on processes that do not write (``is_main_process`` False) nothing is added."""
+        if kwargs.get("is_main_process", True):
+            state_dict = self._release_state_dict(self.state_dict() if state_dict is None else state_dict)
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
         path = Path(save_directory) / "config.json"
         config = json.loads(path.read_text())
         config["architectures"] = ["DeepseekV3ForCausalLM"]
+        config.update({key: getattr(self.config, key) for key in ROUTING_KEYS if key not in RELEASE_ROUTING})
+        config.update(RELEASE_ROUTING)
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def _release_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state_dict`` plus ``model.layers.{i}.embed_tokens.weight`` / ``.shared_head.head.weight`` (copies: a
+        safetensors file holds no shared storage) for each MTP layer i present in it."""
+        embed = state_dict.get("model.embed_tokens.weight")
+        head = state_dict.get("lm_head.weight", embed)  # a tied head is saved as the embedding only
+        if embed is None:
+            return state_dict
+        state_dict = dict(state_dict)
+        n_main = self.config.num_hidden_layers
+        for i in range(n_main, n_main + self.config.num_nextn_predict_layers):
+            prefix = f"model.layers.{i}."
+            if any(k.startswith(prefix) for k in state_dict):
+                state_dict[f"{prefix}embed_tokens.weight"] = embed.detach().clone()
+                state_dict[f"{prefix}shared_head.head.weight"] = head.detach().clone()
+        return state_dict
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -384,7 +434,7 @@ def force_routing(model: nn.Module, indices: dict[int, torch.Tensor]):
 
 CONFIG_KEYS = {f.name for f in fields(DeepseekV3Config)} | set(DeepseekV3Config.attribute_map) | {
     "rope_scaling", "rope_theta", "num_nextn_predict_layers"
-}
+} | set(RELEASE_ROUTING)
 
 
 def presets() -> list[str]:
@@ -400,6 +450,7 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Deepsee
         if unknown:
             raise ConfigError(f"{source}: {unknown[0]}" if source != "overrides" else f"overrides.{unknown[0]}",
                               f"not a DeepseekV3Config field; allowed: {', '.join(sorted(CONFIG_KEYS))}")
+        check_release_routing(mapping, f"{source}: " if source != "overrides" else "overrides.")
     try:
         return DeepseekV3Config(**{**values, **(overrides or {})})
     except (TypeError, ValueError) as e:
@@ -407,7 +458,9 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> Deepsee
 
 
 def check_routing(config: DeepseekV3Config) -> None:
-    """Group-limited routing needs equal groups of >= 2 experts (groups are scored by their top-2 sum)."""
+    """Group-limited routing needs equal groups of >= 2 experts (groups are scored by their top-2 sum);
+    the release routing keys, where present, hold the values this policy implements."""
+    check_release_routing(config)
     experts, groups = config.n_routed_experts, config.n_group
     if groups < 1 or experts % groups or experts // groups < 2:
         raise ConfigError("n_group", f"must split n_routed_experts={experts} into equal groups of >= 2 experts")
@@ -439,9 +492,12 @@ def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         except OSError as e:
             raise ConfigError("init", f"{cfg.init!r} is not a preset ({', '.join(presets())}), a local checkpoint "
                               f"directory or a reachable hub id: {e}") from None
-        unknown = sorted(k for k in cfg.overrides if not hasattr(config, k))
+        known = set(RELEASE_ROUTING) if config.model_type == "deepseek_v3" else set()
+        unknown = sorted(k for k in cfg.overrides if not hasattr(config, k) and k not in known)
         if unknown:
             raise ConfigError(f"overrides.{unknown[0]}", f"not a field of the {config.model_type} config")
+        if config.model_type == "deepseek_v3":
+            check_release_routing(cfg.overrides, "overrides.")
         for key, value in cfg.overrides.items():
             setattr(config, key, value)
         if config.model_type == "deepseek_v3":
