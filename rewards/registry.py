@@ -6,7 +6,9 @@ Contract of a reward function::
 
 ``columns`` are the dataset's columns for the same rows (e.g. ``answer``, ``tests``, ``source``) plus
 the trainer's extras (``completion_lengths``); keyword arguments from the recipe are passed too.
-``None`` means "does not apply to this sample": it is excluded from that reward's group baseline.
+``None`` means "does not apply to this sample": it is excluded from that reward's group baseline. Any
+sequence of numbers will do (list, tuple, numpy array, torch tensor). A NaN/inf value, like a raise,
+stops the run under ``rewards_on_error: raise`` and scores 0 (counted in the failures) under ``zero``.
 A reward may also be a class; it is then built once with the recipe's kwargs and called per batch.
 
 A recipe names a built-in (``accuracy``, ``code``, ``format``, ...) or any ``package.module:function``.
@@ -17,6 +19,7 @@ import importlib
 import logging
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
 from grpo.config import ConfigError
@@ -72,7 +75,8 @@ def resolve(name: str) -> Callable:
 class RewardScores:
     """Scores of one batch of N completions.
 
-    per_reward: name -> [N] float | None;  weights: name -> weight;  failures: name -> samples scored 0 after raising.
+    per_reward: name -> [N] float | None;  weights: name -> weight;  failures: name -> samples scored 0 after
+    raising or returning NaN/inf (``rewards_on_error: zero``).
     """
 
     per_reward: dict[str, list[float | None]]
@@ -101,23 +105,26 @@ class RewardSet:
         for spec in self.specs:
             per_reward[spec.name], failures[spec.name] = self._score_one(spec.name, prompts, completions, columns)
             if failures[spec.name]:
-                log.warning("reward %s raised on %d of %d samples; scored 0", spec.name, failures[spec.name], len(prompts))
+                log.warning("reward %s raised or returned NaN/inf on %d of %d samples; scored 0", spec.name,
+                            failures[spec.name], len(prompts))
         return RewardScores(per_reward, {s.name: s.weight for s in self.specs}, failures)
 
     def _score_one(self, name, prompts, completions, columns) -> tuple[list[float | None], int]:
         fn = self.fns[name]
         try:
-            return _checked(name, fn(prompts, completions, **columns), len(prompts)), 0
+            values = fn(prompts, completions, **columns)
         except RewardError:
             raise
         except Exception:
             pass
+        else:
+            return self._finite(name, _checked(name, values, len(prompts)), range(len(prompts)))
         # Find the samples that make it raise, one at a time.
         values, failed = [], 0
         for i in range(len(prompts)):
             row = {k: v[i : i + 1] for k, v in columns.items()}
             try:
-                values += _checked(name, fn(prompts[i : i + 1], completions[i : i + 1], **row), 1)
+                value = fn(prompts[i : i + 1], completions[i : i + 1], **row)
             except RewardError:
                 raise
             except Exception as e:
@@ -129,7 +136,22 @@ class RewardSet:
                     ) from e
                 values.append(0.0)
                 failed += 1
+                continue
+            (v,), bad = self._finite(name, _checked(name, value, 1), [i])
+            values.append(v)
+            failed += bad
         return values, failed
+
+    def _finite(self, name: str, values: list, samples) -> tuple[list[float | None], int]:
+        """``values`` with NaN/inf refused (``raise``) or scored 0 and counted as failures (``zero``)."""
+        bad = [j for j, v in enumerate(values) if v is not None and not math.isfinite(v)]
+        if bad and self.on_error == "raise":
+            j = bad[0]
+            raise RewardError(f"reward {name!r} returned {values[j]} for sample {samples[j]}; rewards must be finite "
+                              "(set rewards_on_error: zero to score such samples 0)")
+        for j in bad:
+            values[j] = 0.0
+        return values, len(bad)
 
 
 def _bind(fn: Callable, kwargs: dict) -> Callable:
@@ -137,21 +159,24 @@ def _bind(fn: Callable, kwargs: dict) -> Callable:
 
 
 def _checked(name: str, values: Any, n: int) -> list[float | None]:
-    if not isinstance(values, (list, tuple)) or len(values) != n:
-        got = f"{type(values).__name__} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
-        raise RewardError(f"reward {name!r} must return a list of {n} float|None, got {got}")
+    """A reward's return value as a list of n floats/None: any sequence of numbers (list, tuple, numpy array,
+    torch tensor) is accepted; NaN/inf pass through (``RewardSet._finite`` decides)."""
+    kind = type(values).__name__
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy arrays, torch tensors
+        values = values.tolist()
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) or len(values) != n:
+        got = f"{kind} of length {len(values)}" if hasattr(values, "__len__") else repr(values)
+        raise RewardError(f"reward {name!r} must return a list of {n} float|None (or a tuple, array or tensor), "
+                          f"got {got}")
     out = []
     for i, v in enumerate(values):
         if v is None:
             out.append(None)
             continue
         try:
-            f = float(v)
+            out.append(float(v))
         except (TypeError, ValueError):
             raise RewardError(f"reward {name!r} returned {v!r} for sample {i}; expected float or None") from None
-        if not math.isfinite(f):
-            raise RewardError(f"reward {name!r} returned {f} for sample {i}; rewards must be finite")
-        out.append(f)
     return out
 
 

@@ -84,3 +84,36 @@ def test_spec_validation_in_config():
         load_config(RewardSpec, None, ["name=acuracy"])
     assert load_config(RewardSpec, None, ["name=accuracy", "weight=2"]).weight == 2.0
 
+
+
+def test_any_sequence_of_numbers_is_accepted():
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    rs = RewardSet([RewardSpec(name=f"{HERE}:length_reward")])
+    name = f"{HERE}:length_reward"
+    for ret in (np.array([1.0, 2.0]), np.array([1, 2], dtype=np.int64), torch.tensor([1.0, 2.0]), (1, 2.0),
+                np.array([1.0, None], dtype=object)):
+        rs.fns[name] = lambda p, c, ret=ret, **_: ret
+        got = rs(["a", "b"], ["c", "d"]).per_reward[name]
+        assert got in ([1.0, 2.0], [1.0, None]) and all(v is None or type(v) is float for v in got)
+    rs.fns[name] = lambda p, c, **_: np.array([1.0, 2.0, 3.0])
+    with pytest.raises(RewardError, match=r"list of 2 float\|None \(or a tuple, array or tensor\), got ndarray of length 3"):
+        rs(["a", "b"], ["c", "d"])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_rewards_under_zero_score_0_and_count_as_failures(bad):
+    np = pytest.importorskip("numpy")
+    name = f"{HERE}:length_reward"
+    rs = RewardSet([RewardSpec(name=name)], on_error="zero")
+    rs.fns[name] = lambda p, c, **_: np.array([1.0, bad, 3.0])
+    s = rs(["a", "b", "c"], ["x", "y", "z"])
+    assert s.per_reward[name] == [1.0, 0.0, 3.0] and s.failures[name] == 1 and s.total() == [1.0, 0.0, 3.0]
+    # per-sample fallback after a raise: a raise and a NaN both count
+    rs.fns[name] = lambda p, c, **_: [bad if ci == "y" else 1.0 for ci in c] if "boom" not in c else 1 / 0
+    s = rs(["a", "b", "c"], ["boom", "y", "z"])
+    assert s.per_reward[name] == [0.0, 0.0, 1.0] and s.failures[name] == 2
+    strict = RewardSet([RewardSpec(name=name)])
+    strict.fns[name] = lambda p, c, **_: [1.0, bad]
+    with pytest.raises(RewardError, match=r"returned .* for sample 1; rewards must be finite"):
+        strict(["a", "b"], ["c", "d"])
