@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import subprocess
@@ -231,3 +232,10 @@ def test_deepspeed_engine_checkpoint_resumes_exactly(tmp_path):
     assert "resumed exactly" in proc.stdout
     assert (tmp_path / "step-00000002/optimizer_rank0.pt").is_file()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "step-00000002").config.n_routed_experts == 4
+    # the gathered weights are saved in DeepSeek's release format: the MTP layer holds the shared embedding and head
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "step-00000002/model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.2.embed_tokens.weight"), f.get_tensor("model.embed_tokens.weight"))
+        assert torch.equal(f.get_tensor("model.layers.2.shared_head.head.weight"), f.get_tensor("lm_head.weight"))
+    config = json.loads((tmp_path / "step-00000002/config.json").read_text())
+    assert (config["scoring_func"], config["topk_method"]) == ("sigmoid", "noaux_tc")
