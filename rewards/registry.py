@@ -10,14 +10,19 @@ the trainer's extras (``completion_lengths``); keyword arguments from the recipe
 sequence of numbers will do (list, tuple, numpy array, torch tensor). A NaN/inf value, like a raise,
 stops the run under ``rewards_on_error: raise`` and scores 0 (counted in the failures) under ``zero``.
 A reward may also be a class; it is then built once with the recipe's kwargs and called per batch.
+The recipe's kwargs are checked against the reward's signature when the reward set is built (see
+``allowed_kwargs``): an unknown key is a ``ConfigError`` naming the reward, the key and the allowed keys.
 
 A recipe names a built-in (``accuracy``, ``code``, ``format``, ...) or any ``package.module:function``.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Callable, Literal
@@ -38,6 +43,10 @@ BUILTINS: dict[str, str] = {
 }
 
 
+# Built-ins whose options arrive through ``**kwargs``: the fields of this dataclass are their allowed keys.
+OPTION_CONFIGS: dict[str, str] = {"accuracy": "rewards.math:MathConfig"}
+
+
 @dataclass(kw_only=True)
 class RewardSpec:
     """One reward in a recipe: ``{name: accuracy, weight: 1.0, kwargs: {...}}``."""
@@ -49,6 +58,8 @@ class RewardSpec:
     def __post_init__(self):
         if self.name not in BUILTINS and ":" not in self.name:
             raise ConfigError("name", f"unknown reward {self.name!r}; built-ins: {', '.join(BUILTINS)}, or 'package.module:function'")
+        if self.kwargs and self.name in BUILTINS:  # a built-in's options are known now: refuse typos with the config
+            check_kwargs(self.name, resolve(self.name), self.kwargs, "kwargs")
 
 
 class RewardError(RuntimeError):
@@ -69,6 +80,49 @@ def resolve(name: str) -> Callable:
         return getattr(module, attr)
     except AttributeError:
         raise RewardError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _is_column(annotation: Any) -> bool:
+    """A parameter annotated as a list takes a dataset column (per-row values), not a recipe option."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    return re.match(r"(typing\.)?(list|List|Sequence|Optional\[(list|List))\b", text.strip()) is not None
+
+
+def allowed_kwargs(name: str, target: Callable) -> list[str] | None:
+    """The recipe ``kwargs`` keys that reward ``target`` really takes, sorted; None where its signature cannot
+    be read (then nothing is checked). A function: its named keyword parameters after ``prompts, completions``
+    that are not columns (annotated as lists); a class: its constructor's named parameters. Options that arrive
+    through ``**kwargs`` are declared by a dataclass whose fields are the keys: ``OPTION_CONFIGS`` for built-ins
+    (e.g. the math reward's ``MathConfig``), or a ``reward_options`` attribute (a dataclass or key names) on
+    any reward."""
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(target, type):
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for _ in range(2):  # prompts, completions
+            if params and params[0].kind in positional:
+                params = params[1:]
+        params = [p for p in params if not _is_column(p.annotation)]
+    keys = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    declared = getattr(target, "reward_options", None)
+    if declared is None and name in OPTION_CONFIGS:
+        declared = resolve(OPTION_CONFIGS[name])
+    if declared is not None:
+        keys |= {f.name for f in dataclasses.fields(declared)} if dataclasses.is_dataclass(declared) else set(declared)
+    return sorted(keys)
+
+
+def check_kwargs(name: str, target: Callable, kwargs: dict, key: str) -> None:
+    """Refuse recipe ``kwargs`` keys that reward ``name`` does not take (``ConfigError`` at ``key.<first unknown>``)."""
+    allowed = allowed_kwargs(name, target)
+    if allowed is None:
+        return
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"reward {name!r} has no option {', '.join(map(repr, unknown))}; "
+                                                f"allowed keys: {', '.join(allowed) or 'none'}")
 
 
 @dataclass
@@ -95,8 +149,9 @@ class RewardSet:
     def __init__(self, specs: list[RewardSpec], on_error: Literal["raise", "zero"] = "raise"):
         self.specs, self.on_error = specs, on_error
         self.fns: dict[str, Callable] = {}
-        for spec in specs:
+        for i, spec in enumerate(specs):
             target = resolve(spec.name)
+            check_kwargs(spec.name, target, spec.kwargs, f"rewards[{i}].kwargs")
             # Classes (e.g. a reward model) are built once with their kwargs; functions get kwargs per call.
             self.fns[spec.name] = target(**spec.kwargs) if isinstance(target, type) else _bind(target, spec.kwargs)
 

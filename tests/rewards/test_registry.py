@@ -117,3 +117,37 @@ def test_non_finite_rewards_under_zero_score_0_and_count_as_failures(bad):
     strict.fns[name] = lambda p, c, **_: [1.0, bad]
     with pytest.raises(RewardError, match=r"returned .* for sample 1; rewards must be finite"):
         strict(["a", "b"], ["c", "d"])
+
+
+def takes_options(prompts, completions, answer: list[str] | None = None, *, alpha: float = 1.0, **kwargs):
+    return [alpha + kwargs.get("beta", 0.0)] * len(completions)
+
+
+takes_options.reward_options = ["beta"]
+
+
+def test_unknown_kwargs_are_refused_with_reward_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"^rewards\[1\]\.kwargs\.scal: reward '.*:length_reward' has no option 'scal'; "
+                                          r"allowed keys: scale$"):
+        RewardSet([RewardSpec(name=f"{HERE}:picky"), RewardSpec(name=f"{HERE}:length_reward", kwargs={"scal": 2.0})])
+    with pytest.raises(ConfigError, match=r"reward '.*:Counter' has no option 'ofset'; allowed keys: offset$"):
+        RewardSet([RewardSpec(name=f"{HERE}:Counter", kwargs={"ofset": 1.0})])
+    with pytest.raises(ConfigError, match=r"has no option 'x'; allowed keys: none$"):  # only **_
+        RewardSet([RewardSpec(name=f"{HERE}:explodes_on_bad", kwargs={"x": 1})])
+    with pytest.raises(ConfigError, match=r"has no option 'answer'; allowed keys: alpha, beta$"):  # a column
+        RewardSet([RewardSpec(name=f"{HERE}:takes_options", kwargs={"answer": "4"})])
+    rs = RewardSet([RewardSpec(name=f"{HERE}:takes_options", kwargs={"alpha": 2.0, "beta": 1.0})])
+    assert rs(["p"], ["c"]).per_reward[f"{HERE}:takes_options"] == [3.0]
+
+
+@pytest.mark.parametrize("name, kwargs, allowed", [
+    ("accuracy", {"timeout": 5.0, "rel_tol": 1e-3}, "approx_min_digits, assignment, multiple_answers, rel_tol, sets, timeout, units"),
+    ("format", {"soft": True}, "soft, think_prefilled"),
+    ("overlong", {"max_len": 10, "cache_len": 2}, "cache_len, max_len"),
+    ("repetition", {"ngram_size": 2}, "max_penalty, ngram_size"),
+])
+def test_builtin_kwargs_checked_in_the_recipe(name, kwargs, allowed):
+    assert RewardSet([RewardSpec(name=name, kwargs=kwargs)]).fns[name]
+    with pytest.raises(ConfigError) as e:
+        load_config(RewardSpec, None, [f"name={name}", "kwargs={bogus: 1}"])
+    assert str(e.value) == f"kwargs.bogus: reward {name!r} has no option 'bogus'; allowed keys: {allowed}"
