@@ -23,8 +23,8 @@ import inspect
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from grpo.config import ConfigError
@@ -110,6 +110,8 @@ def allowed_kwargs(name: str, target: Callable) -> list[str] | None:
     if declared is None and name in OPTION_CONFIGS:
         declared = resolve(OPTION_CONFIGS[name])
     if declared is not None:
+        if isinstance(declared, str):
+            declared = [declared]
         keys |= {f.name for f in dataclasses.fields(declared)} if dataclasses.is_dataclass(declared) else set(declared)
     return sorted(keys)
 
