@@ -4,14 +4,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.config import ConfigError
 from grpo.model import DeepseekV3Policy, ModelConfig, load_policy
+from tests.grpo.test_model import V, one_thread, tokenizer  # noqa: F401 (module fixtures)
 
-V = 61
 N = 2  # main layers; the MTP layer is model.layers.2
 
 # What vLLM's and SGLang's DeepSeek-V2/V3 loaders read for routing and MoE / MTP placement, with this policy's values.
@@ -20,24 +19,6 @@ EXPECTED_ROUTING = {
     "routed_scaling_factor": 2.5, "num_experts_per_tok": 2, "n_routed_experts": 4, "first_k_dense_replace": 1,
     "moe_layer_freq": 1, "num_nextn_predict_layers": 1,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    vocab.update({f"t{i}": i for i in range(4, V)})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>")
 
 
 def tiny_config(**kw):
