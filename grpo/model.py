@@ -65,6 +65,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 
 from grpo import moe
 from grpo.config import ConfigError
+from grpo.model_dir import check_model_dir
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -474,7 +475,8 @@ def check_routing(config: DeepseekV3Config) -> None:
 def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
     """The policy: a fresh DeepseekV3Policy for a preset (vocab, pad/bos/eos from ``tokenizer``), or
     ``from_pretrained`` of a checkpoint dir / hub id (DeepseekV3Policy for model_type deepseek_v3, any
-    other causal LM through AutoModelForCausalLM, without the V3 extras)."""
+    other causal LM through AutoModelForCausalLM, without the V3 extras). A local dir is checked first
+    (``grpo.model_dir.check_model_dir``: config.json with model_type, complete weights)."""
     dtype = getattr(torch, cfg.dtype)
     impl = dict(attn_implementation=cfg.attn_implementation)
     if (RECIPES / cfg.init / "model.yaml").is_file():
@@ -487,6 +489,7 @@ def load_policy(cfg: ModelConfig, tokenizer) -> PreTrainedModel:
         check_routing(config)
         model = DeepseekV3Policy._from_config(config, dtype=dtype, experts_implementation=cfg.experts_implementation, **impl)
     else:
+        check_model_dir(cfg.init, "init")  # a local dir: one-line errors for a missing / half-written one
         try:
             config = AutoConfig.from_pretrained(cfg.init)
         except OSError as e:
