@@ -337,7 +337,7 @@ def test_load_policy_checkpoint_dir_and_any_causal_lm(tokenizer, tmp_path):
 def test_config_errors_name_the_key(tokenizer):
     with pytest.raises(ConfigError, match="overrides.hiden_size"):
         load_policy(ModelConfig(overrides={"hiden_size": 8}), tokenizer)
-    with pytest.raises(ConfigError, match="init"):
+    with pytest.raises(ConfigError, match="^init: model dir '/no/such/dir': does not exist; "):
         load_policy(ModelConfig(init="/no/such/dir"), tokenizer)
     with pytest.raises(ConfigError, match="mtp_layers"):
         ModelConfig(mtp_layers=-1)
