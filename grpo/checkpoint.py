@@ -15,6 +15,15 @@ Writes are atomic: everything goes to ``.tmp-step-XXXXXXXX`` and is renamed into
 complete, then ``latest`` is replaced (also by rename), then checkpoints beyond ``keep_last`` are removed.
 A crash at any point leaves ``latest`` pointing at a complete checkpoint.
 
+Stages resume by default (`resume_point`): ``train.resume_from: latest`` (the default) continues from the
+newest complete checkpoint under ``output_dir/checkpoints`` (a fresh start when there is none),
+``train.resume_from: none`` starts over and removes that directory's old checkpoints (`start_fresh`, called
+once the new run's inputs are loaded), any other value is a checkpoint to continue from. On resume the config
+must equal the checkpoint's ``run_config.yaml`` except for the keys in ``RESUME_SAFE`` (step budget, logging,
+checkpointing, evaluation); any other difference is refused, naming the keys. `StopOnSignal` turns
+SIGINT/SIGTERM into "finish this step, checkpoint, exit 128 + signal"; a second signal exits at once.
+``final/`` (`export_model`) and ``DONE`` (`mark_done`) are written to a temporary name and renamed into place.
+
 Multi-process (accelerate / torchrun): every process calls `save_checkpoint` / `load_checkpoint` (each
 saves/restores its own RNG state); rank 0 writes the model, tokenizer and bookkeeping files. Optimizer
 state: the main process's for a replicated (DDP) optimizer; for a DeepSpeed engine from
@@ -28,7 +37,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +50,7 @@ import torch.distributed as dist
 import yaml
 
 from grpo import parallel
-from grpo.config import save_config
+from grpo.config import save_config, to_dict
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
@@ -47,6 +58,11 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 CONFIG_FILE = "run_config.yaml"
 DONE_FILE = "DONE"
+# config keys a resumed run may change: the step budget, logging, checkpointing, evaluation, where it writes
+RESUME_SAFE = ("train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
+               "train.sample_every", "train.samples_logged", "train.resume_from", "eval", "wandb_mode", "run_name",
+               "output_dir")
+FRESH = (None, "none")  # train.resume_from values that start over
 
 
 @dataclass(kw_only=True)
@@ -287,9 +303,12 @@ def export_model(directory: str | os.PathLike, model, tokenizer, config=None, *,
     if _is_main():
         if config is not None:
             save_config(config, tmp / CONFIG_FILE)
-        if directory.exists():
-            shutil.rmtree(directory)
+        old = directory.with_name(f".old-{directory.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():  # the previous export stays whole until the new one is complete
+            directory.rename(old)
         tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return directory
 
@@ -298,8 +317,128 @@ def mark_done(output_dir: str | os.PathLike, info: dict[str, Any] | None = None)
     """Write `output_dir/DONE` (JSON `info`, e.g. final metrics) so a pipeline can skip the finished stage."""
     marker = Path(output_dir) / DONE_FILE
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(_json_dumps("DONE info", info or {}))
+    write_atomic(marker, _json_dumps("DONE info", info or {}))
     return marker
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file renamed into place (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def publish(tmp_dir: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Move every file of `tmp_dir` into `directory` by rename (each appears whole), then remove `tmp_dir`."""
+    tmp_dir, directory = Path(tmp_dir), Path(directory)
+    for f in sorted(tmp_dir.iterdir(), key=lambda f: f.suffix != ".jsonl"):  # row files before their summary
+        f.replace(directory / f.name)
+    tmp_dir.rmdir()
+
+
+# ---- resuming a stage ----------------------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def config_differences(saved: dict, cfg, safe: tuple[str, ...] = RESUME_SAFE) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's saved config and `cfg` (a config dataclass),
+    ignoring `safe` keys and everything under them."""
+    now = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    a, b = _flatten(saved), _flatten(now)
+    ignored = lambda key: any(key == s or key.startswith(s + ".") for s in safe)  # noqa: E731
+    return sorted(k for k in set(a) | set(b) if not ignored(k) and a.get(k, "<unset>") != b.get(k, "<unset>"))
+
+
+def resume_point(output_dir: str | os.PathLike, resume_from: str | None, cfg=None) -> Path | None:
+    """The checkpoint a stage continues from, or None for a fresh start: `resume_from` "latest" -> the newest
+    complete checkpoint under output_dir/checkpoints (None when there is none); None / "none" -> None; else
+    that checkpoint (a step directory or a checkpoint root). With `cfg`, a config that differs from the
+    checkpoint's run_config.yaml outside RESUME_SAFE is refused: a one-line "config error" naming the keys,
+    exit status 2."""
+    if resume_from in FRESH:
+        return None
+    path = latest_checkpoint(Path(output_dir) / "checkpoints") if resume_from == "latest" \
+        else resolve_checkpoint(resume_from)
+    if path is None or cfg is None or not (path / CONFIG_FILE).is_file():
+        return path
+    differ = config_differences(yaml.safe_load((path / CONFIG_FILE).read_text()), cfg)
+    if differ:
+        print(f"config error: train.resume_from: {path} was trained with other values of {', '.join(differ)}; "
+              f"resume with the same values, or start over with train.resume_from=none (removes the old "
+              f"checkpoints) or another output_dir", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return path
+
+
+def start_fresh(output_dir: str | os.PathLike, resume_from: str | None) -> bool:
+    """With train.resume_from=none, remove the checkpoints an earlier run left in output_dir (main process;
+    call once the new run's inputs are loaded). True when something was removed."""
+    root = Path(output_dir) / "checkpoints"
+    if resume_from not in FRESH or not root.is_dir() or not _is_main():
+        return False
+    shutil.rmtree(root)
+    print(f"train.resume_from=none: removed the earlier run's checkpoints in {root}", flush=True)
+    return True
+
+
+class StopOnSignal:
+    """``with StopOnSignal() as stop:`` around a training loop. The first SIGINT/SIGTERM only sets
+    ``stop.signum``: the loop finishes its current step, saves a checkpoint and calls ``stop.exit``
+    (exit status 128 + signal: 130 for SIGINT, 143 for SIGTERM). A second signal exits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"{name} again: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"{name}: finishing the current step, then saving a checkpoint and exiting "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def requested(self, accelerator=None) -> bool:
+        """Whether to stop after this step; with several processes, whether any of them was signalled."""
+        flag = self.signum is not None
+        if accelerator is not None and accelerator.num_processes > 1:
+            t = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+            value = int(accelerator.reduce(t, reduction="sum").item())
+            if value and self.signum is None:
+                self.signum = signal.SIGTERM
+            flag = value > 0
+        return flag
+
+    def exit(self, step: int, path: str | os.PathLike) -> None:
+        """Raise SystemExit(128 + signal) after saying where the run stopped."""
+        signum = self.signum or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; "
+              f"run the same command again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 def is_done(output_dir: str | os.PathLike) -> bool:

@@ -7,6 +7,8 @@
 
 Files under `run_dir`: `metrics.jsonl` (one object per `log` call: {"step", "time" (seconds since the
 logger started), **metrics}), `tables/<name>.jsonl` (one object per row, with "step"), and `wandb/`
+Opening a logger keeps the rows of earlier runs up to `initial_step` (the step a run resumes from; 0: none)
+and drops the later ones, which the run is about to write again: one row per step, however often it resumed.
 (offline runs; `wandb sync run_dir/wandb/offline-run-*` uploads one later). Only the main process
 (RANK 0, or `is_main=True`) writes or prints anything; other processes get a logger whose calls do nothing.
 """
@@ -43,6 +45,23 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the rows of a JSONL file whose "step" is beyond `step` (and a torn last line), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -69,6 +88,8 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for path in [self.run_dir / "metrics.jsonl", *sorted((self.run_dir / "tables").glob("*.jsonl"))]:
+            truncate_after(path, initial_step)
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         if wandb_mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")

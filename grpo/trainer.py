@@ -23,10 +23,12 @@ for the same tokens, from a forward the step runs anyway: the recompute pass (al
 the step's first optimizer step (all rows when ``minibatches`` = 1), before any update changes the policy.
 
 The policy log-probs are recomputed with the rollout temperature (logits / T) so that the ratio compares
-the same distributions. Resuming (``resume_from``) restores policy, optimizer, scheduler, reference,
-RNG states (the engine's sampler generator included), data position and counters: a resumed run continues
-exactly as the uninterrupted one. Devices and processes come from accelerate; ``grpo.optim.build_step`` is the
-one place that wraps model and optimizer (DDP, or with ``parallel.ep_size > 1`` / ``parallel.zero_stage`` a DeepSpeed
+the same distributions. Resuming (``resume_from``, by default the latest checkpoint under output_dir, see
+``grpo.checkpoint.resume_point``) restores policy, optimizer, scheduler, reference, RNG states (the engine's
+sampler generator included), data position and counters: a resumed run continues exactly as the uninterrupted
+one; ``resume_from: none`` starts over and removes the old checkpoints. SIGINT/SIGTERM: the current step
+finishes, a checkpoint is saved and ``train`` raises SystemExit(128 + signal) (``grpo.checkpoint.StopOnSignal``).
+Devices and processes come from accelerate; ``grpo.optim.build_step`` is the one place that wraps model and optimizer (DDP, or with ``parallel.ep_size > 1`` / ``parallel.zero_stage`` a DeepSpeed
 engine from ``grpo.parallel.parallelize``, routed experts sharded over ep_size ranks); under EP the ranks decode
 rollouts in lockstep (``RolloutEngine(ep_group=...)``). The engine decodes with the policy's own parameters: in
 bf16 they are the bf16 copy of the fp32 masters, refreshed in place by every optimizer step.
@@ -89,7 +91,8 @@ class TrainerConfig:
     routing_replay: Literal["off", "old", "rollout"] = "off"
     save_every: int = 50  # steps; 0 = only at the end
     keep_last: int = 3
-    resume_from: str | None = None  # "latest" (output_dir/checkpoints; fresh start if none) or a checkpoint dir
+    # "latest": output_dir/checkpoints' newest (a fresh start if none); "none": start over, removing them; or a dir
+    resume_from: str | None = "latest"
     sample_every: int = 10  # steps between logged completion samples; 0 = never
     samples_logged: int = 4
     max_bad_steps: int = 3  # consecutive skipped (non-finite) optimizer steps before stopping
@@ -289,9 +292,13 @@ class GRPOTrainer:
         self.reward_weights: dict[str, float] = {}
         self._failures: dict[str, int] = {}  # reward name -> samples scored 0 after raising, this step
         self.ckpt_root = self.output_dir / "checkpoints"
-        resume = checkpoint.latest_checkpoint(self.ckpt_root) if cfg.resume_from == "latest" else cfg.resume_from
-        if resume:
-            self._resume(resume)
+        self.resumed_from = checkpoint.resume_point(self.output_dir, cfg.resume_from, run_config)
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
+            if acc.is_main_process:
+                print(f"{run_name}: resumed from {self.resumed_from} at step {self.step} (of {cfg.max_steps})", flush=True)
+        else:
+            checkpoint.start_fresh(self.output_dir, cfg.resume_from)
 
     # ---- checkpointing ---------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -663,12 +670,15 @@ class GRPOTrainer:
         metrics: dict[str, float] = {}
         with MetricsLogger(self.output_dir, project="r1-grpo", run_name=self.run_name, config=self.run_config,
                            wandb_mode=self.wandb_mode, total_steps=cfg.max_steps, initial_step=self.step,
-                           is_main=self.accelerator.is_main_process) as logger:
+                           is_main=self.accelerator.is_main_process) as logger, checkpoint.StopOnSignal() as stop:
             while self.step < cfg.max_steps:
                 metrics, samples, advantages = self.train_step()
                 logger.log(metrics, step=self.step)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._log_samples(logger, samples, advantages)
-                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps:
-                    self.save()
+                stopping = stop.requested(self.accelerator)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.max_steps or stopping:
+                    path = self.save()
+                if stopping:
+                    stop.exit(self.step, path)
         return metrics

@@ -13,7 +13,9 @@ printed before it runs, so any step can be re-run by hand.
 
 Resuming: a step whose ``output`` directory holds a ``DONE`` marker (written by the stage when it completes,
 or by the pipeline after a step that writes none, e.g. data generation) is skipped, so an interrupted
-pipeline continues where it stopped (``rerun=[sft]`` forces steps again). A failing step stops the pipeline
+pipeline continues where it stopped (``rerun=[sft]`` forces steps again; a training stage then gets
+``train.resume_from=none``). A training stage interrupted mid-way continues from its latest checkpoint
+(resuming is the stages' default). A failing step stops the pipeline
 with its exit status. Wall time per step goes to ``{run_dir}/pipeline.json``.
 
 The report (``{run_dir}/report.md`` + PNG plots, matplotlib Agg): wall time per step; held-out results after
@@ -41,6 +43,9 @@ from stages.evaluate import paired_difference
 CURVES = ("loss", "reward", "accuracy", "completions/mean_length")  # metrics.jsonl keys plotted when present
 
 
+RESUMING = ("stages.sft", "stages.rl_reasoning", "stages.rl_general")  # continue from checkpoints by default
+
+
 @dataclass(kw_only=True)
 class StepConfig:
     name: str  # unique within the pipeline (step_overrides / rerun refer to it)
@@ -62,7 +67,7 @@ class PipelineConfig:
     seed: int = 0  # substituted for {seed}: data, model init, sampling, data order of every stage
     steps: list[StepConfig] = field(default_factory=list)
     step_overrides: dict[str, list[str]] = field(default_factory=dict)  # step name -> arguments appended
-    rerun: list[str] = field(default_factory=list)  # steps run again even when DONE
+    rerun: list[str] = field(default_factory=list)  # steps run again even when DONE (training stages from scratch)
     stop_after: str | None = None  # run up to and including this step
     threads: int | None = None  # OMP_NUM_THREADS of every step; null: torch's default (all cores)
     launcher: list[str] = field(default_factory=list)  # prefix of `-m module` for distributed steps ({python} = this
@@ -92,6 +97,8 @@ def command(step: StepConfig, cfg: PipelineConfig) -> list[str]:
     """The argv of one step."""
     recipe = ["--recipe", expand(step.recipe, cfg)] if step.recipe else []
     extra = cfg.step_overrides.get(step.name, [])
+    if step.name in cfg.rerun and step.module in RESUMING:  # run again from scratch, not from the final checkpoint
+        extra = ["train.resume_from=none", *extra]
     launcher = [expand(a, cfg) for a in cfg.launcher] if step.distributed and cfg.launcher else [sys.executable]
     return [*launcher, "-m", step.module, *recipe, *(expand(a, cfg) for a in [*step.args, *extra])]
 

@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.output_dir)
 
-    # ---- setup
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / "DONE").unlink(missing_ok=True)
+    # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
     rows = load_prompts(cfg.data)
@@ -148,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         encode=lambda row: encode_prompt(tokenizer, row["prompt"]),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
         accelerator=make_accelerator(cfg.train.parallel.timeout_s))
+    if int(os.environ.get("RANK", "0")) == 0:  # inputs loaded, about to train: the output is no longer complete
+        (out / "DONE").unlink(missing_ok=True)
 
     # ---- loop
     metrics = trainer.train()

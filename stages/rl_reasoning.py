@@ -16,10 +16,16 @@ prompts are the user turns of the data rows rendered with the tokenizer's chat t
 with DeepSeek-R1's system instruction (``system_prompt: r1``, ``data.chat.R1_TEMPLATE``) and a prefilled
 ``<think>`` (``think: true``; the format reward must then be told ``think_prefilled: true``).
 
-Writes to ``output_dir``: ``checkpoints/`` (full training state, ``train.resume_from: latest`` continues
-exactly), ``final/`` (save_pretrained + tokenizer: ``model.init`` of the next stage), ``metrics.jsonl``,
-``tables/completions.jsonl`` (sampled completions with their rewards), ``wandb/``, ``eval.json`` (held-out
-greedy accuracy) and ``DONE`` when complete.
+Writes to ``output_dir``: ``checkpoints/`` (full training state), ``final/`` (save_pretrained + tokenizer:
+``model.init`` of the next stage), ``metrics.jsonl``, ``tables/completions.jsonl`` (sampled completions with
+their rewards), ``wandb/``, ``eval.json`` (held-out greedy accuracy) and ``DONE`` when complete (``final/``,
+``eval.json`` and ``DONE`` each written under a temporary name, then renamed into place).
+
+Re-running the same command continues from the latest checkpoint in ``output_dir`` (``train.resume_from:
+latest``, the default; ``none`` starts over and removes the old checkpoints); only the step budget, logging,
+checkpointing and evaluation keys may differ from the checkpoint's ``run_config.yaml`` (``grpo.checkpoint``).
+SIGINT/SIGTERM: the current step finishes, a checkpoint is written, exit status 130/143; a second signal exits
+at once. ``DONE`` is removed only once the new run has loaded its inputs and starts training.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from transformers import AutoTokenizer
 
 from data.chat import R1_TEMPLATE, encode_prompt
 from data.loaders import DataConfig, load_rows
-from grpo.checkpoint import export_model, mark_done
+from grpo.checkpoint import export_model, mark_done, publish
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
@@ -96,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.output_dir)
 
-    # ---- setup
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / "DONE").unlink(missing_ok=True)
+    # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
     rows = [row for d in cfg.data for row in load_rows(d, ["prompt"])]
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
         encode=lambda row: encode_prompt(tokenizer, row["prompt"], system, cfg.think),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
         accelerator=make_accelerator(cfg.train.parallel.timeout_s))
+    if int(os.environ.get("RANK", "0")) == 0:  # inputs loaded, about to train: the output is no longer complete
+        (out / "DONE").unlink(missing_ok=True)
 
     # ---- loop
     metrics = trainer.train()
@@ -133,7 +139,8 @@ def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict],
         scores = heldout_accuracy(policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
                                   batch_size=cfg.eval.batch_size)
         print(summary_line(scores, cfg.eval), flush=True)
-        write_results(scores, out / "eval.json")
+        write_results(scores, out / ".tmp-eval/eval.json")
+        publish(out / ".tmp-eval", out)
         result["heldout"] = scores["summary"]
     acc.wait_for_everyone()
     if acc.is_main_process:

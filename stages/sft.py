@@ -18,8 +18,14 @@ DeepSeek-R1 trains its cold start on a few thousand long CoT samples; here the b
 (``data.generate``'s cot_train) stand in for them. Batching: each epoch a seeded permutation, cut into
 pools of 64 micro-batches, each pool sorted by length and cut into micro-batches (padding stays small),
 the micro-batches shuffled. Micro-batches that do not fill a last optimizer step of an epoch are
-skipped. The data position (epoch, micro-batch index) is checkpointed, so ``resume_from`` continues
-with the same batches, optimizer, schedule and RNG streams.
+skipped. The data position (epoch, micro-batch index) is checkpointed, so a resumed run continues with
+the same batches, optimizer, schedule and RNG streams. Re-running the same command resumes from the latest
+checkpoint in ``output_dir`` (``train.resume_from: latest``, the default; ``none`` starts over and removes the
+old checkpoints; only the step budget, logging, checkpointing and evaluation keys may differ from the
+checkpoint's ``run_config.yaml``, see ``grpo.checkpoint``). SIGINT/SIGTERM: the current optimizer step
+finishes, a checkpoint is written, exit status 130/143; a second signal exits at once. ``DONE`` is removed
+only once the new run has loaded its inputs, and ``final/``, ``eval.json`` and ``DONE`` are written under a
+temporary name, then renamed into place.
 
 Processes: ``accelerate launch`` runs data parallel (DDP) over its processes, each taking its share of
 every step's micro-batches; with ``parallel.ep_size > 1`` (or ``parallel.zero_stage``) the policy is
@@ -47,7 +53,8 @@ from transformers import AutoTokenizer
 
 from data.chat import encode_chat
 from data.loaders import DataConfig, DataError, load_dataset_split, load_rows
-from grpo.checkpoint import export_model, latest_checkpoint, load_checkpoint, mark_done, save_checkpoint
+from grpo.checkpoint import (StopOnSignal, export_model, load_checkpoint, mark_done, publish, resume_point,
+                             save_checkpoint, start_fresh)
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
 from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
@@ -79,7 +86,8 @@ class TrainConfig:
     log_every: int = 10  # steps
     save_every: int = 0  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2
-    resume_from: str | None = None  # "latest" (output_dir/checkpoints, fresh start if none) or a checkpoint dir
+    # "latest": output_dir/checkpoints' newest (a fresh start if none); "none": start over, removing them; or a dir
+    resume_from: str | None = "latest"
 
     def __post_init__(self):
         for key in ("epochs", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
@@ -211,8 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
     autocast = tc.bf16 and not cfg.deepspeed
     accelerator = make_accelerator(cfg.parallel.timeout_s, mixed_precision="bf16" if autocast else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.is_main_process:
-        (out / "DONE").unlink(missing_ok=True)
     set_seed(tc.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -234,10 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
     optim = build_step(model, tc.adamw, total_steps=total_steps, parallel=cfg.parallel, accelerator=accelerator)
     model, optimizer, scheduler = optim.model, optim.optimizer, optim.scheduler
     step, epoch, index = 0, 0, 0
-    resume = latest_checkpoint(ckpt_root) if tc.resume_from == "latest" else tc.resume_from
+    resume = resume_point(out, tc.resume_from, cfg)  # refuses a config that differs from the checkpoint's
     if resume:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         step, epoch, index = state.step, state.data_state["epoch"], state.data_state["index"]
+    else:
+        start_fresh(out, tc.resume_from)
+    if accelerator.is_main_process:  # inputs loaded, about to train: the output is no longer complete
+        (out / "DONE").unlink(missing_ok=True)
     stream = step_stream(lengths, tc.micro_batch_size, tc.seed, per_step, epoch, index)
 
     # ---- loop
@@ -247,37 +257,42 @@ def main(argv: list[str] | None = None) -> dict:
                  f"({steps_per_epoch}/epoch, {per_step} micro-batches of {tc.micro_batch_size} per step)"
                  + (f", resumed at step {step} from {resume}" if resume else ""))
     sums, tokens, started = {}, 0, time.time()
-    while step < total_steps:
-        epoch, index, micro_batches = next(stream)
-        model.train()
-        mine = micro_batches[rank::world]
-        for k, ids in enumerate(mine):
-            batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in ids], pad_id).items()}
-            with optim.micro_batch(last=k == len(mine) - 1):
-                output = model(**batch, use_cache=False)
-                optim.backward(output.loss / len(mine))
-            for key in ("loss", "lm_loss", "aux_loss"):  # the last two only from the V3 policy
-                if (value := getattr(output, key, None)) is not None:
-                    sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
-            tokens += int(batch["attention_mask"].sum())
-        grad_norm = optim.step().grad_norm  # a non-finite norm skips the update (logged as such)
-        update_router_bias(model)
-        step += 1
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
+        while step < total_steps:
+            epoch, index, micro_batches = next(stream)
+            model.train()
+            mine = micro_batches[rank::world]
+            for k, ids in enumerate(mine):
+                batch = {key: v.to(accelerator.device) for key, v in collate([examples[i] for i in ids], pad_id).items()}
+                with optim.micro_batch(last=k == len(mine) - 1):
+                    output = model(**batch, use_cache=False)
+                    optim.backward(output.loss / len(mine))
+                for key in ("loss", "lm_loss", "aux_loss"):  # the last two only from the V3 policy
+                    if (value := getattr(output, key, None)) is not None:
+                        sums[key] = sums.get(key, 0.0) + value.item() / len(mine)
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = optim.step().grad_norm  # a non-finite norm skips the update (logged as such)
+            update_router_bias(model)
+            step += 1
 
-        if step % tc.log_every == 0 or step == total_steps:
-            n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-            means = accelerator.reduce(torch.tensor([sums.get(k, 0.0) / n for k in sorted(sums)] + [tokens],
-                                                    device=accelerator.device), "sum")
-            values = dict(zip(sorted(sums), (means[:-1] / world).tolist()))
-            elapsed = time.time() - started
-            logger.log({**values, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "tokens_per_s": float(means[-1]) / elapsed,
-                        "epoch": epoch + index / (steps_per_epoch * per_step), **moe_metrics(model)}, step=step)
-            sums, tokens, started = {}, 0, time.time()
-        if (tc.save_every and step % tc.save_every == 0) or step == total_steps:
-            save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,
-                            scheduler=scheduler, data_state={"epoch": epoch, "index": index}, config=cfg,
-                            keep_last=tc.keep_last, accelerator=accelerator)
+            if step % tc.log_every == 0 or step == total_steps:
+                n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
+                means = accelerator.reduce(torch.tensor([sums.get(k, 0.0) / n for k in sorted(sums)] + [tokens],
+                                                        device=accelerator.device), "sum")
+                values = dict(zip(sorted(sums), (means[:-1] / world).tolist()))
+                elapsed = time.time() - started
+                logger.log({**values, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                            "tokens_per_s": float(means[-1]) / elapsed,
+                            "epoch": epoch + index / (steps_per_epoch * per_step), **moe_metrics(model)}, step=step)
+                sums, tokens, started = {}, 0, time.time()
+            stopping = stop.requested(accelerator)
+            if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopping:
+                path = save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,
+                                       scheduler=scheduler, data_state={"epoch": epoch, "index": index}, config=cfg,
+                                       keep_last=tc.keep_last, accelerator=accelerator)
+            if stopping:
+                logger.close()
+                stop.exit(step, path)
     logger.close()
 
     # ---- save, evaluate
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
         scores = heldout_accuracy(policy, tokenizer, heldout,
                                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
         print(summary_line(scores, cfg.eval), flush=True)
-        write_results(scores, out / "eval.json")
+        write_results(scores, out / ".tmp-eval/eval.json")
+        publish(out / ".tmp-eval", out)
         result["heldout"] = scores["summary"]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

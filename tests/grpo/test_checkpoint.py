@@ -239,3 +239,72 @@ def test_deepspeed_engine_checkpoint_resumes_exactly(tmp_path):
         assert torch.equal(f.get_tensor("model.layers.2.shared_head.head.weight"), f.get_tensor("lm_head.weight"))
     config = json.loads((tmp_path / "step-00000002/config.json").read_text())
     assert (config["scoring_func"], config["topk_method"]) == ("sigmoid", "noaux_tc")
+
+
+def test_a_failed_export_leaves_the_previous_final_and_done_is_renamed_into_place(tmp_path, monkeypatch):
+    import grpo.checkpoint as ckpt
+
+    model, tokenizer = tiny_v3(0), tiny_tokenizer()
+    export_model(tmp_path / "final", model, tokenizer)
+    before = (tmp_path / "final/model.safetensors").read_bytes()
+
+    def crash(directory, *a, **k):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "_save_model_files", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(tmp_path / "final", tiny_v3(1), tokenizer)
+    assert (tmp_path / "final/model.safetensors").read_bytes() == before
+    mark_done(tmp_path, {"a": 1})
+    assert json.loads((tmp_path / "DONE").read_text()) == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-DONE")]
+
+
+def test_resume_point_refuses_a_changed_config_naming_the_keys(tmp_path, capsys):
+    from grpo.checkpoint import config_differences, resume_point, start_fresh
+
+    @dataclass
+    class Train:
+        lr: float = 1e-3
+        max_steps: int = 4
+        resume_from: str = "latest"
+
+    @dataclass
+    class Stage:
+        train: Train
+        output_dir: str = "x"
+
+    model = tiny_v3(0)
+    assert resume_point(tmp_path, "latest", Stage(Train())) is None  # a fresh output_dir: a fresh start
+    save_checkpoint(tmp_path / "checkpoints", model=model, tokenizer=None, step=2, config=Stage(Train()))
+    more = Stage(Train(max_steps=9), output_dir="moved")  # safe to change
+    assert resume_point(tmp_path, "latest", more) == tmp_path / "checkpoints/step-00000002"
+    assert resume_point(tmp_path, "none", Stage(Train(lr=1.0))) is None
+    assert config_differences({"train": {"lr": 1e-3, "max_steps": 4}}, Stage(Train(lr=2e-3))) == ["train.lr"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        resume_point(tmp_path, "latest", Stage(Train(lr=2e-3)))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "train.lr" in err
+    assert start_fresh(tmp_path, "none") and not (tmp_path / "checkpoints").exists()
+
+
+STOP_WORKER = """
+import os, signal, sys
+from grpo.checkpoint import StopOnSignal
+with StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.requested() and stop.signum == signal.SIGTERM
+    if sys.argv[1] == "twice":
+        os.kill(os.getpid(), signal.SIGINT)  # exits at once
+        print("still running")
+    stop.exit(3, "ckpt")
+"""
+
+
+def test_stop_on_signal_once_then_twice():
+    once = subprocess.run([sys.executable, "-c", STOP_WORKER, "once"], cwd=ROOT, capture_output=True, text=True)
+    assert once.returncode == 143 and "stopped by SIGTERM after step 3" in once.stderr
+    twice = subprocess.run([sys.executable, "-c", STOP_WORKER, "twice"], cwd=ROOT, capture_output=True, text=True)
+    assert twice.returncode == 130 and "still running" not in twice.stdout and "stopped by" not in twice.stderr

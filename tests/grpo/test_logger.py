@@ -52,3 +52,19 @@ def test_non_main_process_writes_nothing(tmp_path):
 def test_bad_wandb_mode():
     with pytest.raises(ValueError, match="wandb_mode must be one of offline, online, disabled"):
         MetricsLogger("unused", project="p", run_name="r", wandb_mode="cloud")
+
+
+def test_reopening_keeps_rows_up_to_the_resumed_step(tmp_path):
+    with MetricsLogger(tmp_path, project="p", run_name="a", wandb_mode="disabled", total_steps=4) as logger:
+        for step in (1, 2, 3):
+            logger.log({"loss": float(step)}, step=step)
+            logger.log_table("samples", [{"completion": str(step)}], step=step)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a row torn by a kill
+    with MetricsLogger(tmp_path, project="p", run_name="a", wandb_mode="disabled", total_steps=4,
+                       initial_step=2) as logger:  # resumed from the checkpoint of step 2
+        logger.log({"loss": 30.0}, step=3)
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [r["step"] for r in read_jsonl(tmp_path / "tables" / "samples.jsonl")] == [1, 2]
+    MetricsLogger(tmp_path, project="p", run_name="a", wandb_mode="disabled").close()  # a fresh start
+    assert read_jsonl(tmp_path / "metrics.jsonl") == []

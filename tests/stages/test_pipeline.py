@@ -68,3 +68,13 @@ def test_unknown_step_in_overrides_is_a_config_error(capsys):
     with pytest.raises(SystemExit):
         pipeline.main(["--recipe", str(ROOT / "recipes/tiny/pipeline.yaml"), "step_overrides={sfft: [x=1]}"])
     assert "step_overrides: unknown step 'sfft'" in capsys.readouterr().err
+
+
+def test_rerun_starts_a_training_stage_from_scratch():
+    from grpo.config import load_config
+
+    cfg = load_config(pipeline.PipelineConfig, ROOT / "recipes/tiny/pipeline.yaml", ["rerun=[sft, data]"])
+    steps = {s.name: s for s in cfg.steps}
+    assert "train.resume_from=none" in pipeline.command(steps["sft"], cfg)
+    assert "train.resume_from=none" not in pipeline.command(steps["data"], cfg)
+    assert "train.resume_from=none" not in pipeline.command(steps["rl_reasoning"], cfg)

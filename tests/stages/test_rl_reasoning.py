@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +98,83 @@ def test_help_lists_the_keys(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "train.loss.loss_type" in text and "train.dynamic_sampling" in text
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rerun_after_a_crash_resumes_and_matches_the_uninterrupted_run(workdir, tmp_path, monkeypatch, capsys):
+    same = ("train.max_steps=4", "train.save_every=2", "eval.data=null")
+    full = rl.main(args(workdir, tmp_path / "full", *same))
+    out = tmp_path / "run"
+    real_step = rl.GRPOTrainer.train_step
+
+    def die_in_step_4(self):
+        if self.step == 3:
+            raise RuntimeError("killed")  # after the checkpoint of step 2 and the metrics row of step 3
+        return real_step(self)
+
+    monkeypatch.setattr(rl.GRPOTrainer, "train_step", die_in_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        rl.main(args(workdir, out, *same))
+    assert metric_steps(out) == [1, 2, 3] and not (out / "DONE").exists()
+    monkeypatch.setattr(rl.GRPOTrainer, "train_step", real_step)
+    capsys.readouterr()
+    torch.manual_seed(1234)  # whatever the RNG state, the checkpoint restores it
+    again = rl.main(args(workdir, out, *same))  # the same command: resumes by default
+    assert f"resumed from {out / 'checkpoints/step-00000002'} at step 2" in capsys.readouterr().out
+    assert again["steps"] == 4 and metric_steps(out) == [1, 2, 3, 4]  # one row per step
+
+    def rows(run):
+        return {r["step"]: (r["loss"], r["reward"]) for r in
+                (json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines())}
+
+    a, b = rows("full"), rows("run")
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "full/final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert full["steps"] == 4
+
+    # another lr against the checkpoint: refused on one line naming the key, the finished run left as it was
+    with pytest.raises(SystemExit) as e:
+        rl.main(args(workdir, out, *same, "train.lr=0.002", "train.max_steps=5"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "config error" in line]
+    assert e.value.code == 2 and len(err) == 1 and "train.lr" in err[0] and "max_steps" not in err[0]
+    assert (out / "DONE").is_file() and metric_steps(out) == [1, 2, 3, 4]
+    # a failed restart (bad data path) keeps the finished run's DONE and final/
+    with pytest.raises((Exception, SystemExit)):
+        rl.main(args(workdir, out, *same, f"data=[{{path: {tmp_path / 'missing.jsonl'}}}]"))
+    assert (out / "DONE").is_file() and (out / "final/config.json").is_file()
+    # resume_from=none starts over and removes the earlier run's checkpoints
+    fresh = rl.main(args(workdir, out, "train.max_steps=1", "train.save_every=2", "eval.data=null",
+                         "train.lr=0.002", "train.resume_from=none"))
+    assert fresh["steps"] == 1 and metric_steps(out) == [1]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_then_resumes(workdir, tmp_path):
+    out = tmp_path / "rl"
+    cmd = [sys.executable, "-m", "stages.rl_reasoning",
+           *args(workdir, out, "train.max_steps=500", "train.save_every=0", "eval.data=null")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM" in stderr
+    steps = metric_steps(out)
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and n < 500
+    assert (out / "checkpoints/latest").read_text() == f"step-{n:08d}" and not (out / "DONE").exists()
+    again = rl.main(args(workdir, out, f"train.max_steps={n + 1}", "train.save_every=0", "eval.data=null"))
+    assert again["steps"] == n + 1 and metric_steps(out) == list(range(1, n + 2))

@@ -1,8 +1,10 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,7 +180,7 @@ def test_resume_after_crash_matches_uninterrupted_run(workdir, tmp_path, monkeyp
     assert not (tmp_path / "b/DONE").exists()
     monkeypatch.setattr(sft, "update_router_bias", real_update)
     torch.manual_seed(1234)  # whatever the RNG state, the checkpoint restores it
-    sft.main(recipe_args(workdir, tmp_path / "b", *args, "train.resume_from=latest"))
+    sft.main(recipe_args(workdir, tmp_path / "b", *args))  # the same command resumes (train.resume_from: latest)
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -189,6 +191,22 @@ def test_resume_after_crash_matches_uninterrupted_run(workdir, tmp_path, monkeyp
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b/final").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_changed_config_or_bad_data_never_touch_a_finished_run(workdir, tmp_path, capsys):
+    out = tmp_path / "a"
+    sft.main(recipe_args(workdir, out, "train.max_steps=2", "eval.data=null"))
+    done = (out / "DONE").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sft.main(recipe_args(workdir, out, "train.max_steps=3", "eval.data=null", "train.lr=0.5"))
+    err = [line for line in capsys.readouterr().err.splitlines() if "config error" in line]
+    assert e.value.code == 2 and len(err) == 1 and "train.lr" in err[0] and "max_steps" not in err[0]
+    with pytest.raises((Exception, SystemExit)):
+        sft.main(recipe_args(workdir, out, "train.max_steps=3", "eval.data=null",
+                             f"data=[{{path: {tmp_path / 'missing.jsonl'}}}]"))
+    assert (out / "DONE").read_text() == done and (out / "final/config.json").is_file()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_any_hf_causal_lm(workdir, tokenizer, tmp_path):
@@ -230,3 +248,27 @@ def test_expert_parallel_run_under_accelerate_launch(workdir, tmp_path):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == TOY_MODEL["n_routed_experts"]
+
+
+def test_sigterm_saves_the_last_step_and_the_rerun_resumes(workdir, tmp_path):
+    out = tmp_path / "run"
+    extra = ("train.save_every=0", "eval.data=null")
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *recipe_args(workdir, out, "train.max_steps=100000", *extra)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and (out / "checkpoints/latest").read_text() == f"step-{n:08d}"
+    result = sft.main(recipe_args(workdir, out, f"train.max_steps={n + 2}", *extra))
+    assert result["steps"] == n + 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, n + 3))
