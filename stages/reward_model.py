@@ -21,7 +21,9 @@ the aux-loss-free bias update nor the sequence-wise balance loss runs here; a sh
 moves the expert load). No margin term, no reward centring (InstructGPT / Llama-2 variants).
 
 Writes to ``output_dir``: ``final/`` (save_pretrained + tokenizer: ``rewards.reward_model``'s ``path``),
-``metrics.jsonl``, ``summary.json`` and ``DONE``.
+``metrics.jsonl``, ``summary.json`` and ``DONE`` (``final/``, ``summary.json`` and ``DONE`` written under a temporary
+name, then renamed into place). The stage has no checkpoints: a re-run trains from the start, and removes
+``DONE`` only once its inputs have loaded (a failing re-run leaves a finished run as it was).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from data.loaders import DataConfig, load_rows
-from grpo.checkpoint import export_model, mark_done
+from grpo.checkpoint import export_model, mark_done, write_atomic
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
 from grpo.optim import AdamWConfig, build_step
@@ -136,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli(RewardModelConfig, description="Stage 4a: Bradley-Terry reward model on preference pairs.", argv=argv)
     tc, out = cfg.train, Path(cfg.output_dir)
 
-    # ---- setup
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "DONE").unlink(missing_ok=True)
+    # ---- setup (a failing setup leaves an earlier run's results and DONE as they were)
     set_seed(tc.seed)
     fields = ["prompt", "chosen", "rejected"]
     pairs = [row for d in cfg.data for row in load_rows(d, fields)]
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     optim = build_step(model, tc.adamw, total_steps=tc.max_steps)  # fp32 masters when model.dtype is bfloat16
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)  # inputs loaded, about to train: the output is no longer complete
 
     # ---- loop: seeded passes over the pairs
     rng = random.Random(tc.seed)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     after = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
     summary = {"steps": tc.max_steps, "final": str(final), "pairs": len(pairs), "test_pairs": len(test),
                "heldout_pairwise_accuracy_before": before, "heldout_pairwise_accuracy": after}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if test:
         print(f"held-out pairwise accuracy: {100 * before:.1f}% -> {100 * after:.1f}% ({len(test)} pairs)", flush=True)
     mark_done(out, summary)

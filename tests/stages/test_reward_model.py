@@ -74,6 +74,12 @@ def test_training_raises_pairwise_accuracy_and_scores_like_the_reward(workdir, t
     reward = RewardModelReward(str(out / "final"), batch_size=4, device="cpu", max_length=256)
     got = reward([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
     assert got == pytest.approx(torch.cat([chosen, rejected]).tolist(), abs=1e-5)
+    # a failed re-run (a bad data path) leaves the finished run's DONE and summary as they were
+    done = (out / "DONE").read_text()
+    with pytest.raises((Exception, SystemExit)):
+        rm.main(["--recipe", str(ROOT / "recipes/tiny/reward_model.yaml"), f"model.init={workdir / 'policy'}",
+                 f"data=[{{path: {tmp_path / 'missing.jsonl'}}}]", f"output_dir={out}", "wandb_mode=disabled"])
+    assert (out / "DONE").read_text() == done and (out / "summary.json").is_file()
 
 
 def test_preset_init_is_a_config_error(capsys):
