@@ -20,7 +20,8 @@ harmlessness model judging the whole response, and scores only the summary for h
 prompts are the built-in ones; no preference reward on reasoning rows.
 
 The trainer logs ``by_source/<source>/reward`` and ``by_source/<source>/<reward>`` (means per source of
-every sample generated in the step). Writes what ``stages.rl_reasoning`` writes (``final/``, ``DONE``, ...).
+every sample generated in the step). Writes what ``stages.rl_reasoning`` writes (``final/``, ``DONE``, ...) and
+resumes, stops on SIGINT/SIGTERM and keeps a finished run's ``DONE`` through a failed re-run the same way.
 """
 from __future__ import annotations
 
