@@ -180,3 +180,11 @@ def check_tokenizer_dir(name: str | os.PathLike, key: str = "tokenizer") -> bool
         raise ModelDirError(key, directory, "tokenizer.json is missing and tokenizer_config.json has no vocab files "
                             f"beside it ({', '.join(' + '.join(files) for files in VOCAB_FILES)})")
     return True
+
+
+def load_tokenizer(name: str | os.PathLike, key: str = "tokenizer"):
+    """``AutoTokenizer.from_pretrained(name)`` after ``check_tokenizer_dir`` (a one-line error for a broken dir)."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_dir(name, key)
+    return AutoTokenizer.from_pretrained(name)

@@ -37,13 +37,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from data.chat import encode_prompt
 from data.loaders import DataConfig, load_rows
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.rollout import RolloutEngine, SamplingConfig
+from grpo.model_dir import load_tokenizer
 from rewards.code import code_reward
 from rewards.format import format_reward
 from rewards.math import answer_region, correctness, extract_answer, is_equivalent
@@ -273,7 +273,7 @@ class EvaluateConfig:
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli(EvaluateConfig, description="Held-out math accuracy / code pass rate of a checkpoint.", argv=argv)
     # ---- setup
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     sets = {"math": load_heldout(cfg.heldout)}
     if cfg.code is not None:
         sets["code"] = list(load_rows(cfg.code, ["prompt", "tests"]))

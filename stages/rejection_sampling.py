@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from data.loaders import DataConfig, load_rows
 from grpo.checkpoint import mark_done
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.rollout import SamplingConfig
+from grpo.model_dir import load_tokenizer
 from rewards.code import code_reward
 from rewards.format import format_checks
 from rewards.language import language_consistency
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [r for r in rows if r["source"] != source or id(r) in keep]
     general = [chat_row(r["prompt"], r["response"], "general")
                for d in cfg.general for r in load_rows(d, ["prompt", "response"])]
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     model = load_policy(cfg.model, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
 
     # ---- sample k per prompt, verify, filter

@@ -36,13 +36,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from data.loaders import DataConfig, load_rows
 from grpo.checkpoint import export_model, mark_done, write_atomic
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
 from grpo.optim import AdamWConfig, build_step
+from grpo.model_dir import check_model_dir, load_tokenizer
 from rewards.reward_model import encode
 
 
@@ -143,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     fields = ["prompt", "chosen", "rejected"]
     pairs = [row for d in cfg.data for row in load_rows(d, fields)]
     test = list(load_rows(cfg.test, fields)) if cfg.test is not None else []
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.init)
+    tokenizer = load_tokenizer(cfg.model.init, "model.init")
     tokenizer.truncation_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_model_dir(cfg.model.init, "model.init")
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model.init, num_labels=1,
                                                                dtype=getattr(torch, cfg.model.dtype))
     model.config.pad_token_id = tokenizer.pad_token_id

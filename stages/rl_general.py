@@ -33,7 +33,6 @@ from typing import Literal
 import datasets
 import transformers
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from data.chat import encode_prompt
 from data.loaders import DataConfig, load_rows
@@ -42,6 +41,7 @@ from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
+from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardScores, RewardSet, RewardSpec
 from stages.evaluate import HeldoutConfig, load_heldout
 from stages.rl_reasoning import save_and_evaluate
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     rows = load_prompts(cfg.data)
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)

@@ -37,7 +37,6 @@ from typing import Literal
 import datasets
 import transformers
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from data.chat import R1_TEMPLATE, encode_prompt
 from data.loaders import DataConfig, load_rows
@@ -47,6 +46,7 @@ from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
+from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardSet, RewardSpec
 from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     rows = [row for d in cfg.data for row in load_rows(d, ["prompt"])]
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)

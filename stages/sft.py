@@ -49,7 +49,6 @@ import datasets
 import torch
 import transformers
 from accelerate.utils import set_seed
-from transformers import AutoTokenizer
 
 from data.chat import encode_chat
 from data.loaders import DataConfig, DataError, load_dataset_split, load_rows
@@ -60,6 +59,7 @@ from grpo.logger import MetricsLogger
 from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
 from grpo.optim import AdamWConfig, build_step
 from grpo.parallel import ParallelConfig, make_accelerator
+from grpo.model_dir import load_tokenizer
 from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
 
 POOL = 64  # micro-batches per length-sorting pool
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(cfg.parallel.timeout_s, mixed_precision="bf16" if autocast else "no")
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(tc.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model.init)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = [build_example(tokenizer, m, tc.max_seq_len) for d in cfg.data for m in load_conversations(d)]
     examples = [e for e in examples if e is not None]

@@ -132,3 +132,11 @@ def test_load_policy_checks_local_dirs_only(good, tokenizer, monkeypatch):
     with pytest.raises(ConfigError, match="reachable hub id: offline: org/name") as info:
         load_policy(ModelConfig(init="org/name"), tokenizer)  # goes to transformers (the hub) as before
     assert not isinstance(info.value, ModelDirError)
+
+
+def test_stages_load_tokenizers_through_the_check(tmp_path):
+    from grpo.model_dir import load_tokenizer
+
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match=r"^model\.init: .*final.*tokenizer files are missing"):
+        load_tokenizer(tmp_path / "final", "model.init")
