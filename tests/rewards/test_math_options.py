@@ -68,9 +68,11 @@ def test_both_entry_points_agree_on_texts_both_sides():
     "\\begin{align}" * 5000, "1 " * 50000, ". " * 50000, "$1$ and " * 5000, "(" * 50000 + "1",
 ])
 def test_extraction_stays_fast_on_pathological_text(text):
-    start = time.perf_counter()
+    """Linear-time extraction: CPU time (not wall time, which a loaded machine stretches) stays well under a
+    second; the quadratic scan this guards against took 4.4 s on the 5,000-deep box."""
+    start = time.process_time()
     final_answers(text)
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < 1.0
 
 
 def test_garbage_answers_are_refused_without_sympy():
@@ -79,7 +81,7 @@ def test_garbage_answers_are_refused_without_sympy():
     start = time.perf_counter()
     huge = r"\boxed{" + "+".join(["1"] * 3000) + "}"
     assert verify_batch(["3000", "1", "3"], [huge, "$1$ and " * 5000, "x" * 100000]) == [False, False, False]
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 3.0  # refused up front: no sympy, no worker timeout (3 s by default)
     assert (len(pool.workers), pool.timeouts) == before
 
 
@@ -105,12 +107,12 @@ def test_latex_that_makes_sympy_hang_is_cut_at_the_timeout_from_a_thread():
     t = threading.Thread(target=check, args=(0,))
     t.start()
     t.join(30)
-    assert got == {0: False} and took[0] < 1.0 + 0.5
+    assert got == {0: False} and took[0] < 1.0 + 2.0  # the 1 s timeout, plus slack for a loaded machine
     assert pool.timeouts == before + 1
     _warm(pool)
     start = time.perf_counter()
     assert verify_batch(*map(list, zip(*HANGING[1:])), timeout=1.0, cache=False) == [False, False]
-    assert time.perf_counter() - start < 1.0 + 0.5  # both hang in parallel on the two workers
+    assert time.perf_counter() - start < 1.9  # both hang in parallel on the two workers (one after the other: >= 2 s)
     assert pool.timeouts == before + 3
     assert is_equivalent(r"\sqrt{4}", "2", timeout=30)  # the replacements work
 
