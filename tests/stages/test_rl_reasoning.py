@@ -1,9 +1,4 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +10,7 @@ from data.generate import Sizes, write_all
 from data.tokenizer import train_tokenizer
 from grpo.checkpoint import export_model
 from grpo.model import ModelConfig, load_policy
+from tests.stages.stop_signal import sigterm_after_first_step
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = Sizes(math=24, math_test=4, math_rl=16, code=8, code_test=2, cot=20, general=4, general_test=2, pref=2, pref_test=2)
@@ -158,20 +154,9 @@ def test_rerun_after_a_crash_resumes_and_matches_the_uninterrupted_run(workdir, 
 
 def test_sigterm_finishes_the_step_saves_and_exits_then_resumes(workdir, tmp_path):
     out = tmp_path / "rl"
-    cmd = [sys.executable, "-m", "stages.rl_reasoning",
-           *args(workdir, out, "train.max_steps=500", "train.save_every=0", "eval.data=null")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143, stderr[-3000:]
-    assert "stopped by SIGTERM" in stderr
+    done = sigterm_after_first_step("stages.rl_reasoning",
+                                    args(workdir, out, "train.max_steps=500", "train.save_every=0", "eval.data=null"), out)
+    assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr, done.stderr[-3000:]
     steps = metric_steps(out)
     n = steps[-1]
     assert steps == list(range(1, n + 1)) and n < 500

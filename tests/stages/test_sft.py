@@ -1,10 +1,8 @@
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from data.generate import Sizes, write_all
 from data.loaders import DataConfig, DataError
 from data.tokenizer import train_tokenizer
 from grpo.model import ModelConfig, load_policy
+from tests.stages.stop_signal import sigterm_after_first_step
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = Sizes(math=20, math_test=6, math_rl=16, code=4, code_test=2, cot=60, general=10, general_test=2, pref=2, pref_test=2)
@@ -253,18 +252,8 @@ def test_expert_parallel_run_under_accelerate_launch(workdir, tmp_path):
 def test_sigterm_saves_the_last_step_and_the_rerun_resumes(workdir, tmp_path):
     out = tmp_path / "run"
     extra = ("train.save_every=0", "eval.data=null")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *recipe_args(workdir, out, "train.max_steps=100000", *extra)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 143 and "stopped by SIGTERM" in stderr, stderr[-3000:]
+    done = sigterm_after_first_step("stages.sft", recipe_args(workdir, out, "train.max_steps=100000", *extra), out)
+    assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr, done.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     n = steps[-1]
     assert steps == list(range(1, n + 1)) and (out / "checkpoints/latest").read_text() == f"step-{n:08d}"
