@@ -202,7 +202,7 @@ def test_timeout_kills_worker_and_pool_recovers():
     before = pool.timeouts
     start = time.monotonic()
     assert not is_equivalent("1", "9^{9^{9^{9}}}", timeout=1.0)
-    assert time.monotonic() - start < 1.0 + 0.5
+    assert time.monotonic() - start < 1.0 + 3.0  # the 1 s timeout plus slack for a loaded machine (the tower never ends)
     assert pool.timeouts == before + 1
     assert is_equivalent(r"\sqrt{4}", "2")
     assert not is_equivalent("9^{9^{9^{9}}}", "9^{9^{9^{9}}}+1", timeout=1.0)
