@@ -22,11 +22,15 @@ Problems with the dataset as a whole (missing file, unreadable or empty file, a 
 not exist, a required field with no column) always raise ``DataError``. Local ``.jsonl``/``.json``/``.csv``
 files are checked before loading: a line that is not UTF-8 raises ``DataError`` naming the file and its
 1-based line (under ``skip_invalid`` such a ``.jsonl`` line is dropped and counted in ``n_skipped``).
+
+Mixing: see ``DataConfig`` (``weight``) and ``mix_by_weight``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import random
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -48,6 +52,15 @@ class DataError(ValueError):
 
 @dataclass(kw_only=True)
 class DataConfig:
+    """One dataset of a recipe. ``weight`` w > 0 scales the dataset's share of rows where a stage mixes a list
+    of datasets (``data:``, ``prompts:``, ``general:``; ``mix_by_weight``): a dataset of n valid rows (after
+    ``limit`` and validation) contributes ``max(1, round(w * n))`` rows (Python's round, half to even):
+    floor(w) copies of every row, then the missing rows drawn without replacement (seeded by the stage's seed
+    and the dataset's position in the list) and kept in file order. w = 1 (the default) is every row once, as
+    without weights; 0.5 a random half; 2.5 every row twice plus a random half. The datasets follow each other
+    in list order (the stages shuffle or stream the rows themselves). A single dataset (a held-out set) is read
+    whole, whatever its weight."""
+
     path: str                                   # .jsonl/.json/.parquet/.csv file, a directory, or a hub dataset name
     name: str | None = None                     # hub subset (config name)
     split: str = "train"
@@ -55,10 +68,14 @@ class DataConfig:
     answer_format: AnswerFormat = "plain"
     limit: int | None = None                    # keep the first N rows
     skip_invalid: bool = False                  # drop malformed rows (counted) instead of raising
+    weight: float = 1.0                         # share of rows in a mixed list: round(weight * rows), see mix_by_weight
 
     def __post_init__(self):
         if not self.path:
             raise ConfigError("path", "must be a data file, a directory or a hub dataset name; got an empty string")
+        if not self.weight > 0:
+            raise ConfigError("weight", f"{self.path}: must be > 0 (1 = every row once, 0.5 = a random half, "
+                                        f"2 = every row twice), got {self.weight}")
         if self.answer_format not in get_args(AnswerFormat):
             raise ConfigError("answer_format", f"must be one of {', '.join(get_args(AnswerFormat))}; "
                                                f"got {self.answer_format!r}")
@@ -257,3 +274,20 @@ def load_rows(cfg: DataConfig, required: list[str]) -> Rows:
         logger.warning("%s: skipped %d malformed row(s) of %d (skip_invalid=True)", source, skipped,
                        len(ds) + undecodable)
     return Rows(rows, n_skipped=skipped, source=source)
+
+
+def mix_by_weight(parts: list[list], weights: list[float], seed: int) -> list:
+    """The datasets ``parts`` (lists of rows) in order, each scaled by its weight (see the module docstring):
+    part i of n rows gives ``max(1, round(w_i * n))`` rows, floor(w_i) copies of every row and then a subset
+    drawn without replacement with ``random.Random(f"{seed}/{i}")``, in file order."""
+    mixed = []
+    for i, (rows, w) in enumerate(zip(parts, weights, strict=True)):
+        whole, target = math.floor(w), max(1, round(w * len(rows))) if rows else 0
+        drawn = random.Random(f"{seed}/{i}").sample(range(len(rows)), target - whole * len(rows))
+        mixed += list(rows) * whole + [rows[j] for j in sorted(drawn)]
+    return mixed
+
+
+def load_mixed(cfgs: list[DataConfig], required: list[str], seed: int) -> list[dict]:
+    """``load_rows`` of every dataset in ``cfgs``, mixed by their weights (``mix_by_weight``)."""
+    return mix_by_weight([load_rows(d, required) for d in cfgs], [d.weight for d in cfgs], seed)

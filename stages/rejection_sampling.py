@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from data.loaders import DataConfig, load_rows
+from data.loaders import DataConfig, DataError, load_mixed, load_rows, mix_by_weight
 from grpo.checkpoint import mark_done
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
@@ -196,18 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup: prompts (a seeded subset per source), general rows, the policy
     set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    rows = []
-    for d in cfg.prompts:
-        for row in load_rows(d, ["prompt", "source"]):
-            if row["source"] not in SOURCES:
-                raise ValueError(f"{d.path}: row source {row['source']!r}; rejection sampling takes {SOURCES} rows")
-            rows.append(row)
+    parts = [load_rows(d, ["prompt", "source"]) for d in cfg.prompts]
+    for part in parts:
+        bad = sorted({r["source"] for r in part} - set(SOURCES))
+        if bad:
+            raise DataError(f"{part.source}: rows with source {bad[0]!r}; rejection sampling takes "
+                            f"{', '.join(SOURCES)} rows")
+    rows = mix_by_weight(parts, [d.weight for d in cfg.prompts], cfg.seed)
     for source, n in cfg.prompts_per_source.items():
-        mine = [r for r in rows if r["source"] == source]
-        keep = {id(r) for r in rng.sample(mine, min(n, len(mine)))}
-        rows = [r for r in rows if r["source"] != source or id(r) in keep]
+        mine = [i for i, r in enumerate(rows) if r["source"] == source]
+        keep = set(rng.sample(mine, min(n, len(mine))))
+        rows = [r for i, r in enumerate(rows) if r["source"] != source or i in keep]
     general = [chat_row(r["prompt"], r["response"], "general")
-               for d in cfg.general for r in load_rows(d, ["prompt", "response"])]
+               for r in load_mixed(cfg.general, ["prompt", "response"], cfg.seed)]
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     model = load_policy(cfg.model, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
 

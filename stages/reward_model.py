@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
-from data.loaders import DataConfig, load_rows
+from data.loaders import DataConfig, load_mixed, load_rows
 from grpo.checkpoint import export_model, mark_done, write_atomic
 from grpo.config import ConfigError, cli
 from grpo.logger import MetricsLogger
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup (a failing setup leaves an earlier run's results and DONE as they were)
     set_seed(tc.seed)
     fields = ["prompt", "chosen", "rejected"]
-    pairs = [row for d in cfg.data for row in load_rows(d, fields)]
+    pairs = load_mixed(cfg.data, fields, tc.seed)
     test = list(load_rows(cfg.test, fields)) if cfg.test is not None else []
     tokenizer = load_tokenizer(cfg.model.init, "model.init")
     tokenizer.truncation_side = "left"

@@ -35,7 +35,7 @@ import transformers
 from accelerate.utils import set_seed
 
 from data.chat import encode_prompt
-from data.loaders import DataConfig, load_rows
+from data.loaders import DataConfig, load_mixed
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
@@ -118,14 +118,11 @@ class RLGeneralConfig:
             raise ConfigError("sampling.max_batch", f"must be >= train.group_size = {self.train.group_size}")
 
 
-def load_prompts(cfgs: list[DataConfig]) -> list[dict]:
-    """Rows of every dataset with a ``source`` and every reward column (None where a row has none), so a batch
-    of only general rows still hands ``answer``/``tests`` columns to the rewards."""
-    rows = []
-    for d in cfgs:
-        for row in load_rows(d, ["prompt", "source"]):
-            rows.append({**{c: None for c in REWARD_COLUMNS}, **row})
-    return rows
+def load_prompts(cfgs: list[DataConfig], seed: int) -> list[dict]:
+    """Rows of the datasets mixed by weight (``data.loaders.load_mixed``), each with a ``source`` and every reward
+    column (None where a row has none), so a batch of only general rows still hands ``answer``/``tests`` columns
+    to the rewards."""
+    return [{**{c: None for c in REWARD_COLUMNS}, **row} for row in load_mixed(cfgs, ["prompt", "source"], seed)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
-    rows = load_prompts(cfg.data)
+    rows = load_prompts(cfg.data, cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)
     rewards = RoutedRewards(RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), cfg.reward_sources)

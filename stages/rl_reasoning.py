@@ -39,7 +39,7 @@ import transformers
 from accelerate.utils import set_seed
 
 from data.chat import R1_TEMPLATE, encode_prompt
-from data.loaders import DataConfig, load_rows
+from data.loaders import DataConfig, load_mixed
 from grpo.checkpoint import export_model, mark_done, publish
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
-    rows = [row for d in cfg.data for row in load_rows(d, ["prompt"])]
+    rows = load_mixed(cfg.data, ["prompt"], cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)
     system = R1_TEMPLATE if cfg.system_prompt == "r1" else None
