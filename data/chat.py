@@ -15,6 +15,9 @@ bos token, role markers, and system/user turns. Two ways to find those tokens:
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+from grpo.config import ConfigError
 
 R1_TEMPLATE = (
     "A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
@@ -25,6 +28,38 @@ R1_TEMPLATE = (
 """System prompt with the meaning of DeepSeek-R1's training template (our wording; the answer is marked by
 ``\\boxed{}`` instead of ``<answer>`` tags). Pass it as ``system=R1_TEMPLATE``; the built-in demo data uses no
 system prompt, so keep it off there to match what SFT saw."""
+
+SYSTEM_FILE = "file:"
+
+
+def resolve_system_prompt(value: str, key: str = "system_prompt") -> str | None:
+    """The system turn a recipe's ``system_prompt`` stands for: ``none`` -> no system turn, ``r1`` ->
+    ``R1_TEMPLATE``, ``file:<path>`` -> the text of that UTF-8 file (leading/trailing whitespace removed; the
+    path is relative to the working directory), anything else -> that string itself. A missing, unreadable,
+    empty or non-UTF-8 file, or an empty string, is a one-line ``ConfigError`` at ``key``."""
+    if value == "none":
+        return None
+    if value == "r1":
+        return R1_TEMPLATE
+    if not value.startswith(SYSTEM_FILE):
+        if not value.strip():
+            raise ConfigError(key, "must be none, r1, file:<path> or the prompt text itself; got an empty string")
+        return value
+    path = Path(value[len(SYSTEM_FILE):])
+    try:
+        text = path.read_bytes().decode("utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(key, f"no such system prompt file: {path} (file:<path>, relative to the working "
+                               "directory)") from None
+    except OSError as e:
+        raise ConfigError(key, f"system prompt file {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(key, f"system prompt file {path} is not UTF-8 text (byte {e.start + 1} is "
+                               f"0x{e.object[e.start]:02x})") from None
+    if not text:
+        raise ConfigError(key, f"system prompt file {path} is empty")
+    return text
+
 
 THINK_PREFILL = "<think>\n"
 _GENERATION_TAG = re.compile(r"{%-?\s*generation\s*-?%}")

@@ -3,7 +3,8 @@
     python -m stages.evaluate --recipe recipes/tiny/evaluate.yaml [key=value ...]
 
 For N held-out problems (prompt x_i, gold answer a_i) and the greedy completion y_i = argmax-decode(x_i)
-(chat template applied, at most ``max_new_tokens`` tokens, stopping at the end-of-turn token):
+(chat template applied, after the ``system_prompt`` turn if any, at most ``max_new_tokens`` tokens, stopping at
+the end-of-turn token):
 
     accuracy = 1/N * sum_i 1[ every final answer extracted from y_i is equivalent to a_i ]
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat import encode_prompt
+from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_rows
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
@@ -70,13 +71,15 @@ def load_heldout(cfg: HeldoutConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 256, batch_size: int = 64) -> dict:
-    """Greedy-decode every row's prompt (chat template, no system prompt) and score it with `score`."""
+def heldout_accuracy(model, tokenizer, rows: list[dict], *, max_new_tokens: int = 256, batch_size: int = 64,
+                     system: str | None = None) -> dict:
+    """Greedy-decode every row's prompt (chat template, after the ``system`` turn when given) and score it
+    with `score`."""
     was_training = model.training
     model.eval()
     engine = RolloutEngine(model, tokenizer, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens,
                                                             max_batch=batch_size))
-    rollout = engine.generate([encode_prompt(tokenizer, r["prompt"]) for r in rows], group_size=1)
+    rollout = engine.generate([encode_prompt(tokenizer, r["prompt"], system) for r in rows], group_size=1)
     model.train(was_training)
     lengths = rollout.lengths.tolist()
     completions = tokenizer.batch_decode(
@@ -183,10 +186,13 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, k: int) -> list[dict]:
-    """k completions per prompt: [{"completion", "finish_reason", "tokens"}] in prompt-major order."""
+def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig, k: int,
+             system: str | None = None) -> list[dict]:
+    """k completions per prompt (after the ``system`` turn when given): [{"completion", "finish_reason",
+    "tokens"}] in prompt-major order."""
     model.eval()
-    rollout = RolloutEngine(model, tokenizer, sampling).generate([encode_prompt(tokenizer, p) for p in prompts], k)
+    encoded = [encode_prompt(tokenizer, p, system) for p in prompts]
+    rollout = RolloutEngine(model, tokenizer, sampling).generate(encoded, k)
     lengths = rollout.lengths.tolist()
     texts = tokenizer.batch_decode([rollout.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)],
                                    skip_special_tokens=True)
@@ -246,6 +252,7 @@ def markdown(summary: dict, model: str) -> str:
 class EvaluateConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/sft/final"))
     tokenizer: str | None = None  # null: the tokenizer saved with model.init
+    system_prompt: str = "none"  # none | r1 | file:<path> | the system turn's text (data.chat.resolve_system_prompt)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # math rows (prompt, answer); length, batch
     code: DataConfig | None = None  # code rows (prompt, tests[, entry_point]) scored in the sandbox; null: none
     samples: int = 1  # k completions per problem; 1 = one greedy completion
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli(EvaluateConfig, description="Held-out math accuracy / code pass rate of a checkpoint.", argv=argv)
     # ---- setup
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
+    system = resolve_system_prompt(cfg.system_prompt)
     sets = {"math": load_heldout(cfg.heldout)}
     if cfg.code is not None:
         sets["code"] = list(load_rows(cfg.code, ["prompt", "tests"]))
@@ -285,11 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
     for source, data in sets.items():
         if data:
             prompts = [r["prompt"] for r in data]
-            samples = generate(model, tokenizer, prompts, sampling, cfg.samples)
+            samples = generate(model, tokenizer, prompts, sampling, cfg.samples, system)
             by_source[source], results = score_source(source, data, samples, cfg.samples, cfg.pass_k)
             if cfg.greedy and cfg.samples > 1:
                 greedy, greedy_rows = score_source(source, data, generate(
-                    model, tokenizer, prompts, replace(sampling, temperature=0.0, top_p=1.0), 1), 1, [1])
+                    model, tokenizer, prompts, replace(sampling, temperature=0.0, top_p=1.0), 1, system), 1, [1])
                 by_source[source].update(greedy=greedy["pass@1"], greedy_se=greedy["pass@1_se"])
                 for r, g in zip(results, greedy_rows):
                     r.update(greedy_correct=g["correct"], greedy_completion=g["completion"])

@@ -26,6 +26,9 @@ here only rule-checkable prompts are sampled. The dataset trains ``stages.sft`` 
 (from the cold-start checkpoint for the from-scratch tiny model, see recipes/tiny/pipeline.yaml), or a
 smaller student (distillation).
 
+With ``system_prompt`` (``none``, ``r1``, ``file:<path>`` or the text; ``data.chat.resolve_system_prompt``) the
+prompts are sampled after that system turn, and the kept samples' rows carry it (the general rows do not).
+
 Writes to ``output_dir``: ``sft_data.jsonl`` (rows {messages, source}), ``samples.jsonl`` (every sample with
 its verdict), ``summary.json`` (acceptance per source and rejection reasons) and ``DONE``.
 """
@@ -40,6 +43,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from data.chat import resolve_system_prompt
 from data.loaders import DataConfig, DataError, load_mixed, load_rows, mix_by_weight
 from grpo.checkpoint import mark_done
 from grpo.config import ConfigError, cli
@@ -129,9 +133,10 @@ def mix(reasoning: list[dict], general: list[dict], n_general: int, seed: int) -
     return rows
 
 
-def chat_row(prompt: str, response: str, source: str) -> dict:
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-            "source": source}
+def chat_row(prompt: str, response: str, source: str, system: str | None = None) -> dict:
+    """An SFT row {messages, source}: the ``system`` turn when given, the user prompt, the response."""
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return {"messages": ([{"role": "system", "content": system}] if system else []) + turns, "source": source}
 
 
 def verdicts(rows: list[dict], samples: list[dict], k: int) -> list[bool | None]:
@@ -158,6 +163,7 @@ def verdicts(rows: list[dict], samples: list[dict], k: int) -> list[bool | None]
 class RejectionSamplingConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/rl_reasoning/final", mtp_layers=0))
     tokenizer: str | None = None  # null: the one saved with model.init
+    system_prompt: str = "none"  # none | r1 | file:<path> | the system turn's text (data.chat.resolve_system_prompt)
     prompts: list[DataConfig] = field(default_factory=lambda: [
         DataConfig(path="runs/tiny/data/math_train.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl")])
     prompts_per_source: dict[str, int] = field(default_factory=dict)  # e.g. {math: 300}: a seeded subset; absent: all
@@ -196,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup: prompts (a seeded subset per source), general rows, the policy
     set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    system = resolve_system_prompt(cfg.system_prompt)
     parts = [load_rows(d, ["prompt", "source"]) for d in cfg.prompts]
     for part in parts:
         bad = sorted({r["source"] for r in part} - set(SOURCES))
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- sample k per prompt, verify, filter
     k = cfg.samples
     sampling = SamplingConfig(**{**asdict(cfg.sampling), "max_batch": max(cfg.sampling.max_batch, k)})
-    samples = generate(model, tokenizer, [r["prompt"] for r in rows], sampling, k)
+    samples = generate(model, tokenizer, [r["prompt"] for r in rows], sampling, k, system)
     correct = verdicts(rows, samples, k)
     candidates = [Candidate(group=j // k, prompt=rows[j // k]["prompt"], completion=s["completion"],
                             source=rows[j // k]["source"], correct=correct[j], truncated=s["finish_reason"] == "length")
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     kept, stats = filter_candidates(candidates, cfg.filter)
 
     # ---- mix with general data and save
-    reasoning = [chat_row(c.prompt, c.completion, c.source) for c in kept]
+    reasoning = [chat_row(c.prompt, c.completion, c.source, system) for c in kept]
     n_general = (min(cfg.general_rows, len(general)) if cfg.general_rows is not None
                  else general_count(len(reasoning), cfg.general_ratio, len(general)))
     dataset = mix(reasoning, general, n_general, cfg.seed)

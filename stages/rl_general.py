@@ -21,7 +21,8 @@ prompts are the built-in ones; no preference reward on reasoning rows.
 
 The trainer logs ``by_source/<source>/reward`` and ``by_source/<source>/<reward>`` (means per source of
 every sample generated in the step). Writes what ``stages.rl_reasoning`` writes (``final/``, ``DONE``, ...) and
-resumes, stops on SIGINT/SIGTERM and keeps a finished run's ``DONE`` through a failed re-run the same way.
+resumes, stops on SIGINT/SIGTERM and keeps a finished run's ``DONE`` through a failed re-run the same way;
+``system_prompt`` adds a system turn to every prompt as there.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import datasets
 import transformers
 from accelerate.utils import set_seed
 
-from data.chat import encode_prompt
+from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_mixed
 from grpo.config import ConfigError, cli
 from grpo.model import ModelConfig, load_policy, presets
@@ -82,6 +83,7 @@ class RoutedRewards:
 class RLGeneralConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(init="runs/tiny/sft_rs/final", mtp_layers=0))
     tokenizer: str | None = None  # null: the one saved with model.init
+    system_prompt: str = "none"  # none | r1 | file:<path> | the system turn's text (as in stages.rl_reasoning)
     data: list[DataConfig] = field(default_factory=lambda: [
         DataConfig(path="runs/tiny/data/math_rl.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl"),
         DataConfig(path="runs/tiny/data/general_train.jsonl")])
@@ -135,13 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
+    system = resolve_system_prompt(cfg.system_prompt)
     rows = load_prompts(cfg.data, cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)
     rewards = RoutedRewards(RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), cfg.reward_sources)
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
-        encode=lambda row: encode_prompt(tokenizer, row["prompt"]),
+        encode=lambda row: encode_prompt(tokenizer, row["prompt"], system),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
         accelerator=make_accelerator(cfg.train.parallel.timeout_s))
     if int(os.environ.get("RANK", "0")) == 0:  # inputs loaded, about to train: the output is no longer complete
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = trainer.train()
 
     # ---- save, evaluate
-    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics)
+    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)
 
 if __name__ == "__main__":
     main()

@@ -13,8 +13,10 @@ Objective: GRPO (``grpo.loss``, DeepSeekMath eq. 3 and its variants) with group-
 
 A None ("does not apply") is left out of that reward's group statistics and adds 0 to the sum. The
 prompts are the user turns of the data rows rendered with the tokenizer's chat template, optionally
-with DeepSeek-R1's system instruction (``system_prompt: r1``, ``data.chat.R1_TEMPLATE``) and a prefilled
-``<think>`` (``think: true``; the format reward must then be told ``think_prefilled: true``).
+with a system turn (``system_prompt``: ``none``, ``r1`` for DeepSeek-R1's instruction ``data.chat.R1_TEMPLATE``,
+``file:<path>`` for a file's text, or the text itself; ``data.chat.resolve_system_prompt``; the held-out
+evaluation uses it too) and a prefilled ``<think>`` (``think: true``; the format reward must then be told
+``think_prefilled: true``).
 
 Writes to ``output_dir``: ``checkpoints/`` (full training state), ``final/`` (save_pretrained + tokenizer:
 ``model.init`` of the next stage), ``metrics.jsonl``, ``tables/completions.jsonl`` (sampled completions with
@@ -38,7 +40,7 @@ import datasets
 import transformers
 from accelerate.utils import set_seed
 
-from data.chat import R1_TEMPLATE, encode_prompt
+from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_mixed
 from grpo.checkpoint import export_model, mark_done, publish
 from grpo.config import ConfigError, cli
@@ -62,7 +64,7 @@ class RLReasoningConfig:
     tokenizer: str | None = None  # tokenizer dir; null: the one saved with model.init
     data: list[DataConfig] = field(default_factory=lambda: [
         DataConfig(path="runs/tiny/data/math_rl.jsonl"), DataConfig(path="runs/tiny/data/code_train.jsonl")])
-    system_prompt: Literal["none", "r1"] = "none"  # r1: DeepSeek-R1's instruction as the system turn
+    system_prompt: str = "none"  # none | r1 (DeepSeek-R1's instruction) | file:<path> | the system turn's text
     think: bool = False  # prefill "<think>\n" after the assistant opener
     rewards: list[RewardSpec] = field(default_factory=default_rewards)
     rewards_on_error: Literal["raise", "zero"] = "raise"  # a reward raising on a sample: stop, or score it 0
@@ -105,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
+    system = resolve_system_prompt(cfg.system_prompt)
     rows = load_mixed(cfg.data, ["prompt"], cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     model = load_policy(cfg.model, tokenizer)
-    system = R1_TEMPLATE if cfg.system_prompt == "r1" else None
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling,
         rewards=RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), rows=rows,
@@ -122,12 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = trainer.train()
 
     # ---- save, evaluate
-    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics)
+    return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)
 
 
-def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict], metrics: dict) -> dict:
-    """Export the trained policy to ``output_dir/final``, score it on the held-out rows, mark the stage done.
-    ``cfg`` is an RL stage config (``model``, ``train``, ``eval``, ``output_dir``); returns the DONE record."""
+def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict], metrics: dict,
+                      system: str | None) -> dict:
+    """Export the trained policy to ``output_dir/final``, score it on the held-out rows (prompted with the
+    ``system`` turn the policy was trained with), mark the stage done. ``cfg`` is an RL stage config (``model``,
+    ``train``, ``eval``, ``output_dir``); returns the DONE record."""
     out, acc = Path(cfg.output_dir), trainer.accelerator
     final = export_model(out / "final", trainer.model, tokenizer, cfg, accelerator=acc)
     result = {"steps": trainer.step, "final": str(final), "reward": metrics.get("reward"),
@@ -137,7 +141,7 @@ def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict],
         policy = load_policy(replace(cfg.model, init=str(final)), tokenizer).to(acc.device) if cfg.train.deepspeed \
             else trainer.policy
         scores = heldout_accuracy(policy, tokenizer, heldout, max_new_tokens=cfg.eval.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size)
+                                  batch_size=cfg.eval.batch_size, system=system)
         print(summary_line(scores, cfg.eval), flush=True)
         write_results(scores, out / ".tmp-eval/eval.json")
         publish(out / ".tmp-eval", out)
