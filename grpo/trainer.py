@@ -7,7 +7,8 @@ One step (what ``max_steps`` counts) on each process:
      DAPO dynamic sampling: groups whose combined rewards are all equal are dropped and B more prompts are
      drawn, for at most ``max_sampling_rounds`` rounds (all processes run the same number of rounds); a
      batch still short is filled with dropped groups (zero advantage; logged as ``sampling/shortfall``).
-  2. rewards (``rewards.registry``) -> advantages (``grpo.advantages``) over the batch of every process.
+  2. rewards (the ``rewards`` callable, ``grpo.reward_types``) -> advantages (``grpo.advantages``) over the
+     batch of every process.
   3. once per batch: reference log-probs (beta > 0); with ``routing_replay``, the experts pi_old
      picks under teacher forcing (replayed in every update forward, GSPO's Routing Replay); with
      ``loss.old_logprobs: recompute``, log pi_old by the trainer's forward and the TIS/MIS correction.
@@ -58,9 +59,9 @@ from grpo.loss import (LossConfig, LossNorm, Mismatch, grpo_loss, head_logprobs_
 from grpo.model import force_routing, last_routing, moe_metrics, update_router_bias
 from grpo.optim import AdamWConfig, build_step, uses_deepspeed
 from grpo.parallel import ParallelConfig, expert_parallel_group
+from grpo.reward_types import RewardScores, RewardTags
 from grpo.rollout import RolloutEngine, SamplingConfig, cpu_threads
 from grpo.v3_decode import is_v3
-from rewards.registry import RewardScores
 
 
 @dataclass(kw_only=True)
@@ -235,7 +236,7 @@ class PromptStream:
         self._order = self._permutation()
 
 
-RewardFn = Callable[..., RewardScores]  # (prompts, completions, **columns) -> RewardScores (a RewardSet)
+RewardFn = Callable[..., RewardScores]  # (prompts, completions, **columns) -> RewardScores (e.g. a RewardSet)
 
 
 class GRPOTrainer:
@@ -244,10 +245,12 @@ class GRPOTrainer:
 
     output_dir receives ``checkpoints/``, ``metrics.jsonl``, ``tables/completions.jsonl`` and ``wandb/``.
     rows: data rows, each with a ``prompt`` string (given to the rewards) and any reward columns (answer,
-    tests, source, ...); encode(row) -> prompt token ids (chat template applied). rewards: a
-    ``rewards.registry.RewardSet`` (or any callable returning ``RewardScores``); it also receives the column
-    ``completion_lengths``. run_config: the stage config saved with every checkpoint. accelerator: a
-    configured ``accelerate.Accelerator`` (default: one from the launch environment).
+    tests, source, ...); encode(row) -> prompt token ids (chat template applied). rewards: any callable returning
+    ``grpo.reward_types.RewardScores`` (e.g. a ``rewards.registry.RewardSet``); it also receives the column
+    ``completion_lengths``. The metrics read a reward's meaning from its tags only: ``accuracy`` is, over the rows
+    where a ``verifiable`` reward applies, the mean of the largest verifiable score. run_config: the stage config
+    saved with every checkpoint. accelerator: a configured ``accelerate.Accelerator`` (default: one from the launch
+    environment).
     """
 
     def __init__(self, cfg: TrainerConfig, *, model, tokenizer, sampling: SamplingConfig, rewards: RewardFn,
@@ -290,6 +293,7 @@ class GRPOTrainer:
         self.ref_step = 0  # the reference equals the policy after this step (0 = the initial policy)
         self.reward_names: list[str] = []  # filled from the first RewardScores
         self.reward_weights: dict[str, float] = {}
+        self.reward_tags: list[RewardTags] = []  # in the order of reward_names
         self._failures: dict[str, int] = {}  # reward name -> samples scored 0 after raising, this step
         self.ckpt_root = self.output_dir / "checkpoints"
         self.resumed_from = checkpoint.resume_point(self.output_dir, cfg.resume_from, run_config)
@@ -339,6 +343,7 @@ class GRPOTrainer:
         columns = {k: [r.get(k) for r in rows for _ in range(G)] for k in keys}
         scores = self.rewards(prompts, completions, completion_lengths=lengths, **columns)
         self.reward_names, self.reward_weights = list(scores.per_reward), scores.weights
+        self.reward_tags = [scores.tags_of(n) for n in self.reward_names]
         self._failures = {k: self._failures.get(k, 0) + v for k, v in scores.failures.items()}
         return Samples(rows=rows, prompts=prompts, prompt_ids=ro.prompt_ids, completion_ids=completion_ids,
                        logprobs=[ro.logprobs[i, :lengths[i]] for i in range(n)],
@@ -641,12 +646,12 @@ class GRPOTrainer:
                 col = rewards[mine, f]
                 if (~col.isnan()).any():
                     m[f"by_source/{src}/{name}"] = float(col.nanmean())
-        correct = [rewards[:, f] for f, n in enumerate(self.reward_names) if n in ("accuracy", "code")]
-        if correct:  # accuracy: the accuracy (math) or code (pass rate) reward of each row where one applies
-            both = torch.stack(correct, -1)
-            known = ~both.isnan().all(-1)
+        correct = [rewards[:, f] for f, tags in enumerate(self.reward_tags) if tags.verifiable]
+        if correct:  # accuracy: per row where one applies, the best verifiable score (math answer, code pass rate)
+            scores = torch.stack(correct, -1)
+            known = ~scores.isnan().all(-1)
             if known.any():
-                m["accuracy"] = float(both[known].nan_to_num(0.0).amax(-1).mean())
+                m["accuracy"] = float(scores[known].nan_to_num(0.0).amax(-1).mean())
         m["completions/mean_length"] = float(lengths.mean())
         m["completions/max_length"] = float(lengths.max())
         m["completions/clipped_ratio"] = float(truncated.mean())

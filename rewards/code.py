@@ -120,6 +120,9 @@ def code_reward(
     return scores
 
 
+code_reward.reward_tags = {"verifiable": True}  # a correctness score: counts toward the trainer's accuracy metric
+
+
 @functools.lru_cache(maxsize=4)
 def _sandbox(cfg: SandboxConfig) -> Sandbox:
     return Sandbox(cfg)

@@ -1284,3 +1284,6 @@ def accuracy(prompts: list[str], completions: list[str], answer: list[str | None
     if stray:
         raise ValueError(f"accuracy: unknown option(s) {', '.join(stray)}; options: {', '.join(sorted(fields))}")
     return [None if ok is None else float(ok) for ok in correctness(completions, answer, **options)]
+
+
+accuracy.reward_tags = {"verifiable": True}  # a correctness score: counts toward the trainer's accuracy metric

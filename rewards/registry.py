@@ -14,6 +14,19 @@ The recipe's kwargs are checked against the reward's signature when the reward s
 ``allowed_kwargs``): an unknown key is a ``ConfigError`` naming the reward, the key and the allowed keys.
 
 A recipe names a built-in (``accuracy``, ``code``, ``format``, ...) or any ``package.module:function``.
+
+Tags (``grpo.reward_types.RewardTags``) say what a reward's score means to the trainer's metrics, which never
+name a reward: ``verifiable`` marks a correctness score in [0, 1] that counts toward the ``accuracy`` metric
+(the built-ins ``accuracy`` and ``code`` are verifiable; the others are not). A reward declares its tags in a
+``reward_tags`` attribute, a mapping of tag name to bool (on a function or a class; the module needs no import
+from this project)::
+
+    def my_checker(prompts, completions, answer, **_): ...
+    my_checker.reward_tags = {"verifiable": True}
+
+and a recipe may set or override them: ``{name: my.mod:my_checker, weight: 1.0, tags: {verifiable: true}}``.
+Both are checked when the reward set is built: an unknown tag is a ``ConfigError`` naming it and the allowed
+ones. A ``RewardSet`` returns ``grpo.reward_types.RewardScores`` (scores, weights, failures and tags per name).
 """
 from __future__ import annotations
 
@@ -28,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from grpo.config import ConfigError
+from grpo.reward_types import RewardScores, RewardTags
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +61,31 @@ BUILTINS: dict[str, str] = {
 OPTION_CONFIGS: dict[str, str] = {"accuracy": "rewards.math:MathConfig"}
 
 
+def check_tags(tags: dict[str, Any], key: str) -> None:
+    """Refuse tag names that ``RewardTags`` lacks and non-boolean values (``ConfigError`` at ``key.<tag>``)."""
+    allowed = RewardTags.names()
+    for tag, value in tags.items():
+        if tag not in allowed:
+            raise ConfigError(f"{key}.{tag}", f"unknown reward tag {tag!r}; allowed tags: {', '.join(allowed)}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}.{tag}", f"expected true or false, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class RewardSpec:
-    """One reward in a recipe: ``{name: accuracy, weight: 1.0, kwargs: {...}}``."""
+    """One reward in a recipe: ``{name: accuracy, weight: 1.0, kwargs: {...}, tags: {verifiable: true}}``.
+
+    ``tags`` override the ones the reward declares (``reward_tags``); the names allowed are ``RewardTags``' fields."""
 
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.name not in BUILTINS and ":" not in self.name:
             raise ConfigError("name", f"unknown reward {self.name!r}; built-ins: {', '.join(BUILTINS)}, or 'package.module:function'")
+        check_tags(self.tags, "tags")
         if self.kwargs and self.name in BUILTINS:  # a built-in's options are known now: refuse typos with the config
             check_kwargs(self.name, resolve(self.name), self.kwargs, "kwargs")
 
@@ -127,33 +155,19 @@ def check_kwargs(name: str, target: Callable, kwargs: dict, key: str) -> None:
                                                 f"allowed keys: {', '.join(allowed) or 'none'}")
 
 
-@dataclass
-class RewardScores:
-    """Scores of one batch of N completions.
-
-    per_reward: name -> [N] float | None;  weights: name -> weight;  failures: name -> samples scored 0 after
-    raising or returning NaN/inf (``rewards_on_error: zero``).
-    """
-
-    per_reward: dict[str, list[float | None]]
-    weights: dict[str, float]
-    failures: dict[str, int]
-
-    def total(self) -> list[float]:
-        """[N] sum over rewards of weight * value, with ``None`` counting 0."""
-        n = len(next(iter(self.per_reward.values()), []))
-        return [sum(self.weights[k] * (v[i] or 0.0) for k, v in self.per_reward.items()) for i in range(n)]
-
-
 class RewardSet:
     """The rewards of a recipe, resolved and ready to score batches."""
 
     def __init__(self, specs: list[RewardSpec], on_error: Literal["raise", "zero"] = "raise"):
         self.specs, self.on_error = specs, on_error
         self.fns: dict[str, Callable] = {}
+        self.tags: dict[str, RewardTags] = {}
         for i, spec in enumerate(specs):
             target = resolve(spec.name)
             check_kwargs(spec.name, target, spec.kwargs, f"rewards[{i}].kwargs")
+            declared = getattr(target, "reward_tags", {})
+            check_tags(declared, f"{spec.name}.reward_tags")
+            self.tags[spec.name] = RewardTags(**{**declared, **spec.tags})
             # Classes (e.g. a reward model) are built once with their kwargs; functions get kwargs per call.
             self.fns[spec.name] = target(**spec.kwargs) if isinstance(target, type) else _bind(target, spec.kwargs)
 
@@ -164,7 +178,7 @@ class RewardSet:
             if failures[spec.name]:
                 log.warning("reward %s raised or returned NaN/inf on %d of %d samples; scored 0", spec.name,
                             failures[spec.name], len(prompts))
-        return RewardScores(per_reward, {s.name: s.weight for s in self.specs}, failures)
+        return RewardScores(per_reward, {s.name: s.weight for s in self.specs}, failures, self.tags)
 
     def _score_one(self, name, prompts, completions, columns) -> tuple[list[float | None], int]:
         fn = self.fns[name]

@@ -15,7 +15,8 @@ from grpo.loss import LossConfig
 from grpo.model import ModelConfig, load_policy
 from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, PromptStream, TrainerConfig, pad_rows
-from rewards.registry import RewardScores
+from grpo.reward_types import RewardScores
+from rewards.registry import RewardSet, RewardSpec
 
 SMALL = dict(num_hidden_layers=2, hidden_size=64, q_lora_rank=32, kv_lora_rank=16, intermediate_size=128,
              moe_intermediate_size=32)
@@ -50,7 +51,7 @@ def llama(tok):
     return LlamaForCausalLM(config)
 
 
-def make(tmp_path, *, rows=None, sampling=None, arch="v3", overrides=SMALL, **kw):
+def make(tmp_path, *, rows=None, sampling=None, arch="v3", overrides=SMALL, rewards=target_reward, **kw):
     tok = tokenizer()
     torch.manual_seed(0)
     model = load_policy(ModelConfig(init="tiny", mtp_layers=0, overrides=overrides), tok) if arch == "v3" else llama(tok)
@@ -58,8 +59,65 @@ def make(tmp_path, *, rows=None, sampling=None, arch="v3", overrides=SMALL, **kw
     kw = {"prompts_per_step": 4, "group_size": 8, "micro_batch_size": 16, "minibatches": 2, "lr": 3e-3, "save_every": 0,
           "loss": LossConfig(loss_type="dapo"), **kw}
     sampling = sampling or SamplingConfig(max_new_tokens=6, max_batch=32)
-    return GRPOTrainer(TrainerConfig(**kw), model=model, tokenizer=tok, sampling=sampling, rewards=target_reward,
+    return GRPOTrainer(TrainerConfig(**kw), model=model, tokenizer=tok, sampling=sampling, rewards=rewards,
                        rows=rows, encode=lambda r: tok.encode(r["prompt"]), output_dir=str(tmp_path), wandb_mode="disabled")
+
+
+def user_verifier(prompts, completions, kind, **_):
+    """A user's verifier: 1 when the completion says t5 or t6, else 0; only on ``custom`` rows."""
+    return [float(bool({"t5", "t6"} & set(c.split()))) if k == "custom" else None for c, k in zip(completions, kind)]
+
+
+user_verifier.reward_tags = {"verifiable": True}
+
+
+def always_one(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+HERE = __name__
+
+
+def accuracy_of(trainer, samples):
+    """The accuracy metric recomputed from the rewards: per row the best verifiable score that applies."""
+    verifiable = [f for f, name in enumerate(trainer.reward_names) if name in ("accuracy", f"{HERE}:user_verifier")]
+    per_row = [max(v for v in (float(samples.rewards[r, f]) for f in verifiable) if not math.isnan(v))
+               for r in range(len(samples.prompts)) if not samples.rewards[r, verifiable].isnan().all()]
+    return sum(per_row) / len(per_row)
+
+
+def test_custom_verifiable_reward_counts_toward_accuracy_like_the_builtin(tmp_path):
+    """Math rows (the built-in accuracy applies) and custom rows (a dotted-path verifier applies): the accuracy
+    metric takes each row's verifiable score, whoever wrote it; an untagged reward (always 1) stays out."""
+    rows = [{"prompt": " ".join(f"t{3 + (i * 7 + j) % 13}" for j in range(4)), "kind": kind,
+             "answer": "7" if kind == "math" else None} for i in range(8) for kind in ("math", "custom")]
+    rewards = RewardSet([RewardSpec(name="accuracy"), RewardSpec(name=f"{HERE}:user_verifier"),
+                         RewardSpec(name=f"{HERE}:always_one", weight=0.1)])
+    t = make(tmp_path, rows=rows, rewards=rewards)
+    _, generated, _ = t._sample()
+    m = t._sample_metrics(generated)
+    assert [tags.verifiable for tags in t.reward_tags] == [True, True, False]
+    assert m["accuracy"] == pytest.approx(accuracy_of(t, generated))
+    custom = ~generated.rewards[:, 1].isnan()
+    assert custom.any() and (~custom).any() and 0 < float(generated.rewards[custom, 1].mean()) < 1
+    assert m["accuracy"] != pytest.approx(float(generated.rewards[~custom, 0].mean()))  # the custom rows count
+    assert m[f"rewards/{HERE}:user_verifier/mean"] == pytest.approx(float(generated.rewards[custom, 1].mean()))
+    # the recipe turns the tag off: the custom rows no longer count, the math rows alone make the accuracy
+    t.rewards = RewardSet([RewardSpec(name="accuracy"),
+                           RewardSpec(name=f"{HERE}:user_verifier", tags={"verifiable": False})])
+    _, generated, _ = t._sample()
+    m = t._sample_metrics(generated)
+    math_rows = ~generated.rewards[:, 0].isnan()
+    assert m["accuracy"] == pytest.approx(float(generated.rewards[math_rows, 0].mean()))
+
+
+def test_no_verifiable_reward_no_accuracy_metric(tmp_path):
+    rewards = RewardSet([RewardSpec(name=f"{HERE}:always_one"),
+                         RewardSpec(name=f"{HERE}:user_verifier", tags={"verifiable": False})])
+    rows = [{"prompt": "t3 t4", "kind": "custom"}] * 4
+    t = make(tmp_path, rows=rows, rewards=rewards)
+    m = t._sample_metrics(t._sample()[1])
+    assert "accuracy" not in m and m[f"rewards/{HERE}:always_one/mean"] == 1.0
 
 
 def rewards_over(trainer, steps):

@@ -3,7 +3,8 @@ import math
 import pytest
 
 from grpo.config import ConfigError, load_config
-from rewards.registry import RewardError, RewardSet, RewardSpec, resolve
+from grpo.reward_types import RewardTags
+from rewards.registry import BUILTINS, RewardError, RewardSet, RewardSpec, resolve
 
 
 def length_reward(prompts, completions, scale=1.0, **_):
@@ -151,3 +152,49 @@ def test_builtin_kwargs_checked_in_the_recipe(name, kwargs, allowed):
     with pytest.raises(ConfigError) as e:
         load_config(RewardSpec, None, [f"name={name}", "kwargs={bogus: 1}"])
     assert str(e.value) == f"kwargs.bogus: reward {name!r} has no option 'bogus'; allowed keys: {allowed}"
+
+
+def verifier(prompts, completions, answer, **_):
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+verifier.reward_tags = {"verifiable": True}
+
+
+def misdeclared(prompts, completions, **_):
+    return [0.0] * len(completions)
+
+
+misdeclared.reward_tags = {"verifyable": True}
+
+
+def test_builtin_tags():
+    names = [n for n in BUILTINS if n != "reward_model"]  # the reward model needs a trained model to build
+    rs = RewardSet([RewardSpec(name=n) for n in names])
+    assert {n for n in names if rs.tags[n].verifiable} == {"accuracy", "code"}
+    assert getattr(resolve("reward_model"), "reward_tags", {}) == {}
+
+
+def test_declared_tags_travel_with_the_scores_and_the_recipe_overrides_them():
+    name = f"{HERE}:verifier"
+    s = RewardSet([RewardSpec(name=name), RewardSpec(name=f"{HERE}:picky")])(["p", "p"], ["a", "b"], answer=["a", "c"])
+    assert s.per_reward[name] == [1.0, 0.0]
+    assert s.tags == {name: RewardTags(verifiable=True), f"{HERE}:picky": RewardTags(verifiable=False)}
+    off = RewardSet([RewardSpec(name=name, tags={"verifiable": False})])(["p"], ["a"], answer=["a"])
+    assert off.tags_of(name) == RewardTags(verifiable=False)
+    spec = load_config(RewardSpec, None, [f"name={HERE}:picky", "tags={verifiable: true}"])
+    assert RewardSet([spec]).tags[spec.name].verifiable
+
+
+def test_bad_tags_are_refused_naming_the_tag_and_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(RewardSpec, None, ["name=format", "tags={verifyable: true}"])
+    assert str(e.value) == "tags.verifyable: unknown reward tag 'verifyable'; allowed tags: verifiable"
+    with pytest.raises(ConfigError, match=r"^tags\.verifiable: expected true or false"):
+        load_config(RewardSpec, None, ["name=format", "tags={verifiable: 1}"])
+    with pytest.raises(ConfigError, match=r"^tags\.verifiable: expected true or false, got 'yes'$"):
+        RewardSpec(name="format", tags={"verifiable": "yes"})
+    with pytest.raises(ConfigError) as e:
+        RewardSet([RewardSpec(name=f"{HERE}:misdeclared")])
+    assert str(e.value) == (f"{HERE}:misdeclared.reward_tags.verifyable: unknown reward tag 'verifyable'; "
+                            "allowed tags: verifiable")
