@@ -10,7 +10,9 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # Debian packages the code sandbox needs (unshare and setpriv: namespaces, uid switch, rlimits).
 SYSTEM_PACKAGES := util-linux
 
-.PHONY: install system-deps test demo pipeline data tokenizer sft rl_reasoning rejection_sampling reward_model rl_general evaluate bench clean
+.PHONY: install system-deps test demo pipeline data tokenizer sft rl_reasoning rejection_sampling sft_rs reward_model rl_general evaluate bench clean
+# Stages share the CPU / GPU and build each other's inputs: one at a time.
+.NOTPARALLEL:
 
 install: $(VENV)/.installed
 
@@ -40,14 +42,41 @@ demo: install
 pipeline: install
 	$(PY) -m stages.pipeline --recipe recipes/$(SIZE)/pipeline.yaml $(ARGS)
 
-data: install
-	$(PY) -m data.generate --out $(RUN)/data $(ARGS)
+# One step each, in the pipeline's order: data -> tokenizer -> sft -> rl_reasoning -> rejection_sampling ->
+# sft_rs -> reward_model -> rl_general (and evaluate, of any checkpoint). `make <step>` runs that step with ARGS
+# (its key=value overrides) after first running, with their recipes alone, the steps it reads that are not
+# finished, i.e. have no DONE in $(RUN)/<step> (the marker the stages and stages.pipeline write), e.g.
+# `make rl_general` on a fresh clone runs all eight. The stage recipes read and write runs/$(SIZE), RUN's default.
+STEPS := data tokenizer sft rl_reasoning rejection_sampling sft_rs reward_model rl_general
+NEEDS_tokenizer := data
+NEEDS_sft := tokenizer
+NEEDS_rl_reasoning := sft
+NEEDS_rejection_sampling := rl_reasoning
+NEEDS_sft_rs := sft rejection_sampling
+NEEDS_reward_model := sft_rs
+NEEDS_rl_general := sft_rs reward_model
+NEEDS_evaluate := data
+needs = $(patsubst %,$(RUN)/%/DONE,$(NEEDS_$(1)))
+# The command of each step; a stage's is `python -m stages.<step> --recipe recipes/$(SIZE)/<step>.yaml`.
+CMD_data = $(PY) -m data.generate --out $(RUN)/data
+CMD_tokenizer = $(PY) -m data.tokenizer --data $(RUN)/data --out $(RUN)/tokenizer
+# Stage 3b, SFT on the rejection samples from the cold-start checkpoint (the pipeline's sft_rs step).
+CMD_sft_rs = $(PY) -m stages.sft --recipe recipes/$(SIZE)/sft_rs.yaml
+command = $(or $(CMD_$(1)),$(PY) -m stages.$(1) --recipe recipes/$(SIZE)/$(1).yaml)
+# SFT from the preset (recipes/$(SIZE)/model.yaml) is given the run's tokenizer; ARGS naming model.init (a model
+# dir or hub id, with its own tokenizer and chat template) keep that model's.
+SCRATCH_sft = tokenizer=$(RUN)/tokenizer
+MARK_DONE = $(PY) -c 'import sys; from grpo.checkpoint import mark_done; mark_done(sys.argv[1], {"step": sys.argv[2]})'
 
-tokenizer: install
-	$(PY) -m data.tokenizer --data $(RUN)/data --out $(RUN)/tokenizer $(ARGS)
+.SECONDEXPANSION:
+$(STEPS) evaluate: install $$(call needs,$$@)
+	$(call command,$@) $(if $(findstring model.init=,$(ARGS)),,$(SCRATCH_$@)) $(ARGS)
+	$(if $(filter data tokenizer,$@),$(MARK_DONE) $(RUN)/$@ $@)
 
-sft rl_reasoning rejection_sampling reward_model rl_general evaluate: install
-	$(PY) -m stages.$@ --recipe recipes/$(SIZE)/$@.yaml $(ARGS)
+# A DONE marker that exists is complete whatever its age (as in stages.pipeline): order-only prerequisites.
+$(RUN)/%/DONE: | install $$(call needs,$$*)
+	$(call command,$*) $(SCRATCH_$*)
+	$(if $(filter data tokenizer,$*),$(MARK_DONE) $(@D) $*)
 
 bench: install
 	$(PY) -m pip install -q -r requirements-bench.txt  # TRL: the GRPO-step anchor

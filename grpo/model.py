@@ -90,7 +90,9 @@ class ModelConfig:
     """Which policy to build and how its DeepSeek-V3 training extras behave."""
 
     init: str = "tiny"  # preset name (recipes/<name>/model.yaml, checked first), a checkpoint dir, or a hub id
-    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields, e.g. {num_hidden_layers: 2}
+    # fields of init's model config (the preset's or config.json's), e.g. {num_hidden_layers: 2}; a preset's own
+    # settings belong in its model.yaml, so that a recipe stays valid for model.init=<any model dir>
+    overrides: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
     bias_update_speed: float = 0.001  # gamma of the aux-loss-free bias update
     freeze_router_bias: bool = False

@@ -1,7 +1,8 @@
 """Stage 1, cold-start SFT: fine-tune a causal LM on chat-formatted chain-of-thought data.
 
-    python -m stages.sft --recipe recipes/tiny/sft.yaml [key=value ...]
-    accelerate launch -m stages.sft --recipe recipes/v3-mini/sft.yaml
+    python -m stages.sft --recipe recipes/tiny/sft.yaml tokenizer=runs/tiny/tokenizer [key=value ...]
+    python -m stages.sft --recipe recipes/tiny/sft.yaml model.init=/path/to/a/hf/model   (its own tokenizer)
+    accelerate launch -m stages.sft --recipe recipes/v3-mini/sft.yaml tokenizer=runs/v3-mini/tokenizer
 
 Objective, per optimizer step over the micro-batches m = 1..M of every process (M = grad_accum):
 
@@ -112,8 +113,23 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class SFTConfig:
+    """One SFT run. Which tokenizer and model config, by what ``model.init`` names:
+
+    - a preset (``recipes/<name>/model.yaml``, e.g. ``tiny``): a model built from scratch with that file's
+      architecture (``model.overrides`` on top) and no tokenizer of its own, so ``tokenizer`` is required: the
+      vocab size and special tokens come from it (``make sft`` and the pipeline's sft step pass the run's,
+      ``tokenizer=runs/<size>/tokenizer``);
+    - a model dir or hub id (a stage's ``final/``, a Hugging Face model): its own config.json, tokenizer and chat
+      template. ``tokenizer`` left null keeps them; naming one replaces them (the embeddings grow when the
+      named vocab is larger), so do that only on purpose.
+
+    The stage recipes name no tokenizer and carry no ``model.overrides``: the preset's architecture fields live in
+    its model.yaml, so ``python -m stages.sft --recipe recipes/tiny/sft.yaml model.init=/path/to/qwen`` trains that
+    model with its own tokenizer, chat template and config.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: str | None = None  # tokenizer dir; null: the one saved with model.init (a checkpoint dir)
+    tokenizer: str | None = None  # tokenizer dir or hub id; null: the one saved with model.init (required for a preset)
     data: list[DataConfig] = field(
         default_factory=lambda: [DataConfig(path="runs/tiny/data/cot_train.jsonl")]
     )  # rows with `messages`, or `prompt` + `response` (one user and one assistant turn)
@@ -127,7 +143,8 @@ class SFTConfig:
     def __post_init__(self):
         if self.tokenizer is None and self.model.init in presets():
             raise ConfigError("tokenizer", f"required when model.init is the preset {self.model.init!r} (a model "
-                              "built from scratch has no tokenizer); e.g. tokenizer=runs/tiny/tokenizer")
+                              f"built from scratch has no tokenizer); e.g. tokenizer=runs/{self.model.init}/tokenizer "
+                              "(what `make sft` passes)")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset")
 
@@ -253,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- loop
     logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
                            total_steps=total_steps, initial_step=step, is_main=accelerator.is_main_process)
-    logger.write(f"sft: {len(examples)} conversations, {n_params / 1e6:.2f}M parameters, {total_steps} steps "
+    logger.write(f"sft: {len(examples)} conversations, {n_params / 1e6:.2f}M parameters, tokenizer "
+                 f"{cfg.tokenizer or cfg.model.init} ({len(tokenizer)} tokens), {total_steps} steps "
                  f"({steps_per_epoch}/epoch, {per_step} micro-batches of {tc.micro_batch_size} per step)"
                  + (f", resumed at step {step} from {resume}" if resume else ""))
     sums, tokens, started = {}, 0, time.time()
