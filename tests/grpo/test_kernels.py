@@ -19,8 +19,8 @@ if INTERPRET:  # numpy 2 refuses int() of the interpreter's one-element scalars 
 
     _patch = interpreter._patch_lang_tensor
 
-    def _patch_index(tensor):
-        _patch(tensor)
+    def _patch_index(tensor, *scope):  # newer Triton also passes a patch scope
+        _patch(tensor, *scope)
         tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 
     interpreter._patch_lang_tensor = _patch_index
@@ -152,11 +152,13 @@ def test_route_kernel_selects_what_route_selects(n_experts, n_group, topk_group,
 
 @needs_triton
 @pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False, n_shared_experts=2)])
-def test_decode_layers_through_the_kernels_equal_the_module_path(monkeypatch, overrides):
+def test_decode_layers_through_the_kernels_equal_the_torch_reference(overrides):
     """A whole decode step with every layer's attention and experts (routed + shared) in the kernels."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from grpo import v3_decode
+    from grpo.engine import ops as engine_ops
+    from grpo.engine.layer import decode_layer, prefill_layer
+    from grpo.engine.v3 import V3Decoder
     torch.manual_seed(0)
     cfg = DeepseekV3Config(**{**dict(
         vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -164,19 +166,17 @@ def test_decode_layers_through_the_kernels_equal_the_module_path(monkeypatch, ov
         num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64, pad_token_id=0), **overrides})
     model = DeepseekV3ForCausalLM(cfg).eval().to(DEVICE, DTYPE)
-    dec = v3_decode.V3Decoder(model, slots=4, max_len=32)
+    dec = V3Decoder(model, slots=4, max_len=32)
     with torch.no_grad():
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.1)
         dec.prefill([[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]])
         dec.positions[:] = torch.tensor([6, 3, 6, 3])
         dec.tokens[:] = torch.tensor([20, 21, 22, 23])
-        dec.fused = None
+        dec.ops = engine_ops.eager(dec.device, dec.dtype)  # the torch reference
         ref, ref_cache = dec.decode(4, 16).float(), dec.cache.data.float()
-        dec.bind()
         dec.cache.data[:, torch.arange(4), dec.positions] = 0
-        dec.fused, dec.kernels = dec.fused_layers(), True
-        monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
+        dec.ops = engine_ops.compiled(triton=True)._replace(decode=decode_layer, prefill=prefill_layer)
         out = dec.decode(4, 16).float()
     torch.testing.assert_close(out, ref, **TOL)
     torch.testing.assert_close(dec.cache.data.float(), ref_cache, **TOL)

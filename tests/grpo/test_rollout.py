@@ -5,12 +5,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import grpo.rollout as rollout_mod
+import grpo.engine.scheduler as rollout_mod
 from grpo.config import ConfigError
+from grpo.engine import ops as engine_ops
+from grpo.engine.experts import counting_order, routed_all, routed_grouped, sorted_order
+from grpo.engine.layer import decode_layer, prefill_layer
+from grpo.engine.v3 import V3Decoder, bind_layer
 from grpo.rollout import RolloutEngine, SamplingConfig
 from grpo.moe import route
-import grpo.v3_decode as v3_decode
-from grpo.v3_decode import V3Decoder, _Experts, counting_order, sorted_order
 
 VOCAB = 128
 
@@ -100,25 +102,28 @@ def test_sampled_logprobs_equal_teacher_forcing_with_refill(make, sampling):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
 
 
+def uncompiled(ops):
+    """An op table with its layer functions run eagerly (the compiled ones need CUDA in bf16 here)."""
+    return ops._replace(decode=decode_layer, prefill=prefill_layer)
+
+
 def test_fused_layer_decode_through_the_engine_matches_teacher_forcing(monkeypatch):
-    """The engine (refill, stop tokens, mixed lengths) with every prefill through ``prefill_layer`` and every
-    decode step through ``decode_layer`` (the functions compiled on CUDA in bf16; here uncompiled, fp32):
-    logprobs equal a teacher-forced forward pass."""
+    """The engine (refill, stop tokens, mixed lengths) with every layer through the compiled table's layer ops
+    (those of CUDA in bf16; here uncompiled, fp32): logprobs equal a teacher-forced forward pass."""
     bind = V3Decoder.bind
 
     def fused_bind(self):
         bind(self)
-        self.fused = self.fused_layers()
+        self.ops = uncompiled(engine_ops.compiled(triton=False))
 
     monkeypatch.setattr(V3Decoder, "bind", fused_bind)
-    monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
-    monkeypatch.setattr(v3_decode, "_compiled_prefill", v3_decode.prefill_layer)
     model = v3_model()
     stop = [40, 41]  # 1/64 of the vocabulary: some rows stop, some run past the first 64-position span
     cfg = SamplingConfig(temperature=1.0, max_new_tokens=70, stop_token_ids=stop, max_batch=7, seed=3)
     engine = RolloutEngine(model, None, cfg)
     ro = engine.generate(PROMPTS, 3)  # 15 rows through 7 slots; spans past one 64-position bucket
-    assert engine._decoder.fused and {"stop", "length"} <= set(ro.finish_reason) and int(ro.lengths.max()) == 70
+    assert engine._decoder.ops.decode_ops.order is counting_order
+    assert {"stop", "length"} <= set(ro.finish_reason) and int(ro.lengths.max()) == 70
     for r, ref in enumerate(teacher_forced_logprobs(model, ro, 1.0)):
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
 
@@ -139,76 +144,90 @@ def test_dense_and_grouped_experts_agree_with_transformers():
     """The grouped GEMM (CPU, CUDA bf16) and the dense form (CUDA fp32) of the routed experts."""
     model = v3_model()
     moe = model.model.layers[1].mlp
-    experts = _Experts(moe, model.config)
+    layer, dims = bind_layer(model.model.layers[1], model.model.norm, model.config, {}, None)
     h = torch.randn(9, model.config.hidden_size)
-    weights, idx, _ = route(torch.nn.functional.linear(h, moe.gate.weight), moe.gate.e_score_correction_bias, **experts.kw)
+    weights, idx, _ = route(torch.nn.functional.linear(h, moe.gate.weight), moe.gate.e_score_correction_bias,
+                            **dims.routing._asdict())
     with torch.no_grad():
         ref = moe(h[None])[0] - moe.shared_experts(h)
-    torch.testing.assert_close(experts.grouped(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(experts.dense(h, idx, weights), ref, atol=1e-6, rtol=1e-5)
+        grouped = routed_grouped(h, layer.mlp, idx, weights, dims.act, sorted_order)
+        dense = routed_all(h, layer.mlp, idx, weights, dims.act, sorted_order)
+    torch.testing.assert_close(grouped, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dense, ref, atol=1e-6, rtol=1e-5)
 
 
+TABLES = {"eager": lambda: engine_ops.eager(torch.device("cpu"), torch.float32),
+          "compiled": lambda: uncompiled(engine_ops.compiled(triton=False))}
+
+
+@pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False)])
-def test_fused_decode_layer_equals_the_module_path(monkeypatch, overrides):
-    """The pure per-layer decode function (compiled on CUDA in bf16; run uncompiled here in fp32) gives the
-    module path's logits and writes the same latents, at mixed positions with stale cache rows beyond them."""
+def test_decode_step_equals_transformers(overrides, table):
+    """A decode step through each op table (the compiled one uncompiled here, fp32) gives transformers'
+    logits for prompt + token and writes the latents a prefill of prompt + token writes, at mixed positions
+    with stale cache rows beyond them."""
     model = v3_model(**overrides)
     dec = V3Decoder(model, slots=4, max_len=32)
+    dec.ops = TABLES[table]()
+    prompts, tokens = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], [20, 21, 22, 23]
     with torch.no_grad():
-        dec.prefill([[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]])
+        dec.prefill(prompts, [[0, 2], [1, 3]])
         dec.cache.data[:, :, 10:] = torch.randn_like(dec.cache.data[:, :, 10:])  # stale rows the mask must hide
         dec.positions[:] = torch.tensor([6, 3, 6, 3])
-        dec.tokens[:] = torch.tensor([20, 21, 22, 23])
-        ref, ref_cache = dec.decode(4, 16), dec.cache.data.clone()
-        dec.cache.data[:, torch.arange(4), dec.positions] = 0
-        dec.fused = dec.fused_layers()
-        assert all(dec.fused)
-        monkeypatch.setattr(v3_decode, "_compiled_layer", v3_decode.decode_layer)
-        fused = dec.decode(4, 16)
-    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(dec.cache.data, ref_cache, atol=1e-6, rtol=0)
+        dec.tokens[:] = torch.tensor(tokens)
+        logits = dec.decode(4, 16)
+        extended = [prompts[s % 2] + [tokens[s]] for s in range(4)]
+        ref = torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in extended])
+        cache = dec.cache.data.clone()
+        dec.prefill(extended, [[s] for s in range(4)])
+    torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-5)
+    for s, ids in enumerate(extended):
+        torch.testing.assert_close(cache[:, s, : len(ids)], dec.cache.data[:, s, : len(ids)], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("table", TABLES)
 @pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=None, rope_interleave=False)])
-def test_fused_prefill_layer_equals_the_module_path(monkeypatch, overrides):
-    """The pure per-layer prefill function (compiled on CUDA in bf16; uncompiled here in fp32): the same
-    last-token logits and cached latents as the module path, for padded prompts copied to several slots."""
+def test_prefill_equals_transformers(overrides, table):
+    """A prefill through each op table (fp32): transformers' last-token logits for padded prompts copied to
+    several slots, and the same cached latents from every table."""
     model = v3_model(**overrides)
     dec = V3Decoder(model, slots=4, max_len=32)
     prompts, slots = [[5, 6, 7, 8, 9, 10], [11, 12, 13]], [[0, 2], [1, 3]]
     with torch.no_grad():
-        ref, ref_cache = dec.prefill(prompts, slots), dec.cache.data.clone()
+        ref_cache = (dec.prefill(prompts, slots), dec.cache.data.clone())[1]
         dec.cache.data.zero_()
-        dec.fused = dec.fused_layers()
-        monkeypatch.setattr(v3_decode, "_compiled_prefill", v3_decode.prefill_layer)
+        dec.ops = TABLES[table]()
         logits = dec.prefill(prompts, slots)
+        ref = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
     torch.testing.assert_close(logits, ref, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(dec.cache.data, ref_cache, atol=1e-6, rtol=0)
 
 
 def test_stacked_fused_weights_are_refilled_in_place():
-    """The fused path's stacked weights (one GEMM for q_a and kv_a, one for gate and up) and its query
-    projection with W_UK folded in are copies: each bind refills the same buffers (CUDA graphs hold their
-    addresses) with the current weights."""
+    """The stacked weights (one GEMM for q_a and kv_a, one for gate and up) and the query projection with
+    W_UK folded in are copies: each bind refills the same buffers (CUDA graphs hold their addresses) with the
+    current weights."""
     model = v3_model()
     dec = V3Decoder(model, slots=2, max_len=16)
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp.shared_experts
-    before = dec.fused_layers()[1][0]
+    before = dec.layers[1]
     with torch.no_grad():
         attn.kv_a_proj_with_mqa.weight.mul_(2)
         mlp.up_proj.weight.add_(1)
         attn.kv_b_proj.weight.mul_(3)
-    after = dec.fused_layers()[1][0]
-    for name, parts in {"in_proj": [attn.q_a_proj, attn.kv_a_proj_with_mqa], "gate_up_shared": [mlp.gate_proj, mlp.up_proj]}.items():
-        assert after[name].data_ptr() == before[name].data_ptr()
-        assert torch.equal(after[name], torch.cat([m.weight for m in parts]))
-    assert after["q_b"].data_ptr() == before["q_b"].data_ptr()
+    dec.bind()
+    after = dec.layers[1]
+    for get, parts in [(lambda w: w.attn.absorbed.in_proj, [attn.q_a_proj, attn.kv_a_proj_with_mqa]),
+                       (lambda w: w.mlp.shared.gate_up, [mlp.gate_proj, mlp.up_proj])]:
+        assert get(after).data_ptr() == get(before).data_ptr()
+        assert torch.equal(get(after), torch.cat([m.weight for m in parts]))
+    assert after.attn.absorbed.q_b.data_ptr() == before.attn.absorbed.q_b.data_ptr()
     # per head h: rows [W_UK,h^T W^C_h ; W^R_h] of the absorbed query projection
     heads, nope, rope, rank = 4, 16, 8, 16
     q = attn.q_b_proj.weight.view(heads, nope + rope, -1)
     w_uk = attn.kv_b_proj.weight.view(heads, nope + 16, rank)[:, :nope]
     ref = torch.cat((w_uk.transpose(1, 2) @ q[:, :nope], q[:, nope:]), dim=1).reshape(heads * (rank + rope), -1)
-    torch.testing.assert_close(after["q_b"], ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(after.attn.absorbed.q_b, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_counting_order_equals_a_stable_sort():

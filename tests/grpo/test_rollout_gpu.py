@@ -52,42 +52,47 @@ def test_cuda_graph_logprobs_equal_teacher_forcing_with_refill():
 def test_bf16_grouped_experts_match_transformers():
     """The decode path's routed experts on CUDA in bf16 (compiled routing and counting order, grouped GEMM)
     against transformers' MoE block in bf16, over every batch size the CUDA graphs use."""
-    from grpo.v3_decode import _Experts
+    from grpo.engine import ops as engine_ops
+    from grpo.engine.experts import moe_torch
+    from grpo.engine.v3 import bind_layer
     model = v3_cuda().to(torch.bfloat16)
     moe = model.model.layers[1].mlp
-    experts = _Experts(moe, model.config)
+    layer, dims = bind_layer(model.model.layers[1], model.model.norm, model.config, {}, None)
+    ops = engine_ops.eager(torch.device("cuda"), torch.bfloat16).decode_ops
     for n in (1, 2, 7, 64):
         h = torch.randn(n, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            torch.testing.assert_close(experts(h), moe(h[None])[0], atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(moe_torch(h, layer.mlp, dims, ops, 0), moe(h[None])[0], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("policy", [False, True])
-def test_bf16_compiled_decode_layers_match_the_module_path(policy):
+def test_bf16_compiled_decode_layers_match_the_eager_table(policy):
     """In bf16 on CUDA each layer's prefill and decode are the compiled ``prefill_layer`` and ``decode_layer``:
-    same logits and cache as the module path (within bf16 rounding), and sampled logprobs through CUDA graphs
+    same logits and cache as the uncompiled layers (within bf16 rounding), and sampled logprobs through CUDA graphs
     match teacher forcing."""
     from grpo import kernels
+    from grpo.engine import ops as engine_ops
+    from grpo.engine.v3 import V3Decoder
     from grpo.model import DeepseekV3Policy
-    from grpo.v3_decode import V3Decoder
     model = v3_cuda().to(torch.bfloat16)
     if policy:  # the project's policy class in bf16: transformers keeps its router weight in fp32
         model = DeepseekV3Policy._from_config(model.config, dtype=torch.bfloat16).cuda().eval()
         assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32
     dec = V3Decoder(model, slots=8, max_len=64)
-    assert dec.fused and dec.kernels == kernels.AVAILABLE
+    fast, reference = dec.ops, engine_ops.eager(dec.device, dec.dtype)
+    assert fast.decode is not reference.decode and fast.kernels == kernels.AVAILABLE
     slots = [[0, 5], [1, 6], [2, 7], [3], [4]]
     with torch.no_grad():
         prefill, prefill_cache = dec.prefill(PROMPTS, slots).float(), dec.cache.data.clone()
-        layers, dec.fused = dec.fused, None
+        dec.ops = reference
         ref = dec.prefill(PROMPTS, slots).float()
-        dec.fused = layers
+        dec.ops = fast
         assert (prefill - ref).abs().max() < 0.05 * ref.abs().max()
         torch.testing.assert_close(prefill_cache, dec.cache.data, atol=2e-2, rtol=2e-2)
         dec.positions[:] = torch.tensor([5, 3, 8, 2, 4, 5, 3, 8])
         dec.tokens[:] = torch.arange(30, 38)
         fused, fused_cache = dec.decode(8, 64).float(), dec.cache.data.clone()
-        dec.fused = None
+        dec.ops = reference
         ref = dec.decode(8, 64).float()
     assert (fused - ref).abs().max() < 0.05 * ref.abs().max()
     torch.testing.assert_close(fused_cache, dec.cache.data, atol=2e-2, rtol=2e-2)

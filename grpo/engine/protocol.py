@@ -1,0 +1,45 @@
+"""The interface between ``RolloutEngine``'s scheduler and a model: ``Decoder``.
+
+The scheduler owns the host-side state (which result row each slot holds, how many tokens its cache has);
+a decoder owns the device state: per slot a cache and the next input token. Slots 0..n-1 are the active
+ones. Adding a decoder for another architecture means implementing this protocol (``grpo.engine.v3`` for
+DeepSeek-V3, ``grpo.engine.generic`` for any Hugging Face causal LM).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Decoder(Protocol):
+    device: torch.device
+    slots: int  # decode slots
+    max_len: int  # tokens per slot the cache holds (prompt + completion)
+    refill: bool  # whether prompts can be prefilled while other slots are decoding (else: waves)
+    tokens: torch.Tensor  # [slots] int64 on device: the next input token of each slot
+    positions: torch.Tensor  # [slots] int64 on device: its position (= tokens in the slot's cache)
+
+    def bind(self) -> None:
+        """(Re)read the model's weights (call after an optimizer step; caches are kept)."""
+
+    def prefill(self, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+        """Run each prompt once and give its cache to every slot in ``slots[i]``. Returns the logits at each
+        prompt's last token [len(prompts), V]."""
+
+    def decode(self, n: int, span: int) -> torch.Tensor:
+        """One token for slots 0..n-1: input ``tokens[:n]`` at ``positions[:n]`` (all < span); appends to their
+        caches and returns logits [n, V]."""
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Move slots src[i] -> dst[i] (cache and next token; disjoint index sets on device)."""
+
+
+class RecordsRouting(Decoder, Protocol):
+    """A decoder of an MoE policy that can return each processed token's routed experts."""
+
+    def record_routing(self) -> None:
+        """From now on keep the expert choices of every MoE layer per processed token."""
+
+    def take_routes(self) -> torch.Tensor:
+        """The expert choices since the last call, [T, MoE layers, K] on the host (T tokens of the last forward)."""
