@@ -1,9 +1,9 @@
-"""Triton kernels for the V3 decode step on CUDA (``grpo.v3_decode.decode_layer``): MLA attention over the
-latent cache, routing (router GEMM + group-limited top-k), the routed experts as two fused MoE GEMMs, and
-the sampler's row top-k (``grpo.sampling``). Optional: ``AVAILABLE`` is False without Triton (or without
-CUDA), and the decoder and sampler then run the same math as torch ops. Each kernel is a
-``torch.library.custom_op``, so the compiled decode layer calls it as one opaque op; tests check each against
-a torch reference (tests/grpo/test_kernels.py; on a CPU also under TRITON_INTERPRET=1).
+"""Triton kernels for the V3 decode step on CUDA (``grpo.engine.layer.decode_layer`` with the Triton op table
+of ``grpo.engine.ops``): MLA attention over the latent cache, routing (router GEMM + group-limited top-k), the
+routed experts as two fused MoE GEMMs, and the sampler's row top-k (``grpo.sampling``). Optional: ``AVAILABLE``
+is False without Triton (or without CUDA), and the decoder and sampler then run the same math as torch ops. Each
+kernel is a ``torch.library.custom_op``, so the compiled decode layer calls it as one opaque op; tests check
+each against a torch reference (tests/grpo/test_kernels.py; on a CPU also under TRITON_INTERPRET=1).
 
 ``mla_decode`` (absorbed MLA, one new token per sequence; H heads, latent rank R, rope dim Dr):
 

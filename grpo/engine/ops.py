@@ -63,7 +63,8 @@ def compiled(triton: bool) -> Ops:
 def select(layers: list[Layer], device: torch.device, dtype: torch.dtype, act: str, sink: list | None) -> Ops:
     """The table for these layers: compiled on CUDA in bf16 unless routes are recorded or an MLP block is
     foreign; the Triton kernels when available and they fit (SiLU, row-major bf16 expert weights)."""
-    if device.type != "cuda" or dtype != torch.bfloat16 or sink is not None or any(isinstance(w.mlp, Foreign) for w in layers):
+    foreign = any(isinstance(w.mlp, Foreign) for w in layers)
+    if device.type != "cuda" or dtype != torch.bfloat16 or sink is not None or foreign:
         return eager(device, dtype, sink)
     return compiled(triton=kernels.AVAILABLE and act == "silu" and all(
         t.stride(-1) == 1 and t.dtype == torch.bfloat16

@@ -105,11 +105,13 @@ def bind_layer(layer: nn.Module, next_norm: nn.Module, config, buffers: dict, si
     q_up, kv_a, kv_b = _weight(a.q_b_proj if lora else a.q_proj), _weight(a.kv_a_proj_with_mqa), _weight(a.kv_b_proj)
     with torch.no_grad():
         query = absorbed_query(q_up, kv_b, d)
-    if lora:
+    if lora:  # decode and prefill share the stacked [q_a ; kv_a]
         in_proj = _stacked(buffers, (layer, "in_proj"), _weight(a.q_a_proj), kv_a)
-        absorbed, plain = Projection(in_proj, None, _stacked(buffers, (layer, "q_b"), query)), Projection(in_proj, None, q_up)
+        absorbed = Projection(in_proj, None, _stacked(buffers, (layer, "q_b"), query))
+        plain = Projection(in_proj, None, q_up)
     else:
-        absorbed, plain = Projection(_stacked(buffers, (layer, "in_proj"), query, kv_a), None, None), Projection(kv_a, q_up, None)
+        absorbed = Projection(_stacked(buffers, (layer, "in_proj"), query, kv_a), None, None)
+        plain = Projection(kv_a, q_up, None)
     w_uv_t = kv_b.view(d.heads, d.nope + d.v_dim, d.rank)[:, d.nope:].transpose(1, 2)
     attn = Attention(absorbed, plain, a.q_a_layernorm.weight if lora else None, a.kv_a_layernorm.weight, kv_b, w_uv_t,
                      _weight(a.o_proj))
