@@ -64,7 +64,7 @@ class RolloutEngine:
 
     model: a causal LM (DeepSeek-V3 gets the fast path); tokenizer: used for eos/pad ids and stop strings
     (may be None when cfg.stop_token_ids is given and no stop strings are used); ep_group: the expert-parallel
-    process group when the policy's experts are sharded (see module docstring).
+    process group when the policy's experts are sharded (see ``grpo.rollout``).
     """
 
     def __init__(self, model: nn.Module, tokenizer, cfg: SamplingConfig, *, ep_group=None):
