@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from grpo.config import ConfigError
+from grpo.config import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset or row that cannot be used; the message names the source (and row) and what is wrong."""
 
 

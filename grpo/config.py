@@ -6,6 +6,11 @@ single fields, nested with dots (``sampling.temperature=0.7``). Everything is va
 work starts: unknown keys, wrong types and failed cross-field checks (``__post_init__`` raising
 ``ConfigError``) are reported with the dotted key and what is allowed. Booleans are strict: only
 ``true``/``false`` (YAML 1.1's ``yes``/``no``/``on``/``off`` are strings, so a bool field refuses them).
+
+Entry points run as ``if __name__ == "__main__": run(main)``: a problem with the run's inputs found later (an
+``InputError``: a config value, a dataset or row, a model or checkpoint dir; or a reward that cannot be built
+or breaks its contract) ends the process with one ``error: ...`` line on stderr and exit status 2, unless
+``--debug`` is given (then the full traceback). Stages check their inputs before loading the policy.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -40,7 +45,12 @@ def _yaml_load(stream) -> Any:
     return yaml.load(stream, Loader=_StrictBoolLoader)
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A problem with the run's inputs that the user fixes (``run`` reports it in one line): the base of
+    ``ConfigError`` (and so ``grpo.model_dir.ModelDirError``) and ``data.loaders.DataError``."""
+
+
+class ConfigError(InputError):
     """A recipe or override that cannot be turned into a valid config. ``key`` is the dotted field path."""
 
     def __init__(self, key: str, message: str):
@@ -239,9 +249,26 @@ def cli(cls: type[T], description: str | None = None, argv: list[str] | None = N
     )
     parser.add_argument("--recipe", help="YAML recipe file (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+    parser.add_argument("--debug", action="store_true", help="on an input error, the full traceback instead of one line")
     args = parser.parse_args(argv)
     try:
         return load_config(cls, args.recipe, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Call ``main(argv)`` (default: ``sys.argv[1:]``) as an entry point: an ``InputError`` or a reward's
+    ``rewards.registry.RewardError`` is printed as ``error: <message>`` on one line of stderr and exits with
+    status 2; with ``--debug`` in ``argv`` it propagates with its traceback."""
+    from rewards.registry import RewardError  # imported here: rewards.registry imports this module
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (InputError, RewardError) as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {' '.join(str(e).split())} (--debug shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

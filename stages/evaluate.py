@@ -37,11 +37,12 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import datasets
 import torch
 
 from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_rows
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.rollout import RolloutEngine, SamplingConfig
 from grpo.model_dir import load_tokenizer
@@ -279,6 +280,7 @@ class EvaluateConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli(EvaluateConfig, description="Held-out math accuracy / code pass rate of a checkpoint.", argv=argv)
+    datasets.disable_progress_bars()
     # ---- setup
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     system = resolve_system_prompt(cfg.system_prompt)
@@ -329,4 +331,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

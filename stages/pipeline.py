@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo.checkpoint import is_done, mark_done
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from stages.evaluate import paired_difference
 
 CURVES = ("loss", "reward", "accuracy", "completions/mean_length")  # metrics.jsonl keys plotted when present
@@ -266,4 +266,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -40,13 +40,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate.utils import set_seed
 
 from data.chat import resolve_system_prompt
 from data.loaders import DataConfig, DataError, load_mixed, load_rows, mix_by_weight
 from grpo.checkpoint import mark_done
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.rollout import SamplingConfig
 from grpo.model_dir import load_tokenizer
@@ -195,11 +196,11 @@ class RejectionSamplingConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli(RejectionSamplingConfig, description="Stage 3a: rejection sampling from the RL checkpoint.", argv=argv)
+    datasets.disable_progress_bars()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "DONE").unlink(missing_ok=True)
 
-    # ---- setup: prompts (a seeded subset per source), general rows, the policy
+    # ---- setup: prompts (a seeded subset per source), general rows, the policy (a failing setup leaves an
+    # earlier run's results and DONE as they were)
     set_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     system = resolve_system_prompt(cfg.system_prompt)
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                for r in load_mixed(cfg.general, ["prompt", "response"], cfg.seed)]
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     model = load_policy(cfg.model, tokenizer).to("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "DONE").unlink(missing_ok=True)  # inputs loaded, about to sample: the output is no longer complete
 
     # ---- sample k per prompt, verify, filter
     k = cfg.samples
@@ -261,4 +264,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

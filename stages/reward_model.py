@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import datasets
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -40,7 +41,7 @@ from transformers import AutoModelForSequenceClassification
 
 from data.loaders import DataConfig, load_mixed, load_rows
 from grpo.checkpoint import export_model, mark_done, write_atomic
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from grpo.logger import MetricsLogger
 from grpo.optim import AdamWConfig, build_step
 from grpo.model_dir import check_model_dir, load_tokenizer
@@ -137,6 +138,7 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict], max_length: int, batc
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = cli(RewardModelConfig, description="Stage 4a: Bradley-Terry reward model on preference pairs.", argv=argv)
+    datasets.disable_progress_bars()
     tc, out = cfg.train, Path(cfg.output_dir)
 
     # ---- setup (a failing setup leaves an earlier run's results and DONE as they were)
@@ -200,4 +202,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

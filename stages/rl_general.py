@@ -26,6 +26,7 @@ resumes, stops on SIGINT/SIGTERM and keeps a finished run's ``DONE`` through a f
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from accelerate.utils import set_seed
 
 from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_mixed
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
@@ -45,7 +46,7 @@ from grpo.trainer import GRPOTrainer, TrainerConfig
 from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardScores, RewardSet, RewardSpec
 from stages.evaluate import HeldoutConfig, load_heldout
-from stages.rl_reasoning import save_and_evaluate
+from stages.rl_reasoning import check_resume, save_and_evaluate
 
 REWARD_COLUMNS = ("answer", "tests", "entry_point", "test_cases", "language")  # None where a row lacks them
 
@@ -64,7 +65,7 @@ def route_scores(scores: RewardScores, sources: list[str | None], routes: dict[s
     ``routes`` unchanged)."""
     per_reward = {name: [v if name not in routes or s in routes[name] else None for v, s in zip(values, sources)]
                   for name, values in scores.per_reward.items()}
-    return RewardScores(per_reward, scores.weights, scores.failures)
+    return dataclasses.replace(scores, per_reward=per_reward)
 
 
 class RoutedRewards:
@@ -134,14 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.output_dir)
 
-    # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
+    # ---- setup: inputs checked before the policy loads (a refused or failing setup leaves an earlier run's
+    # results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     system = resolve_system_prompt(cfg.system_prompt)
     rows = load_prompts(cfg.data, cfg.train.seed)
     heldout = load_heldout(cfg.eval)
-    model = load_policy(cfg.model, tokenizer)
     rewards = RoutedRewards(RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), cfg.reward_sources)
+    check_resume(cfg)
+    model = load_policy(cfg.model, tokenizer)
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
         encode=lambda row: encode_prompt(tokenizer, row["prompt"], system),
@@ -157,4 +160,4 @@ def main(argv: list[str] | None = None) -> dict:
     return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)
 
 if __name__ == "__main__":
-    main()
+    run(main)

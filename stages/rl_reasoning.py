@@ -42,8 +42,8 @@ from accelerate.utils import set_seed
 
 from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_mixed
-from grpo.checkpoint import export_model, mark_done, publish
-from grpo.config import ConfigError, cli
+from grpo.checkpoint import export_model, mark_done, publish, resume_point
+from grpo.config import ConfigError, cli, run
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
 from grpo.rollout import SamplingConfig
@@ -104,16 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     out = Path(cfg.output_dir)
 
-    # ---- setup (a refused or failing setup leaves an earlier run's results and DONE as they were)
+    # ---- setup: inputs checked before the policy loads (a refused or failing setup leaves an earlier run's
+    # results and DONE as they were)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     system = resolve_system_prompt(cfg.system_prompt)
     rows = load_mixed(cfg.data, ["prompt"], cfg.train.seed)
     heldout = load_heldout(cfg.eval)
+    rewards = RewardSet(cfg.rewards, on_error=cfg.rewards_on_error)
+    check_resume(cfg)
     model = load_policy(cfg.model, tokenizer)
     trainer = GRPOTrainer(
-        cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling,
-        rewards=RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), rows=rows,
+        cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
         encode=lambda row: encode_prompt(tokenizer, row["prompt"], system, cfg.think),
         output_dir=str(out), run_name=cfg.run_name, wandb_mode=cfg.wandb_mode, run_config=cfg,
         accelerator=make_accelerator(cfg.train.parallel.timeout_s))
@@ -125,6 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- save, evaluate
     return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)
+
+
+def check_resume(cfg) -> None:
+    """Refuse a ``train.resume_from`` that names no complete checkpoint (one-line ``ConfigError``), or a config
+    that differs from the checkpoint's, before the policy loads; ``cfg``: an RL stage config."""
+    try:
+        resume_point(cfg.output_dir, cfg.train.resume_from, cfg)
+    except FileNotFoundError as e:
+        raise ConfigError("train.resume_from", str(e)) from None
 
 
 def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict], metrics: dict,
@@ -152,4 +163,4 @@ def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict],
     return result
 
 if __name__ == "__main__":
-    main()
+    run(main)
