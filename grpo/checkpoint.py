@@ -50,7 +50,7 @@ import torch.distributed as dist
 import yaml
 
 from grpo import parallel
-from grpo.config import save_config, to_dict
+from grpo.config import ConfigError, save_config, to_dict
 
 LATEST = "latest"
 STEP_PREFIX = "step-"
@@ -363,20 +363,22 @@ def resume_point(output_dir: str | os.PathLike, resume_from: str | None, cfg=Non
     """The checkpoint a stage continues from, or None for a fresh start: `resume_from` "latest" -> the newest
     complete checkpoint under output_dir/checkpoints (None when there is none); None / "none" -> None; else
     that checkpoint (a step directory or a checkpoint root). With `cfg`, a config that differs from the
-    checkpoint's run_config.yaml outside RESUME_SAFE is refused: a one-line "config error" naming the keys,
-    exit status 2."""
+    checkpoint's run_config.yaml outside RESUME_SAFE is refused. A missing or incomplete checkpoint and a
+    refused config raise ``ConfigError`` (key ``train.resume_from``): stages call this before loading the policy."""
     if resume_from in FRESH:
         return None
-    path = latest_checkpoint(Path(output_dir) / "checkpoints") if resume_from == "latest" \
-        else resolve_checkpoint(resume_from)
+    try:
+        path = latest_checkpoint(Path(output_dir) / "checkpoints") if resume_from == "latest" \
+            else resolve_checkpoint(resume_from)
+    except FileNotFoundError as e:
+        raise ConfigError("train.resume_from", str(e)) from None
     if path is None or cfg is None or not (path / CONFIG_FILE).is_file():
         return path
     differ = config_differences(yaml.safe_load((path / CONFIG_FILE).read_text()), cfg)
     if differ:
-        print(f"config error: train.resume_from: {path} was trained with other values of {', '.join(differ)}; "
-              f"resume with the same values, or start over with train.resume_from=none (removes the old "
-              f"checkpoints) or another output_dir", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise ConfigError("train.resume_from", f"{path} was trained with other values of {', '.join(differ)}; "
+                          "resume with the same values, or start over with train.resume_from=none (removes the "
+                          "old checkpoints) or another output_dir")
     return path
 
 

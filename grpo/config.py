@@ -47,7 +47,8 @@ def _yaml_load(stream) -> Any:
 
 class InputError(ValueError):
     """A problem with the run's inputs that the user fixes (``run`` reports it in one line): the base of
-    ``ConfigError`` (and so ``grpo.model_dir.ModelDirError``) and ``data.loaders.DataError``."""
+    ``ConfigError`` (and so ``grpo.model_dir.ModelDirError``), ``data.loaders.DataError`` and
+    ``rewards.registry.RewardError``."""
 
 
 class ConfigError(InputError):
@@ -259,15 +260,13 @@ def cli(cls: type[T], description: str | None = None, argv: list[str] | None = N
 
 
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Call ``main(argv)`` (default: ``sys.argv[1:]``) as an entry point: an ``InputError`` or a reward's
-    ``rewards.registry.RewardError`` is printed as ``error: <message>`` on one line of stderr and exits with
-    status 2; with ``--debug`` in ``argv`` it propagates with its traceback."""
-    from rewards.registry import RewardError  # imported here: rewards.registry imports this module
-
+    """Call ``main(argv)`` (default: ``sys.argv[1:]``) as an entry point: an ``InputError`` (bad config, data,
+    model dir, reward) is printed as ``error: <message>`` on one line of stderr and exits with status 2; with
+    ``--debug`` in ``argv`` it propagates with its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
-    except (InputError, RewardError) as e:
+    except InputError as e:
         if "--debug" in argv:
             raise
         print(f"error: {' '.join(str(e).split())} (--debug shows the traceback)", file=sys.stderr, flush=True)

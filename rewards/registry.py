@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from grpo.config import ConfigError
+from grpo.config import ConfigError, InputError
 from grpo.reward_types import RewardScores, RewardTags
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class RewardSpec:
             check_kwargs(self.name, resolve(self.name), self.kwargs, "kwargs")
 
 
-class RewardError(RuntimeError):
-    """A reward function raised or returned something outside its contract."""
+class RewardError(InputError):
+    """A reward function that cannot be loaded, or that raised or returned something outside its contract."""
 
 
 def resolve(name: str) -> Callable:

@@ -38,6 +38,7 @@ from accelerate.utils import set_seed
 
 from data.chat import encode_prompt, resolve_system_prompt
 from data.loaders import DataConfig, load_mixed
+from grpo.checkpoint import resume_point
 from grpo.config import ConfigError, cli, run
 from grpo.model import ModelConfig, load_policy, presets
 from grpo.parallel import make_accelerator
@@ -46,7 +47,7 @@ from grpo.trainer import GRPOTrainer, TrainerConfig
 from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardScores, RewardSet, RewardSpec
 from stages.evaluate import HeldoutConfig, load_heldout
-from stages.rl_reasoning import check_resume, save_and_evaluate
+from stages.rl_reasoning import save_and_evaluate
 
 REWARD_COLUMNS = ("answer", "tests", "entry_point", "test_cases", "language")  # None where a row lacks them
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load_prompts(cfg.data, cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     rewards = RoutedRewards(RewardSet(cfg.rewards, on_error=cfg.rewards_on_error), cfg.reward_sources)
-    check_resume(cfg)
+    resume_point(cfg.output_dir, cfg.train.resume_from, cfg)  # a bad checkpoint or refused change: before the policy loads
     model = load_policy(cfg.model, tokenizer)
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,

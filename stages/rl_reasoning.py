@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load_mixed(cfg.data, ["prompt"], cfg.train.seed)
     heldout = load_heldout(cfg.eval)
     rewards = RewardSet(cfg.rewards, on_error=cfg.rewards_on_error)
-    check_resume(cfg)
+    resume_point(cfg.output_dir, cfg.train.resume_from, cfg)  # a bad checkpoint or refused change: before the policy loads
     model = load_policy(cfg.model, tokenizer)
     trainer = GRPOTrainer(
         cfg.train, model=model, tokenizer=tokenizer, sampling=cfg.sampling, rewards=rewards, rows=rows,
@@ -127,15 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- save, evaluate
     return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)
-
-
-def check_resume(cfg) -> None:
-    """Refuse a ``train.resume_from`` that names no complete checkpoint (one-line ``ConfigError``), or a config
-    that differs from the checkpoint's, before the policy loads; ``cfg``: an RL stage config."""
-    try:
-        resume_point(cfg.output_dir, cfg.train.resume_from, cfg)
-    except FileNotFoundError as e:
-        raise ConfigError("train.resume_from", str(e)) from None
 
 
 def save_and_evaluate(trainer: GRPOTrainer, cfg, tokenizer, heldout: list[dict], metrics: dict,

@@ -52,10 +52,10 @@ import transformers
 from accelerate.utils import set_seed
 
 from data.chat import encode_chat
-from data.loaders import DataConfig, DataError, load_dataset_split, load_rows
+from data.loaders import DataConfig, DataError, load_dataset_split, load_rows, mix_by_weight
 from grpo.checkpoint import (StopOnSignal, export_model, load_checkpoint, mark_done, publish, resume_point,
                              save_checkpoint, start_fresh)
-from grpo.config import ConfigError, cli
+from grpo.config import ConfigError, cli, run
 from grpo.logger import MetricsLogger
 from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_router_bias
 from grpo.optim import AdamWConfig, build_step
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(tc.seed)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model.init, "tokenizer" if cfg.tokenizer else "model.init")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = [build_example(tokenizer, m, tc.max_seq_len) for d in cfg.data for m in load_conversations(d)]
+    conversations = mix_by_weight([load_conversations(d) for d in cfg.data], [d.weight for d in cfg.data], tc.seed)
+    examples = [build_example(tokenizer, m, tc.max_seq_len) for m in conversations]
     examples = [e for e in examples if e is not None]
     heldout = load_heldout(cfg.eval)
     lengths = [len(e.input_ids) for e in examples]
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                           f"{per_step} micro-batches of {tc.micro_batch_size}")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
 
+    resume = resume_point(out, tc.resume_from, cfg)  # a bad checkpoint or refused change: before the policy loads
     model = load_policy(cfg.model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.deepspeed and tc.bf16:  # DeepSpeed computes in its parameters' dtype: bf16 weights, fp32 masters
@@ -257,7 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
     optim = build_step(model, tc.adamw, total_steps=total_steps, parallel=cfg.parallel, accelerator=accelerator)
     model, optimizer, scheduler = optim.model, optim.optimizer, optim.scheduler
     step, epoch, index = 0, 0, 0
-    resume = resume_point(out, tc.resume_from, cfg)  # refuses a config that differs from the checkpoint's
     if resume:
         state = load_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator)
         step, epoch, index = state.step, state.data_state["epoch"], state.data_state["index"]
@@ -333,4 +334,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -139,3 +139,19 @@ def test_run_reports_input_errors_in_one_line_and_lets_others_through(capsys):
 
     with pytest.raises(KeyError):
         run(broken, [])
+
+
+def sft(inputs, tmp_path, *extra):
+    conversations = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+        for r in MATH])
+    return stage("stages.sft", f"model.init={inputs['half']}", f"data=[{{path: {conversations}}}]", "eval.data=null",
+                 f"output_dir={tmp_path / 'out'}", "wandb_mode=disabled", *extra)
+
+
+def test_sft_checks_data_and_checkpoints_first(inputs, tmp_path):
+    one_line_error(sft(inputs, tmp_path), inputs["half"], "config.json is missing")
+    missing = f"{inputs['root']}/missing.jsonl"
+    one_line_error(sft(inputs, tmp_path, f"data=[{{path: {missing}}}]"), missing, "no such file")
+    one_line_error(sft(inputs, tmp_path, f"train.resume_from={inputs['root']}/nowhere"),
+                   "train.resume_from", f"no checkpoint at {inputs['root']}/nowhere")
