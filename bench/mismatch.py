@@ -42,9 +42,11 @@ from transformers import DeepseekV3Config  # noqa: E402
 
 from grpo.loss import LossConfig, Mismatch, logprobs_and_entropy  # noqa: E402
 from grpo.model import DeepseekV3Policy, force_routing, last_routing  # noqa: E402
-from grpo.moe import route  # noqa: E402
 from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
-from grpo.v3_decode import V3Decoder, _rms  # noqa: E402
+from grpo.engine.containers import Dense  # noqa: E402
+from grpo.engine.experts import route_torch  # noqa: E402
+from grpo.engine.layer import mlp, norm, prefill_layer  # noqa: E402
+from grpo.engine.v3 import V3Decoder, _rms  # noqa: E402
 
 
 def teacher_forced(policy, prompts: torch.Tensor, completion: torch.Tensor, *, autocast: bool, fp32_head: bool = False,
@@ -67,7 +69,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def per_layer(policy, ids: torch.Tensor) -> list[dict]:
-    """The engine's prefill layer by layer vs the trainer's modules (hooks), on ids [B, T] (no padding)."""
+    """The engine's prefill layer by layer (``grpo.engine.layer``, the op table it binds) vs the trainer's
+    modules (hooks), on ids [B, T] (no padding). Each layer's attention output is the layer run on a zero
+    residual with no MLP (0 + W_O attn, exact), its MLP output ``layer.mlp`` on the engine's own post-attention
+    stream, its residual the real layer's output."""
     seen: dict[tuple[str, int], torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(policy.model.layers[: policy.config.num_hidden_layers]):
@@ -81,24 +86,22 @@ def per_layer(policy, ids: torch.Tensor) -> list[dict]:
         h.remove()
     B, T = ids.shape
     dec = V3Decoder(policy, slots=B, max_len=T)
-    src = torch.arange(B * T, device=ids.device)
-    x = dec.embed(ids).view(B * T, -1)
+    ops, cos, sin = dec.ops.prefill_ops, dec.cos[:T], dec.sin[:T]
+    x = dec.embed(ids)
+    h = _rms(x, dec.in_norm)
+    no_mlp = Dense(x.new_zeros(2, x.shape[-1]), x.new_zeros(x.shape[-1], 1))
     rows = []
-    for i, layer in enumerate(dec.layers):
-        attn = dec._attend_prefill(layer, dec.cache.data[i], _rms(x, layer.in_norm), B, T, (dec.cos[:T], dec.sin[:T]),
-                                   src, src)
-        x = x + attn
-        h = _rms(x, layer.post_norm)
-        mlp = layer.mlp(h)
-        x = x + mlp
+    for i, (w, d) in enumerate(zip(dec.layers, dec.dims)):
+        attn = prefill_layer(torch.zeros_like(x), h, cos, sin, w._replace(mlp=no_mlp), dims=d, ops=ops)[0]
+        post = norm(x + attn, w.post_norm, d.eps.post)
+        out = mlp(post, w.mlp, d, ops, 0)
+        x, h, _ = prefill_layer(x, h, cos, sin, w, dims=d, ops=ops)
         last = i == len(dec.layers) - 1  # transformers' last hidden state is after the final norm
-        row = {"layer": i, "attention": rel(attn, seen[("attn", i)]), "mlp": rel(mlp, seen[("mlp", i)]),
-               "residual": rel(_rms(x, dec.final_norm) if last else x, trainer.hidden_states[i + 1].reshape(B * T, -1))}
-        if i in train_routes:  # the experts the engine's routing picks from its own input (grpo.moe.route)
-            gate = layer.module.mlp.gate
-            _, idx, _ = route(F.linear(h.float(), gate.weight.float()), gate.e_score_correction_bias,
-                              n_group=gate.num_group, topk_group=gate.topk_group, top_k=gate.top_k,
-                              norm=gate.norm_topk_prob, scale=gate.routed_scaling_factor)
+        row = {"layer": i, "attention": rel(attn.flatten(0, 1), seen[("attn", i)]),
+               "mlp": rel(out.flatten(0, 1), seen[("mlp", i)]),
+               "residual": rel((h if last else x).flatten(0, 1), trainer.hidden_states[i + 1].reshape(B * T, -1))}
+        if i in train_routes:  # the experts the engine's routing picks from its own input
+            idx = route_torch(post.flatten(0, 1), w.mlp, d.routing)[1]
             flips = idx.sort(-1).values != train_routes[i].view(idx.shape).sort(-1).values
             row["expert_flips"] = round(float(flips.any(-1).float().mean()), 5)
         rows.append(row)
@@ -139,7 +142,8 @@ def main() -> None:
         comp, mask = ro.completion_ids.to(dev), ro.completion_mask.to(dev).float()
         train, routes = teacher_forced(policy, p, comp, autocast=autocast)
         print(json.dumps({"rows": "engine vs trainer", "precision": name, **stats(train, ro.logprobs.to(dev), mask)}))
-        # R3: the same, with the engine's experts (recorded on its module path) replayed in the trainer's forward
+        # R3: the same, with the engine's experts (recorded by its routing op, layers uncompiled) replayed in the
+        # trainer's forward
         rec = RolloutEngine(policy, None, SamplingConfig(temperature=1.0, max_new_tokens=L, stop_token_ids=[],
                                                          max_batch=prompts_n * G, record_routing=True))
         ro3 = rec.generate(prompts, G)
@@ -150,7 +154,7 @@ def main() -> None:
         replay = {layer: routed[:, :, j] for j, layer in enumerate(layers)}
         base, _ = teacher_forced(policy, p, comp3, autocast=autocast)
         r3, _ = teacher_forced(policy, p, comp3, autocast=autocast, replay=replay)
-        print(json.dumps({"rows": "engine (module path) vs trainer", "precision": name, **stats(base, ro3.logprobs.to(dev), mask)}))
+        print(json.dumps({"rows": "engine recording its experts vs trainer", "precision": name, **stats(base, ro3.logprobs.to(dev), mask)}))
         print(json.dumps({"rows": "... with R3", "precision": name, **stats(r3, ro3.logprobs.to(dev), mask)}))
         if name != "bf16 weights":
             continue
