@@ -43,6 +43,22 @@ def test_k3_kl():
     close(k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])), [0.0])
 
 
+def test_k3_is_never_negative_and_keeps_small_gaps():
+    """fp32 log-probs a few ulps apart (an fp32 run's rollout/trainer gap): exp(d) - 1 - d rounded at 1 and went
+    negative (-1.5e-9 per token in the mismatch metric); k3 is >= 0 and within an ulp of d of the float64 value."""
+    g = torch.Generator().manual_seed(0)
+    train = -torch.rand(4096, generator=g) * 5
+    rollout = train + torch.randn(4096, generator=g) * 1e-6
+    d = train - rollout
+    exact = torch.expm1(d.double()) - d.double()
+    assert float((d.exp() - 1 - d).min()) < -1e-8  # the old formula's rounding
+    got = k3_kl(rollout, train)
+    assert float(got.min()) >= 0
+    torch.testing.assert_close(got.double(), exact, rtol=0, atol=2e-13)  # ulp(1e-6) = 1.1e-13
+    metric = Mismatch.of(train[None], rollout[None], torch.ones(1, 4096), LossConfig()).metrics()["mismatch/k3"]
+    assert metric >= 0 and metric == pytest.approx(float(exact.mean()), abs=2e-14)
+
+
 def test_aggregations():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
