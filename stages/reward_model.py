@@ -20,10 +20,18 @@ Departures: the V3 router keeps the SFT checkpoint's expert bias (transformers' 
 the aux-loss-free bias update nor the sequence-wise balance loss runs here; a short RM fine-tune barely
 moves the expert load). No margin term, no reward centring (InstructGPT / Llama-2 variants).
 
-Writes to ``output_dir``: ``final/`` (save_pretrained + tokenizer: ``rewards.reward_model``'s ``path``),
-``metrics.jsonl``, ``summary.json`` and ``DONE`` (``final/``, ``summary.json`` and ``DONE`` written under a temporary
-name, then renamed into place). The stage has no checkpoints: a re-run trains from the start, and removes
-``DONE`` only once its inputs have loaded (a failing re-run leaves a finished run as it was).
+Batches: passes over the pairs, each a permutation seeded by (seed, pass); a batch that runs past the end of
+a pass continues into the next. The data position (pass, index) is checkpointed with the model, optimizer,
+schedule and RNG streams, so a resumed run continues with the same batches. Re-running the same command resumes
+from the latest checkpoint in ``output_dir`` (``train.resume_from: latest``, the default; ``none`` starts over and
+removes the old checkpoints; only the step budget, logging and checkpointing keys may differ from the
+checkpoint's ``run_config.yaml``, see ``grpo.checkpoint``). SIGINT/SIGTERM: the current step finishes, a
+checkpoint is written, exit status 130/143; a second signal exits at once. ``DONE`` is removed only once the new
+run has loaded its inputs (a failing re-run leaves a finished run as it was).
+
+Writes to ``output_dir``: ``checkpoints/`` (``grpo.checkpoint``), ``final/`` (save_pretrained + tokenizer:
+``rewards.reward_model``'s ``path``), ``metrics.jsonl``, ``summary.json`` and ``DONE`` (``final/``, ``summary.json``
+and ``DONE`` written under a temporary name, then renamed into place).
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import datasets
 import torch
@@ -40,7 +48,8 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForSequenceClassification
 
 from data.loaders import DataConfig, load_mixed, load_rows
-from grpo.checkpoint import export_model, mark_done, write_atomic
+from grpo.checkpoint import (StopOnSignal, export_model, load_checkpoint, mark_done, resume_point, save_checkpoint,
+                             start_fresh, write_atomic)
 from grpo.config import ConfigError, cli, run
 from grpo.logger import MetricsLogger
 from grpo.optim import AdamWConfig, build_step
@@ -72,11 +81,17 @@ class RMTrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     log_every: int = 10
+    save_every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    # "latest": output_dir/checkpoints' newest (a fresh start if none); "none": start over, removing them; or a dir
+    resume_from: str | None = "latest"
 
     def __post_init__(self):
-        for key in ("max_steps", "batch_size", "log_every"):
+        for key in ("max_steps", "batch_size", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.save_every < 0:
+            raise ConfigError("save_every", f"must be >= 0, got {self.save_every}")
         if self.lr <= 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
         if self.max_length < 2:
@@ -106,6 +121,26 @@ class RewardModelConfig:
         if not Path(self.model.init).exists() and "/" not in self.model.init:
             raise ConfigError("model.init", f"{self.model.init!r} is not a checkpoint directory or hub id; the reward "
                               "model starts from a trained policy, e.g. model.init=runs/tiny/sft_rs/final")
+
+
+def pass_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the n pairs in pass `epoch`: a permutation seeded by (seed, epoch)."""
+    return random.Random(f"{seed}:{epoch}").sample(range(n), n)
+
+
+def batch_stream(n: int, batch_size: int, seed: int, epoch: int, index: int) -> Iterator[tuple[int, int, list[int]]]:
+    """From data position (epoch, index): (epoch, index after this batch, the batch's pair indices)."""
+    order = pass_order(n, seed, epoch)
+    while True:
+        batch: list[int] = []
+        while len(batch) < batch_size:
+            if index == n:
+                epoch, index = epoch + 1, 0
+                order = pass_order(n, seed, epoch)
+            taken = order[index:index + batch_size - len(batch)]
+            batch += taken
+            index += len(taken)
+        yield epoch, index, batch
 
 
 def pair_batch(tokenizer, pairs: list[dict], max_length: int) -> dict[str, torch.Tensor]:
@@ -140,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli(RewardModelConfig, description="Stage 4a: Bradley-Terry reward model on preference pairs.", argv=argv)
     datasets.disable_progress_bars()
     tc, out = cfg.train, Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
 
     # ---- setup (a failing setup leaves an earlier run's results and DONE as they were)
     set_seed(tc.seed)
@@ -151,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_model_dir(cfg.model.init, "model.init")
+
+    resume = resume_point(out, tc.resume_from, cfg)  # a bad checkpoint or refused change: before the model loads
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model.init, num_labels=1,
                                                                dtype=getattr(torch, cfg.model.dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -158,41 +196,54 @@ def main(argv: list[str] | None = None) -> dict:
     optim = build_step(model, tc.adamw, total_steps=tc.max_steps)  # fp32 masters when model.dtype is bfloat16
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
-    out.mkdir(parents=True, exist_ok=True)
+    step, epoch, index = 0, 0, 0
+    if resume:
+        state = load_checkpoint(resume, model=model, optimizer=optim.optimizer, scheduler=optim.scheduler)
+        step, epoch, index = state.step, state.data_state["epoch"], state.data_state["index"]
+    else:
+        start_fresh(out, tc.resume_from)
     (out / "DONE").unlink(missing_ok=True)  # inputs loaded, about to train: the output is no longer complete
+    stream = batch_stream(len(pairs), tc.batch_size, tc.seed, epoch, index)
 
-    # ---- loop: seeded passes over the pairs
-    rng = random.Random(tc.seed)
-    order: list[int] = []
+    # ---- loop
     logger = MetricsLogger(out, project="r1-grpo", run_name=cfg.run_name, config=cfg, wandb_mode=cfg.wandb_mode,
-                           total_steps=tc.max_steps)
+                           total_steps=tc.max_steps, initial_step=step)
     logger.write(f"reward model: {len(pairs)} pairs, {n_params / 1e6:.2f}M parameters, "
-                 f"{type(model).__name__} from {cfg.model.init}; held-out pairwise accuracy before: {before}")
+                 f"{type(model).__name__} from {cfg.model.init}; held-out pairwise accuracy before: {before}"
+                 + (f"; resumed at step {step} from {resume}" if resume else ""))
     model.train()
     sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
-    for step in range(1, tc.max_steps + 1):
-        if len(order) < tc.batch_size:
-            order += rng.sample(range(len(pairs)), len(pairs))
-        idx, order = order[:tc.batch_size], order[tc.batch_size:]
-        chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
-        loss = bradley_terry_loss(chosen, rejected)
-        optim.backward(loss)
-        grad_norm = optim.step().grad_norm
-        chosen, rejected = chosen.detach(), rejected.detach()
-        sums["loss"] += float(loss.detach())
-        sums["accuracy"] += float((chosen > rejected).float().mean())
-        sums["margin"] += float((chosen - rejected).mean())
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-            logger.log({**{k: v / n for k, v in sums.items()}, "lr": optim.scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm)}, step=step)
-            sums = dict.fromkeys(sums, 0.0)
+    with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
+        while step < tc.max_steps:
+            epoch, index, idx = next(stream)
+            chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
+            loss = bradley_terry_loss(chosen, rejected)
+            optim.backward(loss)
+            grad_norm = optim.step().grad_norm
+            step += 1
+            chosen, rejected = chosen.detach(), rejected.detach()
+            sums["loss"] += float(loss.detach())
+            sums["accuracy"] += float((chosen > rejected).float().mean())
+            sums["margin"] += float((chosen - rejected).mean())
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
+                logger.log({**{k: v / n for k, v in sums.items()}, "lr": optim.scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm)}, step=step)
+                sums = dict.fromkeys(sums, 0.0)
+            stopping = stop.requested()
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps or stopping:
+                path = save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step,
+                                       optimizer=optim.optimizer, scheduler=optim.scheduler,
+                                       data_state={"epoch": epoch, "index": index}, config=cfg, keep_last=tc.keep_last)
+            if stopping:
+                logger.close()
+                stop.exit(step, path)
     logger.close()
 
     # ---- save, evaluate
     final = export_model(out / "final", model, tokenizer, cfg)
     after = pairwise_accuracy(model, tokenizer, test, tc.max_length, tc.batch_size) if test else None
-    summary = {"steps": tc.max_steps, "final": str(final), "pairs": len(pairs), "test_pairs": len(test),
+    summary = {"steps": step, "final": str(final), "pairs": len(pairs), "test_pairs": len(test),
                "heldout_pairwise_accuracy_before": before, "heldout_pairwise_accuracy": after}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if test:
