@@ -60,8 +60,8 @@ CONFIG_FILE = "run_config.yaml"
 DONE_FILE = "DONE"
 # config keys a resumed run may change: the step budget, logging, checkpointing, evaluation, where it writes
 RESUME_SAFE = ("train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
-               "train.sample_every", "train.samples_logged", "train.resume_from", "eval", "wandb_mode", "run_name",
-               "output_dir")
+               "train.sample_every", "train.samples_logged", "train.resume_from", "eval", "test", "wandb_mode",
+               "run_name", "output_dir")  # eval / test: the held-out sets (RL and SFT / the reward model)
 FRESH = (None, "none")  # train.resume_from values that start over
 
 

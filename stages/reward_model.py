@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{type(model).__name__} from {cfg.model.init}; held-out pairwise accuracy before: {before}"
                  + (f"; resumed at step {step} from {resume}" if resume else ""))
     model.train()
-    sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    sums, window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, 0  # window: steps since the last metrics row
     with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
         while step < tc.max_steps:
             epoch, index, idx = next(stream)
@@ -220,16 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
             loss = bradley_terry_loss(chosen, rejected)
             optim.backward(loss)
             grad_norm = optim.step().grad_norm
-            step += 1
+            step, window = step + 1, window + 1
             chosen, rejected = chosen.detach(), rejected.detach()
             sums["loss"] += float(loss.detach())
             sums["accuracy"] += float((chosen > rejected).float().mean())
             sums["margin"] += float((chosen - rejected).mean())
             if step % tc.log_every == 0 or step == tc.max_steps:
-                n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-                logger.log({**{k: v / n for k, v in sums.items()}, "lr": optim.scheduler.get_last_lr()[0],
+                logger.log({**{k: v / window for k, v in sums.items()}, "lr": optim.scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm)}, step=step)
-                sums = dict.fromkeys(sums, 0.0)
+                sums, window = dict.fromkeys(sums, 0.0), 0
             stopping = stop.requested()
             if (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps or stopping:
                 path = save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step,
