@@ -44,9 +44,12 @@ the tensors autograd saves on a tiny model and finds the formula within a few pe
 s x s attention probabilities of the CPU (non-fused) attention kernel, which fused GPU attention does not keep.
 Assumptions: balanced routing (each rank's experts receive K tokens per local token; a skewed batch
 receives more), fused attention (memory linear in sequence length), no dropout, the tensors above stored
-once. ``--recompute full`` keeps only each layer's input b_a h per token plus one layer's activations
-while it is recomputed (and the head). With pipeline stages, stage s holds pp - s micro-batches in
-flight (1F1B); without, one. Not counted: CUDA context and allocator fragmentation (typically 2-5 GB),
+once. ``--recompute full`` is the training option ``model.gradient_checkpointing: true`` (activation
+checkpointing of every decoder layer, grpo.model): it keeps only each layer's input b_a h per token plus one
+layer's activations while it is recomputed (and the head and MTP modules, counted in full here although
+grpo.model recomputes the MTP layers too). The head row is SFT's; the RL update's blocked output layer
+(``train.chunked_head``) keeps 4 bytes per token (a log-sum-exp) instead of 4V. With pipeline stages, stage s
+holds pp - s micro-batches in flight (1F1B); without, one. Not counted: CUDA context and allocator fragmentation (typically 2-5 GB),
 communication buckets (DeepSpeed's reduce/allgather buckets, a few hundred MB each), all-to-all buffers
 beyond the dispatched activations above, the rollout KV cache.
 """

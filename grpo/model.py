@@ -41,6 +41,7 @@ only for topk_method noaux_tc, so without them a checkpoint would be served with
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, DeepseekV3Config, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
@@ -99,6 +101,9 @@ class ModelConfig:
     seq_aux_alpha: float = 1e-4  # alpha of the sequence-wise balance loss
     mtp_layers: int = 1  # D, number of MTP modules (0 removes them and their parameters)
     mtp_loss_weight: float = 0.3  # lambda
+    # activation checkpointing of the decoder layers (MTP's included; the memory planner's ``--recompute full``):
+    # each layer keeps only its input and recomputes its activations in the backward pass, SFT and RL alike; the
+    # recomputation routes to the experts the forward chose (``PolicyRouter.keep_routing``) and counts no loads
     gradient_checkpointing: bool = False
     experts_implementation: Literal["grouped_mm", "batched_mm", "eager"] = "grouped_mm"  # eager = per-expert loop
     attn_implementation: Literal["sdpa_padded", "sdpa", "eager"] = "sdpa_padded"  # sdpa_padded: faster on CPU
@@ -149,12 +154,41 @@ class PolicyRouter(DeepseekV3TopkRouter):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(hidden_states.device.type, enabled=False):  # V3 gates in fp32, also under autocast
             logits = F.linear(hidden_states.view(-1, self.hidden_dim).float(), self.weight.float())
-        weights, indices, scores = moe.route(
-            logits, self.e_score_correction_bias, n_group=self.num_group, topk_group=self.topk_group,
-            top_k=self.top_k, norm=self.norm_topk_prob, scale=self.routed_scaling_factor, forced=self.forced_indices,
-        )
+        route = functools.partial(moe.route, bias=self.e_score_correction_bias, n_group=self.num_group,
+                                  topk_group=self.topk_group, top_k=self.top_k, norm=self.norm_topk_prob,
+                                  scale=self.routed_scaling_factor)
+        forced = self.forced_indices
+        if forced is None and torch.is_grad_enabled():
+            # the selection has no gradient: made outside autograd, the graph is the same whether the experts are
+            # selected or forced, as the recomputation of a checkpointed layer (``keep_routing``) needs
+            with torch.no_grad():
+                forced = route(logits)[1]
+        weights, indices, scores = route(logits, forced=forced)
         self.last_scores, self.last_indices = scores, indices.detach()
         return logits, weights, indices
+
+    def keep_routing(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """The ``context_fn`` of ``torch.utils.checkpoint`` for this router's layer: the forward keeps the experts
+        it chose; the recomputation in the backward pass routes to them (so the recomputed graph is the forward's,
+        also under routing replay, whose ``force_routing`` block has closed by then) and leaves ``last_*``, which
+        the forward's loss and load bookkeeping read, as the forward set them."""
+        chosen: list[torch.Tensor] = []
+
+        @contextlib.contextmanager
+        def forward():
+            yield
+            chosen.append(self.last_indices)
+
+        @contextlib.contextmanager
+        def recompute():
+            kept = self.forced_indices, self.last_scores, self.last_indices
+            self.forced_indices = chosen[0]
+            try:
+                yield
+            finally:
+                self.forced_indices, self.last_scores, self.last_indices = kept
+
+        return forward(), recompute()
 
 
 def _use_policy_router(layer: DeepseekV3DecoderLayer, config: DeepseekV3Config) -> None:
@@ -221,6 +255,17 @@ class DeepseekV3Policy(DeepseekV3ForCausalLM):
 
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """As transformers (what ``activation_checkpointing_enable`` calls), and each MoE layer's checkpoint keeps
+        its routing for the recomputation (``PolicyRouter.keep_routing``; the router is looked up per call, so
+        grpo.parallel's EP blocks swapped in later are covered)."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for i, _ in self.routers():
+            layer = self.model.layers[i]
+            layer._gradient_checkpointing_func = functools.partial(
+                gradient_checkpointing_func, context_fn=lambda layer=layer: layer.mlp.gate.keep_routing())
 
     def forward(
         self,

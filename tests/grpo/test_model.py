@@ -156,19 +156,85 @@ def test_loads_count_training_forwards_only_and_exclude_padding():
     assert all(r.load is None for _, r in model.routers())
 
 
-def test_gradient_checkpointing_keeps_aux_gradients_and_counts_once():
-    results = []
-    for checkpointing in (False, True):
+def checkpointed_step(checkpointing: bool, kind: str, replay: dict | None = None):
+    """One loss + backward + router-bias update of the small policy (MTP, YaRN, group routing on) in training
+    mode: ``sft`` (labels: LM + balance + MTP loss) or ``grpo`` (the trainer's path: blocked output layer on the
+    final hidden states, grpo_loss + aux_loss, ``replay`` experts forced in the forward only, the backward after
+    the ``force_routing`` block has closed). Returns loss, gradients, loads, biases and the saved-tensor bytes
+    the backward keeps (what activation checkpointing cuts)."""
+    from grpo.loss import LossConfig, LossNorm, grpo_loss, head_logprobs_and_entropy
+
+    model = random_policy().train()
+    model.policy_config = ModelConfig(seq_aux_alpha=0.1, bias_update_speed=0.01, mtp_loss_weight=0.3)
+    if checkpointing:  # as load_policy enables it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    x, mask = tokens(2, 40), torch.ones(2, 40, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if kind == "sft":
+            labels = x.masked_fill(mask == 0, -100)
+            out = model(x, attention_mask=mask, labels=labels)
+            loss = out.loss
+        else:
+            keep = torch.arange(23, 39)  # the last 16 positions predict the completion x[:, 24:]
+            with force_routing(model, replay or {}):
+                out = model(x, attention_mask=mask, logits_to_keep=keep[:0], output_hidden_states=True)
+                logp, _ = head_logprobs_and_entropy(out.hidden_states[-1][:, keep], model.lm_head.weight, x[:, 24:], 0.7)
+            old = logp.detach() + 0.05 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(3))
+            completion = torch.ones(2, 16)
+            loss = grpo_loss(logp=logp, old_logp=old, advantages=torch.tensor([1.0, -0.5]), mask=completion,
+                             cfg=LossConfig(loss_type="dapo"), norm=LossNorm.of(completion)).loss + out.aux_loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loads = {i: r.load.clone() for i, r in model.routers()}
+    update_router_bias(model)
+    biases = {i: r.e_score_correction_bias.clone() for i, r in model.routers()}
+    return loss.detach(), grads, loads, biases, sum(saved.values())
+
+
+def random_routes(model, seed=5):
+    """Valid forced experts (K distinct per token) for every main MoE layer, for tokens(2, 40)."""
+    g = torch.Generator().manual_seed(seed)
+    k, e = model.config.num_experts_per_tok, model.config.n_routed_experts
+    return {i: torch.rand(2, 40, e, generator=g).argsort(-1)[..., :k] for i, _ in model.routers()
+            if i < model.config.num_hidden_layers}
+
+
+@pytest.mark.parametrize("kind", ["sft", "grpo", "grpo_replay"])
+def test_activation_checkpointing_gives_the_same_step_with_less_saved(kind):
+    """Checkpointed decoder layers (MTP's included): the same loss, gradients (balance loss and MTP through the
+    recomputed routers), expert loads (counted once, not again by the recomputation) and bias update, with less
+    kept for the backward. With routing replay the recomputation must route to the replayed experts although the
+    replay block has closed before the backward."""
+    replay = random_routes(random_policy()) if kind == "grpo_replay" else None
+    (loss0, grads0, loads0, bias0, saved0), (loss1, grads1, loads1, bias1, saved1) = (
+        checkpointed_step(on, kind.split("_")[0], replay) for on in (False, True))
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-7)
+    assert grads1.keys() == grads0.keys()
+    assert any(".mlp.gate.weight" in n for n in grads0) and any("layers.3." in n for n in grads0)  # balance, MTP
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
+    for i in loads0:
+        assert torch.equal(loads1[i], loads0[i]) and torch.equal(bias1[i], bias0[i]), i
+    assert loads0[1].sum() == 74 * 3  # 40 + 34 real tokens x top-3: once per forward
+    assert saved1 < saved0 / 2, (saved1, saved0)
+    if replay:  # the replayed experts are not the ones the router would choose: the replay is live
         model = random_policy().train()
-        if checkpointing:
-            model.activation_checkpointing_enable()
-        model.policy_config = ModelConfig(seq_aux_alpha=1.0)
-        model(tokens()).aux_loss.backward()
-        gate = model.model.layers[1].mlp.gate
-        results.append((gate.weight.grad.clone(), gate.load.clone()))
-    assert results[0][0].abs().sum() > 0
-    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
-    assert torch.equal(results[0][1], results[1][1])
+        with torch.no_grad():
+            model(tokens(2, 40))
+        chosen = model.model.layers[1].mlp.gate.last_indices.view(2, 40, -1).sort(-1).values
+        assert (chosen != replay[1].sort(-1).values).any(-1).float().mean() > 0.5
+
+
+def test_load_policy_turns_activation_checkpointing_on(tokenizer):
+    model = load_policy(ModelConfig(overrides={"num_hidden_layers": 2}, gradient_checkpointing=True), tokenizer)
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
 
 
 def max_vios(model):

@@ -312,3 +312,22 @@ def test_chunked_head_gives_the_same_step(tmp_path, arch):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     for key in w0:
         torch.testing.assert_close(w1[key], w0[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_activation_checkpointing_gives_the_same_steps_with_routing_replay(tmp_path):
+    """Checkpointed decoder layers (model.gradient_checkpointing, as load_policy enables it) with routing replay
+    and the blocked output layer: two RL steps give the same losses, metrics, router biases and weights (fp32)."""
+    runs = {}
+    for on in (True, False):
+        t = make(tmp_path / str(on), max_steps=2, routing_replay="old")
+        if on:
+            t.policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        metrics = [t.train_step()[0] for _ in range(2)]
+        runs[on] = metrics, {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
+    (m1, w1), (m0, w0) = runs[True], runs[False]
+    for a, b in zip(m1, m0):
+        for key in ("loss", "grad_norm", "aux_loss", "ratio", "moe/max_vio_mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert any("e_score_correction_bias" in k for k in w0)
+    for key in w0:
+        torch.testing.assert_close(w1[key], w0[key], rtol=1e-5, atol=1e-6, msg=key)

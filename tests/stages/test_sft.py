@@ -261,3 +261,26 @@ def test_sigterm_saves_the_last_step_and_the_rerun_resumes(workdir, tmp_path):
     assert result["steps"] == n + 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, n + 3))
+
+
+@pytest.mark.parametrize("arch", ["v3", "llama"])
+def test_activation_checkpointing_trains_the_same(workdir, tokenizer, tmp_path, arch):
+    """model.gradient_checkpointing: the same losses and final weights as without (V3 with MTP and the balance
+    loss through the recomputed routers; any HF causal LM through transformers' checkpointing)."""
+    extra = ["eval.data=null", "train.max_steps=2"]
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+        tokenizer.save_pretrained(tmp_path / "llama")
+        extra += [f"model.init={tmp_path / 'llama'}", "tokenizer=null", "model.overrides={}"]
+    for on in ("true", "false"):
+        sft.main(recipe_args(workdir, tmp_path / on, *extra, f"model.gradient_checkpointing={on}"))
+    losses = {on: [json.loads(line)["loss"] for line in (tmp_path / on / "metrics.jsonl").read_text().splitlines()]
+              for on in ("true", "false")}
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "false/final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "true/final").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
