@@ -30,6 +30,12 @@ same sampler and logprob semantics:
   prefilled once, cache rows repeated G times, finished rows dropped from the batch). No refill between
   waves.
 
+Speculative decoding (``speculative: mtp``, V3 policies with an MTP module): ``grpo.engine.speculative``.
+The policy's MTP module drafts ``speculative_tokens`` tokens per sequence, the main model verifies them in
+one multi-token step and the speculative-sampling rule accepts or resamples them, so the completions have
+exactly the distribution above and the logprobs are the same quantity (no trainer correction). Rounds run
+without CUDA graphs and read each round's result before the next; acceptance is in ``Rollout.stats``.
+
 Expert parallelism: every rank must enter every forward (the MoE all-to-all needs all ranks). With
 ``ep_group`` the V3 loop all-reduces two flags per iteration (anyone still busy / anyone prefilling); a
 rank with nothing to do runs a one-token dummy prefill or decode until all ranks are done, so every rank

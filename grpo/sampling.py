@@ -58,17 +58,33 @@ def sample(
         top, idx = _topk(z, top_k, ordered=top_p < 1.0)  # only top-p needs them sorted
         lse = _logsumexp(z, top.amax(dim=-1, keepdim=True))
         cand = _cut((top - lse).exp(), top_p=top_p, min_p=min_p)
-        tokens = idx.gather(1, _inverse_cdf(cand, uniform)[:, None]).squeeze(1)
+        tokens = idx.gather(1, inverse_cdf(cand, uniform)[:, None]).squeeze(1)
     else:  # the distribution over the whole vocabulary is needed
         probs = torch.softmax(z, dim=-1)
         if top_p < 1.0:
             cand, idx = truncate(probs, top_p=top_p, min_p=min_p)
-            tokens = idx.gather(1, _inverse_cdf(cand, uniform)[:, None]).squeeze(1)
+            tokens = idx.gather(1, inverse_cdf(cand, uniform)[:, None]).squeeze(1)
         else:
-            tokens = _inverse_cdf(_cut(probs, min_p=min_p), uniform)
+            tokens = inverse_cdf(_cut(probs, min_p=min_p), uniform)
         # a drawn token has probability >= ~1e-38, so the fp32 log is accurate to ~1e-7
         return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
     return tokens, z.gather(1, tokens[:, None]).squeeze(1) - lse[:, 0]
+
+
+def distribution(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0) -> torch.Tensor:
+    """The distribution ``sample`` draws from, as probabilities [B, V] (fp32): softmax(logits / T) truncated
+    by top-k -> top-p -> min-p and renormalised (module docstring); one-hot at the argmax when greedy."""
+    z = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(z).scatter_(1, z.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.softmax(z / temperature, dim=-1)
+    if 0 < top_k < z.shape[-1] or top_p < 1.0:
+        weights, idx = truncate(probs, top_k=top_k, top_p=top_p, min_p=min_p)
+        probs = torch.zeros_like(probs).scatter_(1, idx, weights)
+    else:
+        probs = _cut(probs, min_p=min_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def truncate(
@@ -160,7 +176,7 @@ def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(np.argpartition(x.detach().numpy(), n - k, axis=-1)[:, n - k:])
 
 
-def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Index drawn per row with probability proportional to ``weights`` [B, C] (>= 0; zeros never drawn)
     using the uniforms [B]: the first index whose cumulative weight exceeds uniform * total. With a block
     size dividing C, the block is chosen first from the block sums, then the index within it."""

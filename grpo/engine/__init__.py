@@ -7,5 +7,7 @@
 - ``v3``: the DeepSeek-V3 decoder (MLA latent cache in ``cache``, CUDA-graph replay in ``graphs``), whose
   layer is defined once in ``layer`` (with ``experts`` for the MoE blocks) over the typed containers of
   ``containers``, run through the op table ``ops`` picked at bind time.
+- ``speculative``: MTP self-speculative decoding (drafts of the policy's MTP module verified by the main model
+  in one multi-token step; exact sampling distribution and logprobs).
 - ``generic``: any Hugging Face causal LM through its own forward.
 """

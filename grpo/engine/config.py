@@ -31,6 +31,12 @@ class SamplingConfig:
     # V3 only: return each token's routed experts (Rollout.routing) for rollout routing replay and the trainer's
     # mismatch metrics. The decoder then runs its module path (no fused layers, Triton kernels or CUDA graphs).
     record_routing: bool = False
+    # V3 policies with an MTP module: "mtp" drafts speculative_tokens tokens per sequence with the policy's first
+    # MTP module (chained for more than one) and verifies them in one forward (``grpo.engine.speculative``); the
+    # sampled distribution and the returned logprobs stay exactly those of "none". Decode steps then run
+    # without CUDA graphs; not with expert parallelism or record_routing.
+    speculative: Literal["none", "mtp"] = "none"
+    speculative_tokens: int = 1
 
     def __post_init__(self):
         checks = [
@@ -42,6 +48,10 @@ class SamplingConfig:
             ("max_batch", self.max_batch >= 1, "must be >= 1"),
             ("prefill_tokens", self.prefill_tokens >= 1, "must be >= 1"),
             ("cpu_threads", self.cpu_threads >= 0, "must be >= 0 (0 = auto)"),
+            ("speculative", self.speculative in ("none", "mtp"), "must be 'none' or 'mtp'"),
+            ("speculative_tokens", self.speculative_tokens >= 1, "must be >= 1"),
+            ("speculative", self.speculative == "none" or not self.record_routing,
+             "'mtp' cannot record routing (record_routing: true): drafts and rejected tokens have no single route"),
         ]
         for key, ok, message in checks:
             if not ok:
@@ -61,7 +71,8 @@ class Rollout:
     lengths: torch.Tensor  # [N] int64, generated tokens per row
     finish_reason: list[str]  # [N] 'stop' | 'length'
     group: torch.Tensor  # [N] int64, prompt index of each row (= row // G)
-    stats: dict[str, float] = field(default_factory=dict)  # prefill/decode counts and timing
+    # prefill/decode counts and timing; with speculative decoding also the acceptance (``Speculator.stats``)
+    stats: dict[str, float] = field(default_factory=dict)
     # [N] each [len(prompt) + length - 1, MoE layers, K] int16 (record_routing): the experts each MoE layer chose
     # for the prompt tokens and every completion token but the last (the engine never feeds that one back)
     routing: list[torch.Tensor] | None = None

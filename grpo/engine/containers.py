@@ -100,3 +100,28 @@ class Layer(NamedTuple):
     post_norm: torch.Tensor
     mlp: object
     next_norm: torch.Tensor
+
+
+class Mtp(NamedTuple):
+    """An MTP module (``grpo.model``'s ``MTPLayer``): enorm [D] and hnorm [D] (the norms of the token
+    embedding and of the previous depth's hidden state), eh_proj [D, 2D], in_norm [D] (its block's input
+    norm), their epsilons (enorm, hnorm, in_norm), and its block as a ``Layer`` whose next_norm is the
+    shared head's norm (so the block's normed output feeds the shared output head)."""
+
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    eh_proj: torch.Tensor
+    in_norm: torch.Tensor
+    eps: tuple[float, float, float]
+    layer: Layer
+
+
+class Pending(NamedTuple):
+    """Per slot, the MTP positions whose inputs are known but that the MTP block has not run yet: the last
+    ``count`` positions below the slot's position p (p - count .. p - 1), with the main model's final hidden
+    states there (hidden [slots, k+1, D], first count rows valid) and the tokens that follow them (tokens
+    [slots, k+1]; the last one is the slot's next input token, kept in ``grpo.engine.v3.V3Decoder.tokens``)."""
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    count: torch.Tensor

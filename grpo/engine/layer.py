@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from grpo.engine.containers import Attention, Dense, Dims, Layer, Moe, Projection
+from grpo.engine.containers import Attention, Dense, Dims, Layer, Moe, Mtp, Projection
 
 
 class LayerOps(NamedTuple):
     """The interchangeable ops of a layer (a ``torch.compile`` static argument: plain functions).
 
-    attend(q_latent [n, H, R], q_rope [n, H, Dr], keys [n, S, R+Dr], own [n, R+Dr], pos [n], scale) ->
-        [n, H, R]: decode attention over cached positions < pos and the own latent (``attend`` or
-        ``grpo.kernels.mla_decode``);
+    attend(q_latent [n, m, H, R], q_rope [n, m, H, Dr], keys [n, S, R+Dr], own [n, m, R+Dr], pos [n], scale)
+        -> [n, m, H, R]: decode attention of m tokens per sequence over cached positions < pos and their own
+        latents, causal among them (``attend``; ``grpo.engine.ops.attend_kernel`` for one token per sequence);
     moe(h [T, D], m: Moe, dims, ops, block) -> [T, D]: routed + shared experts (``grpo.engine.experts``);
     route(h [T, D], m: Moe, routing) -> (weights [T, K] fp32, idx [T, K]);
     routed(h, m, idx, weights, act, order) -> [T, D]: the routed experts alone;
@@ -87,19 +87,23 @@ def project(h: torch.Tensor, p: Projection, a: Attention, d: Dims, cos: torch.Te
 
 def attend(q_latent: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor, own: torch.Tensor, pos: torch.Tensor,
            scale: float) -> torch.Tensor:
-    """Absorbed attention of one token per sequence: softmax over [q.k_s for s < pos ; q.own] (the own latent
-    merged into the same softmax: the distribution of writing it first and attending over s <= pos), then
-    the probabilities times the latents. Shapes as ``LayerOps.attend``; only positions < pos are read."""
-    rank = q_latent.shape[-1]
-    q_full = torch.cat((q_latent, q_rope), dim=-1)
-    scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, H, S]
+    """Absorbed attention of m consecutive tokens per sequence (positions pos .. pos+m-1): query i's softmax
+    runs over [q.k_s for s < pos ; q.own_j for j <= i] (the new tokens' own latents merged into the same
+    softmax, causal among them: the distribution of writing them first and attending over s <= pos + i),
+    then the probabilities times the latents. Shapes as ``LayerOps.attend``; only positions < pos are read."""
+    n, m, heads, rank = q_latent.shape
+    q_full = torch.cat((q_latent, q_rope), dim=-1).view(n, m * heads, -1)  # row i H + h: token i, head h
+    scores = torch.bmm(q_full, keys.transpose(1, 2)).float() * scale  # [n, mH, S]
     scores = scores.masked_fill(torch.arange(keys.shape[1], device=keys.device) >= pos[:, None, None], float("-inf"))
-    self_score = (q_full.float() * own[:, None].float()).sum(dim=-1, keepdim=True) * scale  # [n, H, 1]
-    top = torch.maximum(scores.amax(dim=-1, keepdim=True), self_score)
-    e, e_own = (scores - top).exp(), (self_score - top).exp()
-    total = e.sum(dim=-1, keepdim=True) + e_own
-    probs = (e / total).to(q_latent.dtype)  # [n, H, S], its own tensor (an odd-strided slice takes a slow GEMM)
-    return torch.bmm(probs, keys[..., :rank]) + (e_own / total).to(q_latent.dtype) * own[:, None, :rank]
+    own_scores = torch.bmm(q_full.float(), own.float().transpose(1, 2)) * scale  # [n, mH, m]
+    later = torch.arange(m, device=own.device) > torch.arange(m, device=own.device).repeat_interleave(heads)[:, None]
+    own_scores = own_scores.masked_fill(later, float("-inf"))
+    top = torch.maximum(scores.amax(dim=-1, keepdim=True), own_scores.amax(dim=-1, keepdim=True))
+    e, e_own = (scores - top).exp(), (own_scores - top).exp()
+    total = e.sum(dim=-1, keepdim=True) + e_own.sum(dim=-1, keepdim=True)
+    probs = (e / total).to(q_latent.dtype)  # [n, mH, S], its own tensor (an odd-strided slice takes a slow GEMM)
+    out = torch.bmm(probs, keys[..., :rank]) + torch.bmm((e_own / total).to(q_latent.dtype), own[..., :rank])
+    return out.view(n, m, heads, rank)
 
 
 def dense(h: torch.Tensor, m: Dense, act: str) -> torch.Tensor:
@@ -127,17 +131,27 @@ def _finish(x: torch.Tensor, out: torch.Tensor, w: Layer, d: Dims, ops: LayerOps
 
 def decode_layer(x: torch.Tensor, h: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, w: Layer, *, dims: Dims, ops: LayerOps, block: int = 0):
-    """One decoder layer for one new token per sequence (absorbed attention).
+    """One decoder layer for m new tokens per sequence at positions pos .. pos+m-1 (absorbed attention, causal
+    among them): m = 1 is a decode step, m > 1 a multi-token (verify) step.
 
-    x [n, D] hidden states and h [n, D] their RMSNorm by the layer's input norm; keys [n, S, R+Dr] the layer's
-    cache (only positions < pos are read; it is not written); pos [n]; cos/sin [n, Dr/2]. Returns (x [n, D]
-    after the layer, its next_norm [n, D], latent [n, R+Dr] to write at each sequence's position)."""
+    x [n, m, D] hidden states and h [n, m, D] their RMSNorm by the layer's input norm; keys [n, S, R+Dr] the
+    layer's cache (only positions < pos are read; it is not written); pos [n]; cos/sin [n, m, Dr/2]. Returns
+    (x [n, m, D] after the layer, its next_norm [n, m, D], latents [n, m, R+Dr] to write at pos .. pos+m-1)."""
     a = w.attn
     q_latent, q_rope, c, k_rope = project(h, a.absorbed, a, dims, cos, sin)
     latent = torch.cat((c, k_rope), dim=-1)
-    out_latent = ops.attend(q_latent, q_rope, keys, latent, pos, dims.scale)  # [n, H, R]
-    out = torch.bmm(out_latent.transpose(0, 1), a.w_uv_t).transpose(0, 1).flatten(1)  # [n, H Dv]
-    return (*_finish(x, out, w, dims, ops, block), latent)
+    out_latent = ops.attend(q_latent, q_rope, keys, latent, pos, dims.scale)  # [n, m, H, R]
+    out = torch.bmm(out_latent.flatten(0, 1).transpose(0, 1), a.w_uv_t).transpose(0, 1)  # [n m, H, Dv]
+    return (*_finish(x, out.reshape(x.shape[:-1] + (-1,)), w, dims, ops, block), latent)
+
+
+def mtp_input(e: torch.Tensor, prev: torch.Tensor, w: Mtp) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of an MTP module's block at position i (``grpo.model``'s MTP forward): from e [..., D], the
+    embedding of token t_{i+1}, and prev [..., D], the previous depth's hidden state at i,
+    x = eh_proj [RMSNorm(e) ; RMSNorm(prev)]. Returns (x, its input norm) for ``decode_layer`` /
+    ``prefill_layer`` over ``w.layer``."""
+    x = F.linear(torch.cat((norm(e, w.enorm, w.eps[0]), norm(prev, w.hnorm, w.eps[1])), dim=-1), w.eh_proj)
+    return x, norm(x, w.in_norm, w.eps[2])
 
 
 def prefill_layer(x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: Layer, *, dims: Dims,

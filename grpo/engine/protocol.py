@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from grpo.engine.containers import Pending
+
 
 class Decoder(Protocol):
     device: torch.device
@@ -43,3 +45,21 @@ class RecordsRouting(Decoder, Protocol):
 
     def take_routes(self) -> torch.Tensor:
         """The expert choices since the last call, [T, MoE layers, K] on the host (T tokens of the last forward)."""
+
+
+class Drafts(Decoder, Protocol):
+    """A decoder that drafts with its policy's MTP module and verifies several tokens per slot in one forward
+    (``grpo.engine.speculative``; ``grpo.engine.v3.V3Decoder`` with ``draft_tokens`` = k > 0)."""
+
+    draft_tokens: int  # k
+    pending: Pending  # per slot, the MTP positions not run yet
+
+    def verify(self, tokens: torch.Tensor, span: int) -> torch.Tensor:
+        """The main model on tokens [n, m] of slots 0..n-1 from ``positions[:n]`` on (latents written); returns
+        the final normed hidden states [n, m, D]."""
+
+    def mtp_step(self, tokens: torch.Tensor, prev: torch.Tensor, pos: torch.Tensor, span: int):
+        """The MTP module on m positions per slot from pos [n] on; returns (hidden [n, m, D], logits [n, m, V])."""
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final normed hidden states."""

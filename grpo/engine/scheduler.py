@@ -17,7 +17,8 @@ from grpo.engine.generic import GenericDecoder
 from grpo.engine.graphs import CudaGraphStep
 from grpo.engine.protocol import Decoder
 from grpo.engine.slots import Outputs, Slots, Step, to_device
-from grpo.engine.v3 import V3Decoder, is_v3
+from grpo.engine.speculative import Speculator
+from grpo.engine.v3 import V3Decoder, is_v3, mtp_module
 from grpo.sampling import StopStrings, sample
 
 _compiled_sample = torch.compile(sample)  # one per process: every engine's graphs reuse its variants
@@ -78,6 +79,13 @@ class RolloutEngine:
         if cfg.record_routing and self.backend != "v3":
             raise ConfigError("record_routing", "needs a DeepSeek-V3 policy (the V3 backend); this model has no "
                               "routed experts to record")
+        if cfg.speculative == "mtp":
+            if self.backend != "v3":
+                raise ConfigError("speculative", "'mtp' needs a DeepSeek-V3 policy with an MTP module (the V3 "
+                                  "backend); the generic decoder has no draft model")
+            if ep_group is not None:
+                raise ConfigError("speculative", "'mtp' is not supported with expert parallelism (ep_group)")
+            mtp_module(model)  # ConfigError without one
         self.stops = StopStrings(tokenizer, cfg.stop_strings)
         self.stop_ids = torch.tensor(self._stop_ids(), dtype=torch.long)
         self.pad_id = next(i for i in (getattr(tokenizer, "pad_token_id", None), model.config.pad_token_id,
@@ -85,7 +93,10 @@ class RolloutEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._decoder: Decoder | None = None
         self._graphs: CudaGraphStep | None = None
-        self._lag = 1 if self.device.type == "cuda" else 0  # decode steps in flight before reading results
+        self._speculator: Speculator | None = None
+        self.draft_tokens = cfg.speculative_tokens if cfg.speculative == "mtp" else 0
+        # decode steps in flight before reading results (a speculative step's count is needed before the next)
+        self._lag = 1 if self.device.type == "cuda" and cfg.speculative == "none" else 0
         self.stats: dict[str, float] = {}
 
     def _stop_ids(self) -> list[int]:
@@ -120,6 +131,8 @@ class RolloutEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats["seconds"] = time.perf_counter() - start
+        if self._speculator is not None:
+            self.stats.update(self._speculator.stats())
         width = int(out.count.max()) if rows else 0
         mask = torch.arange(width)[None] < out.count[:, None]
         return Rollout(
@@ -175,11 +188,14 @@ class RolloutEngine:
         if self.backend == "generic":
             self._decoder = GenericDecoder(self.model, slots=self.cfg.max_batch, pad_id=self.pad_id)
             return self._decoder
-        self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64)
+        k = self.draft_tokens
+        self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64, draft_tokens=k)
         if self.cfg.record_routing:
             self._decoder.record_routing()
-        # an expert-parallel all-to-all sizes its messages on the host, recording appends on the host: not capturable
-        if self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None and not self.cfg.record_routing:
+        # an expert-parallel all-to-all sizes its messages on the host, recording appends on the host: not
+        # capturable; a speculative round is not captured either
+        if (self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
+                and not self.cfg.record_routing and not k):
             self._graphs = CudaGraphStep(self._decoder, self._sample_compiled, self.generator)
         return self._decoder
 
@@ -188,8 +204,10 @@ class RolloutEngine:
         read while the next one runs (lag 1): a finished sequence is noticed one step late and its slot
         decodes one ignored token."""
         lag = self._lag
-        # + lag: a slot that finished by length may decode once more before the host notices
-        dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag)
+        # + lag: a slot that finished by length may decode once more before the host notices; + k: a verify
+        # step writes k + 1 latents from the slot's position on
+        dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag + self.draft_tokens)
+        self._speculator = Speculator(dec, self._sampling, self.generator) if self.draft_tokens else None
         slots = Slots(dec, len(prompts) * group_size)
         queue, pending = deque(range(len(prompts))), deque()
         while True:
@@ -211,7 +229,7 @@ class RolloutEngine:
                 step = pending.popleft()
                 if step.ready is not None:
                     step.ready.synchronize()
-                slots.release(step.rows[out.add(step.rows, step.tokens, step.logprobs)])
+                slots.release(step.rows[out.add_runs(step.rows, step.tokens, step.logprobs, step.count)])
 
     def _admissions(self, queue: deque, prompts, G: int, free: int) -> list[int]:
         """Prompts (queue order) whose G samples fit in ``free`` slots, within the prefill token budget."""
@@ -248,23 +266,29 @@ class RolloutEngine:
         slots.release(rows[out.add(rows, tokens.cpu(), logprobs.cpu())])
 
     def _launch(self, dec: Decoder, slots: Slots, out: Outputs) -> Step:
-        """Decode one token for every active slot; the results are copied to the host asynchronously."""
+        """Decode one token for every active slot (a speculative round: 1..k+1 tokens); the results are copied
+        to the host asynchronously."""
         n = slots.n
         dec.positions[:n].copy_(to_device(slots.pos[:n], dec.device), non_blocking=True)
         span = int(slots.pos[:n].max()) + 1
-        if self._graphs is not None:
+        if self._speculator is not None:
+            tokens, logprobs, count = self._speculator(n, min(span + self._speculator.k, dec.max_len))
+        elif self._graphs is not None:
             tokens, logprobs = self._graphs(n, span)
         else:
             tokens, logprobs = self._sample(dec.decode(n, span))
             dec.tokens[:n] = tokens
+        if self._speculator is None:
+            tokens, logprobs, count = tokens[:, None], logprobs[:, None], torch.ones(n, dtype=torch.long)
+        count = count.cpu()  # a speculative round's count is needed on the host for the next positions
         if out.routes is not None:
             out.add_routes(slots.row[:n], slots.pos[:n], dec.take_routes())
-        slots.pos[:n] += 1
+        slots.pos[:n] += count
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += n
+        self.stats["decode_tokens"] += int(count.sum())
         if self.device.type == "cpu":
-            return Step(slots.row[:n].clone(), tokens, logprobs, None)
+            return Step(slots.row[:n].clone(), tokens, logprobs, count, None)
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in (tokens, logprobs)]
         ready = torch.cuda.Event()
         ready.record()
-        return Step(slots.row[:n].clone(), *host, ready)
+        return Step(slots.row[:n].clone(), *host, count, ready)

@@ -52,6 +52,18 @@ class Outputs:
         return done
 
 
+    def add_runs(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
+        """Append the first count[i] of tokens [m, w] (logprobs [m, w]) to row rows[i], in order: a stop or the
+        token limit inside a run finishes the row and the rest of the run is ignored. Returns done [m] as
+        ``add``."""
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for j in range(tokens.shape[1]):
+            live = (count > j).nonzero().flatten()
+            done[live] |= self.add(rows[live], tokens[live, j], logprobs[live, j])
+        return done
+
+
 class Slots:
     """Host-side state of a decoder's slots. Active slots are 0..n-1; slot s holds result row ``row[s]``
     with ``pos[s]`` tokens in its cache; ``slot[r]`` is the slot of active row r (-1 otherwise)."""
@@ -92,12 +104,14 @@ class Slots:
 
 @dataclass
 class Step:
-    """A launched decode step: result rows of slots 0..n-1 at launch, sampled tokens/logprobs on the host
-    (filled asynchronously on CUDA until ``ready``)."""
+    """A launched decode step: result rows [n] of slots 0..n-1 at launch, emitted tokens / logprobs [n, w]
+    and their count [n] per slot (w = 1 without speculation) on the host (filled asynchronously on CUDA
+    until ``ready``)."""
 
     rows: torch.Tensor
     tokens: torch.Tensor
     logprobs: torch.Tensor
+    count: torch.Tensor
     ready: Optional[torch.cuda.Event]
 
 

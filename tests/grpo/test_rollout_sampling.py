@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo.sampling import StopStrings, _inverse_cdf, _topk, sample, truncate
+from grpo.sampling import StopStrings, inverse_cdf, _topk, sample, truncate
 
 
 def kept(probs, **kw):
@@ -47,18 +47,18 @@ def test_blocked_topk_is_exact(vocab, k):
 
 
 @pytest.mark.parametrize("size", [8, 4096])  # plain cumsum and block-then-token paths
-def test_inverse_cdf_frequencies_and_zero_weights(size):
+def testinverse_cdf_frequencies_and_zero_weights(size):
     g = torch.Generator().manual_seed(0)
     weights = torch.rand(size, generator=g) ** 4
     weights[::3] = 0.0
     n = 40000
-    draws = _inverse_cdf(weights.expand(n, size).clone(), torch.rand(n, generator=g))
+    draws = inverse_cdf(weights.expand(n, size).clone(), torch.rand(n, generator=g))
     counts = torch.bincount(draws, minlength=size).float()
     assert counts[::3].sum() == 0
     expected = weights / weights.sum() * n
     assert (counts - expected).abs().max() < 6 * expected.max().sqrt() + 1
     # extreme uniforms never land on a zero weight
-    edge = _inverse_cdf(weights.expand(2, size).clone(), torch.tensor([0.0, 1.0 - 2**-24]))
+    edge = inverse_cdf(weights.expand(2, size).clone(), torch.tensor([0.0, 1.0 - 2**-24]))
     assert (weights[edge] > 0).all()
 
 

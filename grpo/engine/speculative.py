@@ -1,0 +1,121 @@
+"""MTP self-speculative decoding (``SamplingConfig.speculative = "mtp"``): the policy's own MTP module drafts
+k tokens per sequence, the main model verifies them in one multi-token step, and the standard
+speculative-sampling rule keeps the output distribution exactly the policy's.
+
+The rule, at one position, for the target distribution p (the main model's logits at that position under
+the sampling's temperature and top-k / top-p / min-p truncation, ``grpo.sampling.distribution``) and the
+draft distribution q (the MTP module's logits under the same temperature and truncation):
+
+    draw d ~ q;  accept d with probability min(1, p(d) / q(d))   (u q(d) < p(d), u ~ U[0, 1))
+    otherwise emit x ~ normalize(max(0, p - q))
+
+Exactness: P(emit x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(q(y), p(y))) max(0, p(x) - q(x)) / Z with
+Z = sum_y max(0, p(y) - q(y)) = 1 - sum_y min(p(y), q(y)), so P(emit x) = min(p(x), q(x)) + max(0, p(x) - q(x))
+= p(x), whatever q is (q only needs to be the distribution d was actually drawn from, and independent of
+the acceptance uniforms). Positions are handled left to right: draft j is judged against the target at its
+position, which the verify step computed from exactly the tokens emitted before it (the sequence's tokens
+and drafts 1..j-1, all accepted), so each emitted token has the policy's conditional distribution given
+the emitted prefix. The first rejection ends the round (later drafts were conditioned on a rejected token);
+when all k drafts are accepted, one more token is drawn from the target at the position after them (the
+verify step computed it anyway). A round thus emits 1..k+1 tokens, each distributed exactly as in one-token
+sampling; the differences are fp32 summation order only (~1e-6 in the logits). Greedy decoding (T = 0)
+is the special case of one-hot p and q: a draft is kept iff it is the target's argmax, and a rejection emits
+the argmax.
+
+The returned log-probs are the target's, log softmax(z / T) at each emitted token with z the verify step's
+logits (temperature 1 when greedy): the same quantity as without speculation, so the trainer needs no
+correction.
+
+Drafting (one MTP module, chained for k > 1; ``grpo.model``'s MTP forward): MTP position i combines the main
+model's final hidden state h_i with the embedding of token t_{i+1} and predicts t_{i+2}. A slot at position
+p (main cache below p, next input t_p) has MTP positions p - m .. p - 1 pending (``grpo.engine.containers.Pending``:
+m = 1 after the prefill, else the tokens the last round emitted). A round runs
+
+    1. the MTP module over the pending positions (one multi-token step of width k + 1, rows past m unused):
+       its output at p - 1 gives the draft distribution q_1 of t_{p+1}; draw d_1;
+    2. for j = 2..k: the MTP module at position p + j - 2 on its own previous output (in place of the main
+       model's hidden state, not known yet) and d_{j-1}, giving q_j; draw d_j;
+    3. the main model over [t_p, d_1, .., d_k] at positions p .. p + k (``V3Decoder.verify``): targets
+       p_1 .. p_{k+1};
+    4. acceptance (``accept``): a drafts kept, then the rejection's residual draw or the bonus draw, a + 1
+       tokens emitted; positions p .. p + a become pending with the verify step's hidden states.
+
+The caches take all written latents and the slot's position advances by a + 1 (``grpo.engine.v3``: what
+lies beyond a slot's position is rewritten before it is read; step 2's provisional MTP latents are
+rewritten by the next round's step 1).
+"""
+from __future__ import annotations
+
+import torch
+
+from grpo.engine.protocol import Drafts
+from grpo.sampling import distribution, inverse_cdf
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniform: torch.Tensor):
+    """The speculative-sampling rule (module docstring) for n sequences of k drafts: target distributions p
+    [n, k+1, V] (position j judges draft j; the last one is the bonus position), draft distributions q
+    [n, k, V], drafts [n, k], uniforms [n, k+1] (k acceptance tests and the final draw). Returns (tokens
+    [n, k+1]: the first count are emitted, count [n] in 1..k+1)."""
+    n, k = drafts.shape
+    row = torch.arange(n, device=p.device)
+    p_draft = p[:, :k].gather(2, drafts[..., None])[..., 0]
+    q_draft = q.gather(2, drafts[..., None])[..., 0]
+    kept = (uniform[:, :k] * q_draft < p_draft).long().cumprod(dim=1).sum(dim=1)  # [n] leading accepted drafts
+    at = kept.clamp(max=k - 1)
+    residual = (p[row, at] - q[row, at]).clamp(min=0)
+    final = torch.where((kept == k)[:, None], p[:, k], residual)
+    tokens = torch.cat((drafts, drafts[:, :1]), dim=1)
+    tokens[row, kept] = inverse_cdf(final, uniform[:, k])
+    return tokens, kept + 1
+
+
+class Speculator:
+    """One speculative round for the active slots of a ``Drafts`` decoder (``V3Decoder`` with ``draft_tokens``
+    = k; module docstring), sampling as ``sampling`` (``grpo.sampling.sample``'s keyword arguments) with uniforms
+    from ``generator``. ``kept`` [k+1] counts the rounds (per sequence) that kept 0..k drafts."""
+
+    def __init__(self, decoder: Drafts, sampling: dict, generator: torch.Generator):
+        self.dec, self.sampling, self.generator = decoder, sampling, generator
+        self.k = decoder.draft_tokens
+        self.kept = torch.zeros(self.k + 1, dtype=torch.long)
+
+    def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A round for slots 0..n-1 at ``positions[:n]`` (all positions + k < span). Returns (tokens [n, k+1],
+        logprobs [n, k+1], count [n]): each slot's first count tokens are emitted; the decoder's next input
+        tokens and pending MTP positions are updated (the caller advances the positions by count)."""
+        dec, k, pending = self.dec, self.k, self.dec.pending
+        pos, row = dec.positions[:n], torch.arange(n, device=dec.device)
+        uniform = torch.rand(n, 2 * k + 1, generator=self.generator, device=dec.device)
+        judge, draw = uniform[:, : k + 1], uniform[:, k + 1:]  # acceptance tests + final draw; drafting
+        m = pending.count[:n]
+        inputs = pending.tokens[:n].scatter(1, (m - 1)[:, None], dec.tokens[:n, None])
+        hidden, logits = dec.mtp_step(inputs, pending.hidden[:n], pos - m, span)
+        hidden, logits = hidden[row, m - 1], logits[row, m - 1]
+        drafts, q = [], []
+        for j in range(k):
+            q.append(distribution(logits, **self.sampling))
+            drafts.append(inverse_cdf(q[-1], draw[:, j]))
+            if j + 1 < k:
+                hidden, logits = (t[:, 0] for t in dec.mtp_step(drafts[-1][:, None], hidden[:, None], pos + j, span))
+        drafts = torch.stack(drafts, dim=1)
+        final = dec.verify(torch.cat((dec.tokens[:n, None], drafts), dim=1), span)  # [n, k+1, D]
+        z = dec.lm_head(final).float()
+        p = distribution(z.flatten(0, 1), **self.sampling).view(n, k + 1, -1)
+        tokens, count = accept(p, torch.stack(q, dim=1), drafts, judge)
+        temperature = self.sampling["temperature"] or 1.0  # greedy: the logprob at temperature 1
+        logprobs = torch.log_softmax(z / temperature, dim=-1).gather(2, tokens[..., None])[..., 0]
+        pending.hidden[:n], pending.tokens[:n], pending.count[:n] = final, tokens, count
+        dec.tokens[:n] = tokens[row, count - 1]
+        self.kept += torch.bincount(count.cpu() - 1, minlength=k + 1)
+        return tokens, logprobs, count
+
+    def stats(self) -> dict[str, float]:
+        """Acceptance since the last reset: spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept
+        draft j among those that kept drafts 1..j-1), spec_tokens_per_step (tokens emitted per sequence and
+        verify step) and spec_rounds (verify steps summed over sequences)."""
+        rounds = int(self.kept.sum())
+        reached = self.kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
+        out = {f"spec_accept_rate_{j}": float(reached[j]) / max(int(reached[j - 1]), 1) for j in range(1, self.k + 1)}
+        emitted = int((self.kept * torch.arange(1, self.k + 2)).sum())
+        return dict(out, spec_tokens_per_step=emitted / max(rounds, 1), spec_rounds=rounds)

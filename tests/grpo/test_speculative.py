@@ -1,0 +1,174 @@
+"""MTP self-speculative decoding (``grpo.engine.speculative``): the multi-token verify step equals one-token
+decode steps, the sampled distribution equals non-speculative sampling (chi-square), the returned logprobs
+equal teacher forcing (refill, stops inside accepted runs), greedy is unchanged, acceptance is reported,
+and configurations that cannot speculate are refused."""
+import pytest
+import torch
+from transformers import DeepseekV3Config
+
+import grpo.engine.slots as slots_mod
+from grpo.config import ConfigError
+from grpo.engine.speculative import accept
+from grpo.engine.v3 import V3Decoder
+from grpo.model import DeepseekV3Policy
+from grpo.rollout import RolloutEngine, SamplingConfig
+
+VOCAB = 48
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20], [21, 22], [23]]
+
+
+def policy(sharpen: float = 8.0, mtp: int = 1, **overrides) -> DeepseekV3Policy:
+    """A small random V3 policy with an MTP module; the output head is scaled by ``sharpen`` so that the
+    policy's and the drafts' distributions are peaked and different (a wrong acceptance rule shows)."""
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(**{
+        **dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+               first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+               n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32, kv_lora_rank=16,
+               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256,
+               num_nextn_predict_layers=mtp, pad_token_id=0, eos_token_id=1, bos_token_id=1),
+        **overrides})
+    model = DeepseekV3Policy(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+        for _, router in model.routers():
+            router.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+def teacher_forced_logprobs(model, ro, temperature):
+    out = []
+    for r, n in enumerate(ro.lengths.tolist()):
+        prompt = ro.prompt_ids[r]
+        ids = torch.tensor([prompt + ro.completion_ids[r, :n].tolist()])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float() / (temperature or 1.0)
+        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1))
+    return out
+
+
+@torch.inference_mode()
+def test_multi_token_step_equals_one_token_steps():
+    """fp32: a verify step over m tokens gives the logits and cache latents of m one-token decode steps."""
+    model, m = policy(), 4
+    steps = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
+    multi = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
+    prompts, lens = PROMPTS[:3], torch.tensor([len(p) for p in PROMPTS[:3]])
+    tokens = torch.randint(3, VOCAB, (3, m), generator=torch.Generator().manual_seed(1))
+    for dec in (steps, multi):
+        dec.prefill(prompts, [[0], [1], [2]])
+        dec.positions[:3] = lens
+    one = []
+    for j in range(m):
+        steps.tokens[:3] = tokens[:, j]
+        one.append(steps.decode(3, int(steps.positions[:3].max()) + 1))
+        steps.positions[:3] += 1
+    logits = multi.lm_head(multi.verify(tokens, int(lens.max()) + 1))
+    torch.testing.assert_close(logits, torch.stack(one, dim=1), atol=1e-5, rtol=1e-5)
+    for s, n in enumerate(lens.tolist()):
+        written = slice(0, n + m)
+        torch.testing.assert_close(multi.cache.data[:, s, written], steps.cache.data[:, s, written], atol=1e-5, rtol=1e-5)
+
+
+def test_acceptance_rule_emits_the_target_distribution():
+    """``accept`` alone: one position, p and q fixed and different; the emitted first token ~ p (the
+    rejection residual included)."""
+    n, g = 200_000, torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    drafts = torch.multinomial(q, n, replacement=True, generator=g)[:, None]
+    tokens, count = accept(p.expand(n, 2, 4), q.expand(n, 1, 4), drafts, torch.rand(n, 2, generator=g))
+    freq = torch.bincount(tokens[:, 0], minlength=4) / n
+    torch.testing.assert_close(freq, p, atol=5e-3, rtol=0)
+    assert 0.5 < (count == 2).float().mean() < 0.7  # sum min(p, q) = 0.6 accepted
+
+
+def chi_square_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """p-value of the two-sample chi-square test that token samples a and b come from one distribution
+    (bins with fewer than 10 expected counts merged)."""
+    counts = torch.stack([torch.bincount(a, minlength=VOCAB), torch.bincount(b, minlength=VOCAB)]).double()
+    order = counts.sum(0).argsort(descending=True)
+    counts = counts[:, order]
+    small = counts.sum(0) < 20
+    counts = torch.cat([counts[:, ~small], counts[:, small].sum(1, keepdim=True)], dim=1)
+    counts = counts[:, counts.sum(0) > 0]
+    expected = counts.sum(1, keepdim=True) * counts.sum(0, keepdim=True) / counts.sum()
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = counts.shape[1] - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=6, top_p=0.9)],
+                         ids=["plain", "topk-topp"])
+def test_speculative_sampling_reproduces_the_token_distribution(sampling):
+    """Per-position token histograms of 3000 samples (positions 2..5: the first comes from the prefill)
+    against non-speculative sampling of the same policy, k = 2 chained drafts; fixed seeds."""
+    model = policy()
+    rows, new = 3000, 5
+    samples = {}
+    for mode, seed in (("none", 1), ("mtp", 2)):
+        cfg = SamplingConfig(**sampling, max_new_tokens=new, stop_token_ids=[], max_batch=rows, seed=seed,
+                             speculative=mode, speculative_tokens=2)
+        engine = RolloutEngine(model, None, cfg)
+        samples[mode] = engine.generate([[5, 6, 7]], rows).completion_ids
+    assert engine.stats["spec_accept_rate_1"] < 0.95  # drafts are rejected: the residual draws are exercised
+    for t in range(1, new):
+        assert chi_square_p(samples["none"][:, t], samples["mtp"][:, t]) > 1e-3, t
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9),
+                                      dict(temperature=1.2, min_p=0.05)], ids=["plain", "topk-topp", "minp"])
+def test_speculative_logprobs_equal_teacher_forcing_with_refill_and_stops(monkeypatch, k, sampling):
+    """15 rows through 7 slots (refill), stop tokens hit inside accepted runs and the token limit cuts runs."""
+    cut = []
+    add_runs = slots_mod.Outputs.add_runs
+
+    def recording(self, rows, tokens, logprobs, count):
+        before = self.count[rows].clone()
+        done = add_runs(self, rows, tokens, logprobs, count)
+        cut.extend(zip(done.tolist(), (self.count[rows] - before < count).tolist()))
+        return done
+
+    monkeypatch.setattr(slots_mod.Outputs, "add_runs", recording)
+    model = policy(sharpen=3.0)
+    stop = [40, 41, 42, 43]
+    cfg = SamplingConfig(**sampling, max_new_tokens=12, stop_token_ids=stop, max_batch=7, seed=3,
+                         speculative="mtp", speculative_tokens=k)
+    engine = RolloutEngine(model, None, cfg)
+    ro = engine.generate(PROMPTS, 3)
+    assert {"stop", "length"} <= set(ro.finish_reason)
+    if k > 1:
+        assert any(done and inside for done, inside in cut)  # a run ended inside (stop or limit)
+    for r, ref in enumerate(teacher_forced_logprobs(model, ro, sampling["temperature"])):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+        ids = ro.completion_ids[r, : ro.lengths[r]].tolist()
+        assert not set(ids[:-1]) & set(stop) and (ro.finish_reason[r] == "stop") == (ids[-1] in stop)
+
+
+def test_greedy_is_unchanged_and_acceptance_is_reported():
+    model = policy(sharpen=3.0)
+    out = {}
+    for mode in ("none", "mtp"):
+        cfg = SamplingConfig(temperature=0.0, max_new_tokens=16, stop_token_ids=[1], max_batch=4,
+                             speculative=mode, speculative_tokens=3)
+        engine = RolloutEngine(model, None, cfg)
+        out[mode] = engine.generate(PROMPTS, 1)
+    assert torch.equal(out["none"].completion_ids, out["mtp"].completion_ids)
+    torch.testing.assert_close(out["none"].logprobs, out["mtp"].logprobs, atol=1e-5, rtol=0)
+    stats = out["mtp"].stats
+    assert {"spec_accept_rate_1", "spec_accept_rate_2", "spec_accept_rate_3", "spec_tokens_per_step"} <= set(stats)
+    assert 1.0 <= stats["spec_tokens_per_step"] <= 4.0 and stats["decode_steps"] < stats["decode_tokens"] + 1
+
+
+def test_policies_that_cannot_speculate_are_refused():
+    from tests.grpo.test_rollout import llama_model
+
+    with pytest.raises(ConfigError, match="speculative"):
+        RolloutEngine(policy(mtp=0), None, SamplingConfig(speculative="mtp", stop_token_ids=[]))
+    with pytest.raises(ConfigError, match="speculative"):
+        RolloutEngine(llama_model(), None, SamplingConfig(speculative="mtp", stop_token_ids=[]))
+    with pytest.raises(ConfigError, match="speculative"):
+        SamplingConfig(speculative="mtp", record_routing=True)
+    with pytest.raises(ConfigError, match="speculative_tokens"):
+        SamplingConfig(speculative="mtp", speculative_tokens=0)
