@@ -5,6 +5,9 @@ prompts, reward and settings, measured in the same run.
                                               # tokens per step, 32-token prompts; goal >= 5x TRL
     python bench/grpo_step.py --device cuda   # v3-mini (0.46B), bf16, 8 prompts x 8 x 256 tokens, 64-token
                                               # prompts; goal >= 10x TRL
+    python bench/grpo_step.py --device cuda --new-tokens 4096 --prompt-len 512 --micro-batch 8 --compare-chunked
+                                              # reasoning shape: the update with the blocked output layer
+                                              # (train.chunked_head) against the plain head
 
 The model configs and TRL settings are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py:
 TRL 1.16 without vLLM, beta = 0, one optimizer step per generation batch, reward = completion characters / 100).
@@ -15,10 +18,20 @@ over ``--steps`` steps after one warm-up step; tokens/s = completions * max_new_
 anchors count; neither side forces a length, and random weights rarely emit eos); the process CPU time per step
 is printed too (robust to other jobs sharing the cores, with --threads 1). Prints one JSON line each for
 the environment, our step, TRL's step and the ratio. TRL is skipped with a message when it is not installed.
+
+``--new-tokens``, ``--prompt-len``, ``--prompts``, ``--group``, ``--micro-batch`` change the shape (defaults: the
+anchors'); ``--no-anchor`` (or ``--skip-trl``) leaves TRL out. ``--compare-chunked`` runs one rollout, then the
+update (``--steps`` timed after one warm-up, on the same batch) with ``train.chunked_head`` on and off, and prints
+for each the update's tokens/s (completion tokens / median update time) and its peak memory above what was held
+before it: on CUDA torch.cuda.max_memory_allocated, on the CPU the growth of the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim; reported as null with a
+note where that is not available); then their ratios. ``--gradient-checkpointing`` turns on
+``model.gradient_checkpointing`` for our side.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -35,9 +48,9 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedToke
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.loss import LossConfig  # noqa: E402
 from grpo.model import DeepseekV3Policy  # noqa: E402
-from grpo.rollout import SamplingConfig  # noqa: E402
+from grpo.reward_types import RewardScores  # noqa: E402
+from grpo.rollout import SamplingConfig, cpu_threads  # noqa: E402
 from grpo.trainer import GRPOTrainer, TrainerConfig  # noqa: E402
-from rewards.registry import RewardScores  # noqa: E402
 from rollout import COMMON, CPU_CONFIG, GPU_CONFIG, VOCAB  # noqa: E402  (bench/rollout.py: the anchor configs)
 
 SHAPES = {  # device -> prompts per step, completions per prompt, prompt tokens, new tokens, lr, model config
@@ -66,22 +79,28 @@ def length_reward(completions, **_) -> list[float]:
     return [len(c) / 100 for c in completions]
 
 
-def ours(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> dict:
+def our_trainer(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int,
+                out: str) -> GRPOTrainer:
     from accelerate import Accelerator
 
     n = shape["prompts"] * shape["group"]
     cfg = TrainerConfig(max_steps=steps + 1, prompts_per_step=shape["prompts"], group_size=shape["group"],
-                        micro_batch_size=n, lr=shape["lr"], bf16=device == "cuda", save_every=0, sample_every=0,
-                        loss=LossConfig(loss_type="dapo"))
+                        micro_batch_size=shape["micro_batch"] or n, lr=shape["lr"], bf16=device == "cuda",
+                        save_every=0, sample_every=0, loss=LossConfig(loss_type="dapo"))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=shape["new"], max_batch=n)
 
     def rewards(prompts, completions, **columns):
         return RewardScores({"length": length_reward(completions)}, {"length": 1.0}, {"length": 0})
 
+    return GRPOTrainer(cfg, model=model, tokenizer=tok, sampling=sampling, rewards=rewards,
+                       rows=[{"prompt": t} for t in texts], encode=lambda r: tok.encode(r["prompt"]),
+                       output_dir=out, wandb_mode="disabled", accelerator=Accelerator(cpu=device == "cpu"))
+
+
+def ours(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> dict:
+    n = shape["prompts"] * shape["group"]
     with tempfile.TemporaryDirectory() as out:
-        trainer = GRPOTrainer(cfg, model=model, tokenizer=tok, sampling=sampling, rewards=rewards,
-                              rows=[{"prompt": t} for t in texts], encode=lambda r: tok.encode(r["prompt"]),
-                              output_dir=out, wandb_mode="disabled", accelerator=Accelerator(cpu=device == "cpu"))
+        trainer = our_trainer(shape, model, tok, texts, device, steps, out)
         times, cpu, lengths, rollout, train = [], [], [], [], []
         for i in range(steps + 1):
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -100,6 +119,74 @@ def ours(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str
                 median_step_cpu_s=round(statistics.median(cpu), 3), rollout_s=round(statistics.median(rollout), 3), train_s=round(statistics.median(train), 3),
                 mean_generated_len=round(statistics.mean(lengths), 1),
                 completion_tokens_per_s=round(n * shape["new"] / median, 1))
+
+
+class PeakMemory:
+    """Peak memory above the level at construction, until ``mib()``: CUDA allocations, or on the CPU the growth of
+    the peak resident set (None where /proc/self/clear_refs cannot reset it)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap goes back, so the next peak is this run's
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        except OSError:
+            self.base = None
+            return
+        self.base = self._status("VmRSS")
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+    def mib(self) -> float | None:
+        if self.device == "cuda":
+            return round((torch.cuda.max_memory_allocated() - self.base) / 2**20, 1)
+        return None if self.base is None else round((self._status("VmHWM") - self.base) / 2**20, 1)
+
+
+def compare_chunked(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> None:
+    """One rollout, then the update on its batch with the blocked output layer and with the plain head."""
+    with tempfile.TemporaryDirectory() as out:
+        trainer = our_trainer(shape, model, tok, texts, device, steps, out)
+        trainer.policy.eval()
+        samples = trainer._sample()[0]
+        batch = trainer._to_batch(samples, trainer._advantages(samples))
+        tokens = float(batch.completion_mask.sum())
+        rows = {}
+        for chunked in (True, False):
+            trainer.cfg.chunked_head = chunked
+            times = []
+            with cpu_threads(trainer.accelerator.device, trainer.cfg.cpu_threads):
+                peak = PeakMemory(device)
+                for i in range(steps + 1):
+                    start = time.perf_counter()
+                    trainer._update(batch)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    if i:
+                        times.append(time.perf_counter() - start)
+                memory = peak.mib()
+            median = statistics.median(times)
+            rows[chunked] = dict(what="update", chunked_head=chunked, completions=len(batch),
+                                 micro_batch=trainer.cfg.micro_batch_size, prompt_len=batch.prompt_ids.shape[1],
+                                 completion_len=batch.completion_ids.shape[1], completion_tokens=int(tokens),
+                                 update_seconds=[round(t, 3) for t in times], median_update_s=round(median, 3),
+                                 update_tokens_per_s=round(tokens / median, 1), peak_memory_mib=memory)
+            if memory is None:
+                rows[chunked]["memory_note"] = "no peak-RSS reset on this system (/proc/self/clear_refs)"
+            emit(**rows[chunked])
+    on, off = rows[True], rows[False]
+    emit(what="chunked_ratio", speedup=round(on["update_tokens_per_s"] / off["update_tokens_per_s"], 2),
+         peak_memory_ratio=(round(off["peak_memory_mib"] / on["peak_memory_mib"], 2)
+                            if on["peak_memory_mib"] and off["peak_memory_mib"] else None))
 
 
 def trl(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str, steps: int) -> dict | None:
@@ -142,8 +229,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
-    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-trl", "--no-anchor", dest="skip_trl", action="store_true", help="leave TRL out")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="completion length (default: the anchor's)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: the anchor's)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: the anchor's)")
+    parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: the anchor's)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="completions per forward (default: all)")
+    parser.add_argument("--compare-chunked", action="store_true",
+                        help="time the update with train.chunked_head on and off instead of the step against TRL")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing (ours)")
     a = parser.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -152,18 +247,27 @@ def main() -> None:
     if a.device == "cuda" and torch.cuda.device_count() > 1 and not a.skip_trl:
         raise SystemExit("TRL's GRPOTrainer refuses several GPUs visible to one process (nn.DataParallel): "
                          "run with CUDA_VISIBLE_DEVICES=0")
-    shape = SHAPES[a.device]
+    given = dict(new=a.new_tokens, prompt_len=a.prompt_len, prompts=a.prompts, group=a.group)
+    shape = {**SHAPES[a.device], **{k: v for k, v in given.items() if v is not None}, "micro_batch": a.micro_batch}
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
-    config = DeepseekV3Config(**COMMON, **shape["config"], num_nextn_predict_layers=0)
+    positions = max(shape["config"]["max_position_embeddings"], shape["prompt_len"] + shape["new"])
+    config = DeepseekV3Config(**COMMON, **{**shape["config"], "max_position_embeddings": positions},
+                              num_nextn_predict_layers=0)
     torch.manual_seed(0)
     reference = DeepseekV3ForCausalLM(config).to(dtype)
     policy = DeepseekV3Policy._from_config(config, dtype=dtype)
     policy.load_state_dict(reference.state_dict())
+    if a.gradient_checkpointing:  # as grpo.model.load_policy does
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     tok, texts = tokenizer(), prompts(256, shape["prompt_len"])
     emit(what="env", date=datetime.date.today().isoformat(), device=a.device,
          hardware=torch.cuda.get_device_name() if a.device == "cuda" else f"{os.cpu_count()} CPU cores",
          threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__,
-         params_m=round(sum(p.numel() for p in reference.parameters()) / 1e6, 1))
+         params_m=round(sum(p.numel() for p in reference.parameters()) / 1e6, 1),
+         shape={k: v for k, v in shape.items() if k != "config"}, gradient_checkpointing=a.gradient_checkpointing)
+    if a.compare_chunked:
+        compare_chunked(shape, policy, tok, texts, a.device, a.steps)
+        return
     mine = ours(shape, policy, tok, texts, a.device, a.steps)
     emit(**mine)
     if a.skip_trl:
