@@ -191,6 +191,12 @@ class PolicyRouter(DeepseekV3TopkRouter):
         return forward(), recompute()
 
 
+def _keep_layer_routing(layer: DeepseekV3DecoderLayer):
+    """``PolicyRouter.keep_routing`` of the router the layer holds now (a partial over the layer, not a closure:
+    a deep copy of the model, such as the trainer's reference, then points at its own layers)."""
+    return layer.mlp.gate.keep_routing()
+
+
 def _use_policy_router(layer: DeepseekV3DecoderLayer, config: DeepseekV3Config) -> None:
     if isinstance(layer.mlp, DeepseekV3MoE):
         layer.mlp.gate = PolicyRouter(config)
@@ -265,7 +271,7 @@ class DeepseekV3Policy(DeepseekV3ForCausalLM):
         for i, _ in self.routers():
             layer = self.model.layers[i]
             layer._gradient_checkpointing_func = functools.partial(
-                gradient_checkpointing_func, context_fn=lambda layer=layer: layer.mlp.gate.keep_routing())
+                gradient_checkpointing_func, context_fn=functools.partial(_keep_layer_routing, layer))
 
     def forward(
         self,
