@@ -179,12 +179,13 @@ def checkpointed_step(checkpointing: bool, kind: str, replay: dict | None = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if kind == "sft":
             labels = x.masked_fill(mask == 0, -100)
-            out = model(x, attention_mask=mask, labels=labels)
+            out = model(x, attention_mask=mask, labels=labels, use_cache=False)
             loss = out.loss
         else:
             keep = torch.arange(23, 39)  # the last 16 positions predict the completion x[:, 24:]
             with force_routing(model, replay or {}):
-                out = model(x, attention_mask=mask, logits_to_keep=keep[:0], output_hidden_states=True)
+                out = model(x, attention_mask=mask, logits_to_keep=keep[:0], output_hidden_states=True,
+                            use_cache=False)
                 logp, _ = head_logprobs_and_entropy(out.hidden_states[-1][:, keep], model.lm_head.weight, x[:, 24:], 0.7)
             old = logp.detach() + 0.05 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(3))
             completion = torch.ones(2, 16)
