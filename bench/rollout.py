@@ -5,6 +5,15 @@
     python bench/rollout.py --device cuda   # 0.46B config, bf16, 64-token prompts, 256 new tokens,
                                             # batch 256 (goal >= 20x) and batch 64
 
+    python bench/rollout.py --speculative mtp --checkpoint DIR [--speculative-tokens 1 2 3]
+        # MTP self-speculative vs plain decoding of the same engine on a trained V3 checkpoint (CPU: the tiny
+        # SFT checkpoint), prompts from --prompts (default DIR/../../data/math_test.jsonl, field "prompt").
+        # Prints the acceptance rate per draft position, tokens per verify step, and generated tokens/s of
+        # speculative over plain decoding as a ratio (wall and process CPU time, best of --reps, with the load
+        # average). A checkpoint without MTP weights gets its MTP module fitted first, the main model frozen,
+        # by self-distillation: --fit-steps Adam steps of the MTP loss on the policy's own sampled
+        # completions of the training prompts (DIR/../../data/math_train.jsonl), printed as "mtp_fit".
+
 The model configs are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py). Both sides
 sample at temperature 1 with top-k 50 (transformers' default for ``do_sample=True``) and generate exactly
 ``new`` tokens (no early stop: min_new_tokens for generate, no stop tokens for the engine); best of
@@ -21,6 +30,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -104,6 +114,96 @@ def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: i
     return row
 
 
+def jsonl_prompts(path: Path, limit: int) -> list[str]:
+    with open(path) as f:
+        return [json.loads(line)["prompt"] for line in f][:limit]
+
+
+def fit_mtp(model, prompts: list[list[int]], steps: int, pad_id: int, samples: int = 4) -> dict:
+    """Fit the policy's MTP module (main model frozen) to the policy's own samples: ``samples`` completions
+    per prompt at temperature 1 (plain decoding), then ``steps`` Adam steps of ``_mtp_loss`` over batches
+    of 32 of them, with the main model's final hidden states computed once."""
+    start = time.perf_counter()
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=160, max_batch=256, seed=1)
+    ro = RolloutEngine(model, None, cfg).generate(prompts, samples)
+    seqs = [p + ro.completion_ids[r, : ro.lengths[r]].tolist() for r, p in enumerate(ro.prompt_ids)]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), True
+    with torch.no_grad():
+        hidden = torch.cat([model.model(ids[i:i + 64], attention_mask=mask[i:i + 64].long()).last_hidden_state
+                            for i in range(0, len(seqs), 64)])
+    model.requires_grad_(False)
+    mtp = model.mtp_layers()[0]
+    mtp.requires_grad_(True)
+    opt = torch.optim.Adam(mtp.parameters(), lr=2e-3)
+    g, losses = torch.Generator().manual_seed(0), []
+    for _ in range(steps):
+        b = torch.randint(0, len(seqs), (32,), generator=g)
+        loss, _ = model._mtp_loss(hidden[b], ids[b], ids[b].masked_fill(~mask[b], -100), mask[b], None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.requires_grad_(False)
+    return dict(what="mtp_fit", sequences=len(seqs), tokens=int(mask.sum()), steps=steps,
+                mtp_loss_first=round(losses[0], 3), mtp_loss_last=round(sum(losses[-20:]) / len(losses[-20:]), 3),
+                seconds=round(time.perf_counter() - start, 1))
+
+
+def speculative_rows(args) -> None:
+    """MTP self-speculative vs plain decoding of the same engine on ``args.checkpoint`` (module docstring)."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from data.chat import encode_prompt
+    from grpo.model import ModelConfig, load_policy
+
+    ckpt = Path(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    model = load_policy(ModelConfig(init=str(ckpt), mtp_layers=1), tokenizer).eval()
+    mtp_key = f"model.layers.{model.config.num_hidden_layers}.eh_proj.weight"
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        trained = mtp_key in f.keys()
+    data = Path(args.prompts).parent if args.prompts else ckpt.parents[1] / "data"
+    test = [encode_prompt(tokenizer, p) for p in jsonl_prompts(Path(args.prompts or data / "math_test.jsonl"), args.rows)]
+    print(json.dumps(dict(what="model", checkpoint=str(ckpt), mtp_weights_in_checkpoint=trained,
+                          params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), torch=torch.__version__,
+                          date=time.strftime("%Y-%m-%d"))), flush=True)
+    if not trained:
+        train = [encode_prompt(tokenizer, p) for p in jsonl_prompts(data / "math_train.jsonl", 256)]
+        print(json.dumps(fit_mtp(model, train, args.fit_steps, tokenizer.pad_token_id)), flush=True)
+
+    def timed(k: int) -> tuple[dict, float, float, int]:
+        cfg = SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens or 160, max_batch=len(test), seed=0,
+                             speculative="mtp" if k else "none", speculative_tokens=max(k, 1))
+        engine = RolloutEngine(model, tokenizer, cfg)
+        engine.generate(test, 1)  # warm-up
+        runs = []
+        for _ in range(args.reps):
+            engine.generator.manual_seed(0)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            ro = engine.generate(test, 1)
+            runs.append((time.perf_counter() - start, time.process_time() - start_cpu, int(ro.lengths.sum())))
+        wall, cpu, tokens = min(runs)
+        return engine.stats, wall, cpu, tokens
+
+    _, plain_s, plain_cpu, plain_tokens = timed(0)
+    for k in args.speculative_tokens:
+        stats, spec_s, spec_cpu, spec_tokens = timed(k)
+        rates = {key.replace("spec_", ""): round(v, 3) for key, v in stats.items() if key.startswith("spec_accept")}
+        print(json.dumps(dict(
+            what="speculative_vs_plain", device="cpu", speculative="mtp", k=k, rows=len(test),
+            threads=stats.get("threads"), load_avg_1m=round(os.getloadavg()[0], 2), **rates,
+            tokens_per_verify_step=round(stats["spec_tokens_per_step"], 3),
+            plain_tokens=plain_tokens, spec_tokens=spec_tokens,
+            plain_tokens_per_s=round(plain_tokens / plain_s, 1), spec_tokens_per_s=round(spec_tokens / spec_s, 1),
+            ratio=round(spec_tokens / spec_s / (plain_tokens / plain_s), 3),
+            cpu_time_ratio=round(spec_tokens / spec_cpu / (plain_tokens / plain_cpu), 3))), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -111,7 +211,18 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int)
     ap.add_argument("--new-tokens", type=int)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--speculative", choices=["none", "mtp"], default="none")
+    ap.add_argument("--checkpoint", help="--speculative mtp: a trained V3 checkpoint dir (tokenizer included)")
+    ap.add_argument("--speculative-tokens", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--prompts", help="--speculative mtp: test prompts, JSON lines with a 'prompt' field")
+    ap.add_argument("--rows", type=int, default=64, help="--speculative mtp: prompts decoded together")
+    ap.add_argument("--fit-steps", type=int, default=300, help="--speculative mtp: MTP fit steps (no MTP weights)")
     args = ap.parse_args()
+    if args.speculative == "mtp":
+        if not args.checkpoint:
+            raise SystemExit("--speculative mtp needs --checkpoint DIR (a trained V3 checkpoint)")
+        speculative_rows(args)
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     cpu = args.device == "cpu"

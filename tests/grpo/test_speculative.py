@@ -12,6 +12,7 @@ from grpo.engine.speculative import accept
 from grpo.engine.v3 import V3Decoder
 from grpo.model import DeepseekV3Policy
 from grpo.rollout import RolloutEngine, SamplingConfig
+from tests.grpo.test_rollout import llama_model, teacher_forced_logprobs
 
 VOCAB = 48
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20], [21, 22], [23]]
@@ -34,17 +35,6 @@ def policy(sharpen: float = 8.0, mtp: int = 1, **overrides) -> DeepseekV3Policy:
         for _, router in model.routers():
             router.e_score_correction_bias.normal_(0, 0.1)
     return model
-
-
-def teacher_forced_logprobs(model, ro, temperature):
-    out = []
-    for r, n in enumerate(ro.lengths.tolist()):
-        prompt = ro.prompt_ids[r]
-        ids = torch.tensor([prompt + ro.completion_ids[r, :n].tolist()])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float() / (temperature or 1.0)
-        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1))
-    return out
 
 
 @torch.inference_mode()
@@ -162,8 +152,6 @@ def test_greedy_is_unchanged_and_acceptance_is_reported():
 
 
 def test_policies_that_cannot_speculate_are_refused():
-    from tests.grpo.test_rollout import llama_model
-
     with pytest.raises(ConfigError, match="speculative"):
         RolloutEngine(policy(mtp=0), None, SamplingConfig(speculative="mtp", stop_token_ids=[]))
     with pytest.raises(ConfigError, match="speculative"):
