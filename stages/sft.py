@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{cfg.tokenizer or cfg.model.init} ({len(tokenizer)} tokens), {total_steps} steps "
                  f"({steps_per_epoch}/epoch, {per_step} micro-batches of {tc.micro_batch_size} per step)"
                  + (f", resumed at step {step} from {resume}" if resume else ""))
-    sums, tokens, started = {}, 0, time.time()
+    sums, tokens, started, window = {}, 0, time.time(), 0  # window: steps since the last metrics row
     with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
         while step < total_steps:
             epoch, index, micro_batches = next(stream)
@@ -292,18 +292,17 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens += int(batch["attention_mask"].sum())
             grad_norm = optim.step().grad_norm  # a non-finite norm skips the update (logged as such)
             update_router_bias(model)
-            step += 1
+            step, window = step + 1, window + 1
 
             if step % tc.log_every == 0 or step == total_steps:
-                n = tc.log_every if step % tc.log_every == 0 else step % tc.log_every
-                means = accelerator.reduce(torch.tensor([sums.get(k, 0.0) / n for k in sorted(sums)] + [tokens],
+                means = accelerator.reduce(torch.tensor([sums.get(k, 0.0) / window for k in sorted(sums)] + [tokens],
                                                         device=accelerator.device), "sum")
                 values = dict(zip(sorted(sums), (means[:-1] / world).tolist()))
                 elapsed = time.time() - started
                 logger.log({**values, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                             "tokens_per_s": float(means[-1]) / elapsed,
                             "epoch": epoch + index / (steps_per_epoch * per_step), **moe_metrics(model)}, step=step)
-                sums, tokens, started = {}, 0, time.time()
+                sums, tokens, started, window = {}, 0, time.time(), 0
             stopping = stop.requested(accelerator)
             if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopping:
                 path = save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,
