@@ -168,7 +168,8 @@ def speculative_rows(args) -> None:
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         trained = mtp_key in f.keys()
     data = Path(args.prompts).parent if args.prompts else ckpt.parents[1] / "data"
-    test = [encode_prompt(tokenizer, p) for p in jsonl_prompts(Path(args.prompts or data / "math_test.jsonl"), args.rows)]
+    test_file = Path(args.prompts or data / "math_test.jsonl")
+    test = [encode_prompt(tokenizer, p) for p in jsonl_prompts(test_file, args.rows)]
     print(json.dumps(dict(what="model", checkpoint=str(ckpt), mtp_weights_in_checkpoint=trained,
                           params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2), torch=torch.__version__,
                           date=time.strftime("%Y-%m-%d"))), flush=True)

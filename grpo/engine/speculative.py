@@ -73,7 +73,8 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniform: torc
 class Speculator:
     """One speculative round for the active slots of a ``Drafts`` decoder (``V3Decoder`` with ``draft_tokens``
     = k; module docstring), sampling as ``sampling`` (``grpo.sampling.sample``'s keyword arguments) with uniforms
-    from ``generator``. ``kept`` [k+1] counts the rounds (per sequence) that kept 0..k drafts."""
+    from ``generator``. ``kept`` [k+1] counts the rounds (per sequence) that kept 0..k drafts; ``stats`` reports
+    them."""
 
     def __init__(self, decoder: Drafts, sampling: dict, generator: torch.Generator):
         self.dec, self.sampling, self.generator = decoder, sampling, generator
@@ -111,9 +112,10 @@ class Speculator:
         return tokens, logprobs, count
 
     def stats(self) -> dict[str, float]:
-        """Acceptance since the last reset: spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept
-        draft j among those that kept drafts 1..j-1), spec_tokens_per_step (tokens emitted per sequence and
-        verify step) and spec_rounds (verify steps summed over sequences)."""
+        """Acceptance over this speculator's rounds (the engine makes one per ``generate``):
+        spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept draft j among those that kept drafts
+        1..j-1), spec_tokens_per_step (tokens emitted per sequence and verify step) and spec_rounds (verify
+        steps summed over sequences)."""
         rounds = int(self.kept.sum())
         reached = self.kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
         out = {f"spec_accept_rate_{j}": float(reached[j]) / max(int(reached[j - 1]), 1) for j in range(1, self.k + 1)}

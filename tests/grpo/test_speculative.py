@@ -57,7 +57,8 @@ def test_multi_token_step_equals_one_token_steps():
     torch.testing.assert_close(logits, torch.stack(one, dim=1), atol=1e-5, rtol=1e-5)
     for s, n in enumerate(lens.tolist()):
         written = slice(0, n + m)
-        torch.testing.assert_close(multi.cache.data[:, s, written], steps.cache.data[:, s, written], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(multi.cache.data[:, s, written], steps.cache.data[:, s, written], atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_acceptance_rule_emits_the_target_distribution():
