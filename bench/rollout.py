@@ -20,7 +20,8 @@ sample at temperature 1 with top-k 50 (transformers' default for ``do_sample=Tru
 ``--reps`` timed runs after a warm-up, in wall time and in process CPU time (the CPU-time ratio is the
 robust one on a shared machine with one thread per side: OMP_NUM_THREADS=1). On CUDA the decode step
 time is (time(new) - time(1)) / (new - 1) and the roofline fraction is (bytes of weights + cache read per
-decode step) / step time / 4.8 TB/s.
+decode step) / step time / the GPU's memory bandwidth (``GPU_BYTES_PER_S`` by device name; --bandwidth-tbs for
+another GPU).
 Prints one JSON line per shape.
 """
 from __future__ import annotations
@@ -39,7 +40,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
 
 VOCAB = 32000
-H200_BYTES_PER_S = 4.8e12
+GPU_BYTES_PER_S = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
+                   "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12}  # datasheet HBM bandwidth
+
+
+def gpu_bandwidth(override_tbs: float | None) -> float:
+    """Bytes/s of this GPU's memory (``--bandwidth-tbs`` wins; else the datasheet figure of its name)."""
+    if override_tbs:
+        return override_tbs * 1e12
+    name = torch.cuda.get_device_name()
+    found = [bw for key, bw in GPU_BYTES_PER_S.items() if key in name]
+    if not found:
+        raise SystemExit(f"unknown memory bandwidth of {name!r} (known: {', '.join(GPU_BYTES_PER_S)}); "
+                         "pass --bandwidth-tbs")
+    return found[0]
 COMMON = dict(vocab_size=VOCAB, first_k_dense_replace=1, n_shared_experts=1, pad_token_id=0, eos_token_id=1, bos_token_id=1)
 CPU_CONFIG = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
@@ -80,7 +94,8 @@ def weight_bytes_per_step(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
-def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: int, goal: float | None) -> dict:
+def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: int, goal: float | None,
+              bandwidth: float | None) -> dict:
     ids = torch.randint(3, VOCAB, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     hf_generate(model, ids, 4)
     hf_s, hf_cpu = best_of(lambda: hf_generate(model, ids, new), reps, device)
@@ -109,7 +124,7 @@ def run_shape(model, device: str, batch: int, prompt_len: int, new: int, reps: i
         mean_len = prompt_len + new / 2
         step_bytes = weight_bytes_per_step(model) + batch * mean_len * cache_per_token
         row.update(decode_step_ms=round(step_s * 1e3, 3), bytes_per_step=int(step_bytes),
-                   roofline_fraction=round(step_bytes / step_s / H200_BYTES_PER_S, 3),
+                   roofline_fraction=round(step_bytes / step_s / bandwidth, 3), bandwidth_tbs=bandwidth / 1e12,
                    gpu=torch.cuda.get_device_name())
     return row
 
@@ -212,6 +227,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int)
     ap.add_argument("--new-tokens", type=int)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--bandwidth-tbs", type=float, help="cuda: this GPU's memory bandwidth in TB/s for the roofline "
+                    "(default: the datasheet figure of its name)")
     ap.add_argument("--speculative", choices=["none", "mtp"], default="none")
     ap.add_argument("--checkpoint", help="--speculative mtp: a trained V3 checkpoint dir (tokenizer included)")
     ap.add_argument("--speculative-tokens", type=int, nargs="*", default=[1, 2, 3])
@@ -230,6 +247,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = DeepseekV3Config(**COMMON, **(CPU_CONFIG if cpu else GPU_CONFIG))
     model = DeepseekV3ForCausalLM(config).eval()
+    bandwidth = None if cpu else gpu_bandwidth(args.bandwidth_tbs)
     if not cpu:
         model = model.to(torch.bfloat16).cuda()
     batches = args.batch or ([128] if cpu else [256, 64])
@@ -239,7 +257,7 @@ def main() -> None:
                           torch=torch.__version__, date=time.strftime("%Y-%m-%d"))), flush=True)
     for batch in batches:
         goal = {("cpu", 128): 5.0, ("cuda", 256): 20.0}.get((args.device, batch))
-        print(json.dumps(run_shape(model, args.device, batch, prompt_len, new, args.reps, goal)), flush=True)
+        print(json.dumps(run_shape(model, args.device, batch, prompt_len, new, args.reps, goal, bandwidth)), flush=True)
 
 
 if __name__ == "__main__":
