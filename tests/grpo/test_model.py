@@ -7,7 +7,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
-from grpo import moe
 from grpo.config import ConfigError
 from grpo.model import (
     DeepseekV3Policy,
@@ -24,13 +23,7 @@ from grpo.params import count_params
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy-sized ops: one thread avoids OpenMP spin-waiting on a shared 2-core machine (20x CPU time there)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +416,7 @@ def test_metrics_keys(tokenizer):
     for i in range(1, n + 1):  # MoE layers and the MTP layer (index n)
         assert {f"moe/layer{i}/max_vio", f"moe/layer{i}/bias_norm", f"moe/layer{i}/balance_loss"} <= metrics.keys()
     assert {"moe/max_vio_mean", "moe/bias_norm_mean", "moe/balance_loss", "moe/mtp_loss"} <= metrics.keys()
-    assert metrics[f"moe/layer1/bias_norm"] > 0 and all(isinstance(v, float) for v in metrics.values())
+    assert metrics["moe/layer1/bias_norm"] > 0 and all(isinstance(v, float) for v in metrics.values())
 
 
 def test_671b_parameter_counts():

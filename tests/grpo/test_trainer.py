@@ -22,13 +22,7 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, q_lora_rank=32, kv_lora_rank=1
              moe_intermediate_size=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and much faster on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokenizer():
