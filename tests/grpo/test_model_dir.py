@@ -8,8 +8,10 @@ from grpo import model as model_module
 from grpo.config import ConfigError
 from grpo.model import ModelConfig, load_policy
 from grpo.model_dir import ModelDirError, check_model_dir, check_tokenizer_dir, is_local
-from tests.grpo.test_model import one_thread, tokenizer  # noqa: F401 (module fixtures)
+from tests.grpo.test_model import tokenizer  # noqa: F401 (module fixture)
 from tests.grpo.test_release_format import tiny_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

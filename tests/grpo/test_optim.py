@@ -11,7 +11,9 @@ from grpo.loss import LossConfig
 from grpo.model import ModelConfig, load_policy
 from grpo.optim import AdamWConfig, build_step
 from grpo.rollout import SamplingConfig
-from tests.grpo.test_trainer import SMALL, make, one_thread, tokenizer  # noqa: F401 (autouse fixture)
+from tests.grpo.test_trainer import SMALL, make, tokenizer  # noqa: F401 (module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LR = 3e-6  # DeepSeek-R1's RL learning rate
 

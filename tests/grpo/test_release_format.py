@@ -9,7 +9,9 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.config import ConfigError
 from grpo.model import DeepseekV3Policy, ModelConfig, load_policy
-from tests.grpo.test_model import V, one_thread, tokenizer  # noqa: F401 (module fixtures)
+from tests.grpo.test_model import V, tokenizer  # noqa: F401 (module fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 2  # main layers; the MTP layer is model.layers.2
 
