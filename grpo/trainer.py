@@ -53,6 +53,7 @@ from torch import Tensor
 from grpo import checkpoint
 from grpo.advantages import AdvantageConfig, combine_rewards, compute_advantages, group_stats, rewards_tensor
 from grpo.config import ConfigError
+from grpo.engine.v3 import is_v3
 from grpo.logger import MetricsLogger
 from grpo.loss import (LossConfig, LossNorm, Mismatch, grpo_loss, head_logprobs_and_entropy, logprobs_and_entropy,
                        loss_mask, rollout_correction)
@@ -61,7 +62,6 @@ from grpo.optim import AdamWConfig, build_step, uses_deepspeed
 from grpo.parallel import ParallelConfig, expert_parallel_group
 from grpo.reward_types import RewardScores, RewardTags
 from grpo.rollout import RolloutEngine, SamplingConfig, cpu_threads
-from grpo.v3_decode import is_v3
 
 
 @dataclass(kw_only=True)
