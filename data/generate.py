@@ -355,9 +355,10 @@ def random_math(rng: random.Random) -> MathProblem:
     return MATH_KINDS[kind][2](rng)
 
 
-def math_completion(problem: MathProblem) -> str:
-    """The assistant turn of a CoT trace: reasoning in <think>, then the boxed canonical answer."""
-    body = "\n".join(problem.steps)
+def math_completion(problem: MathProblem, terse: bool = False) -> str:
+    """The assistant turn of a CoT trace: reasoning in <think>, then the boxed canonical answer. A terse trace
+    keeps only the last reasoning line (the answer written down without the working)."""
+    body = problem.steps[-1] if terse else "\n".join(problem.steps)
     return f"<think>\n{body}\n</think>\nThe answer is \\boxed{{{canonical_latex(problem.value)}}}."
 
 
@@ -720,6 +721,7 @@ def math_rejected(problem: MathProblem, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------------- splits
 
 
+TERSE = 0.5       # share of terse math CoT traces (see the module docstring)
 MAX_MISSES = 20_000  # consecutive duplicate draws before a problem space counts as exhausted
 
 
@@ -742,11 +744,14 @@ def draw_unique(make: Callable, n: int, rng: random.Random, exclude: set[str]) -
     return out
 
 
-def build(seed: int, sizes: Sizes) -> dict[str, list[dict]]:
-    """All files' rows. Held-out problems are drawn first into per-domain exclusion sets."""
+def build(seed: int, sizes: Sizes, terse: float = TERSE) -> dict[str, list[dict]]:
+    """All files' rows. Held-out problems are drawn first into per-domain exclusion sets. ``terse``: the share
+    of math CoT traces that keep only their last reasoning line (drawn from their own stream)."""
+    if not 0 <= terse <= 1:
+        raise ValueError(f"--terse must be a fraction in [0, 1], got {terse}")
     rng = {name: random.Random(f"{seed}:{name}") for name in
            ("math_test", "math_train", "cot", "code_test", "code_train", "general_test", "general_train",
-            "pref_test", "pref_train", "forms", "rejected", "math_rl", "math_rl_forms")}
+            "pref_test", "pref_train", "forms", "rejected", "math_rl", "math_rl_forms", "terse")}
     n_pref_math_test, n_pref_math = sizes.pref_test // 4, sizes.pref // 4
     held_math, held_code, held_general = set(), set(), set()
     math_test = draw_unique(random_math, sizes.math_test, rng["math_test"], held_math)
@@ -775,8 +780,8 @@ def build(seed: int, sizes: Sizes) -> dict[str, list[dict]]:
         rng[f"pref_{split}"].shuffle(rows)
         return [{"id": f"pref-{split}-{i:05d}", **row} for i, row in enumerate(rows)]
 
-    cot = [{"id": f"cot-math-{i:05d}", "messages": chat(p.prompt, math_completion(p)), "source": "math"}
-           for i, p in enumerate(cot_math)]
+    cot = [{"id": f"cot-math-{i:05d}", "messages": chat(p.prompt, math_completion(p, rng["terse"].random() < terse)),
+            "source": "math"} for i, p in enumerate(cot_math)]
     cot += [{"id": f"cot-code-{i:05d}", "messages": chat(p.prompt, code_completion(p)), "source": "code"}
             for i, p in enumerate(code_train)]
     rng["cot"].shuffle(cot)
@@ -812,12 +817,12 @@ def assert_disjoint(files: dict[str, list[dict]]) -> None:
         raise AssertionError(f"{len(leaked)} held-out prompts also occur in training files, e.g. {leaked[:3]}")
 
 
-def write_all(out_dir: str | Path, seed: int = 0, sizes: Sizes | None = None) -> dict[str, Path]:
+def write_all(out_dir: str | Path, seed: int = 0, sizes: Sizes | None = None, terse: float = TERSE) -> dict[str, Path]:
     """Generate every file into ``out_dir`` (created if needed); returns {name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, rows in build(seed, sizes or Sizes()).items():
+    for name, rows in build(seed, sizes or Sizes(), terse).items():
         paths[name] = out / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return paths
@@ -831,10 +836,12 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(Sizes):
         parser.add_argument(f"--n-{f.name.replace('_', '-')}", dest=f.name, type=int, default=f.default,
                             metavar="N", help=f.metadata["help"])
+    parser.add_argument("--terse", type=float, default=TERSE, metavar="FRACTION",
+                        help="share of math CoT traces that keep only their last reasoning line")
     args = parser.parse_args(argv)
     try:
         sizes = Sizes(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Sizes)})
-        paths = write_all(args.out, args.seed, sizes)
+        paths = write_all(args.out, args.seed, sizes, args.terse)
     except ValueError as e:
         parser.error(str(e))
     for name, path in paths.items():
