@@ -669,15 +669,21 @@ class GRPOTrainer:
             table.append(row)
         logger.log_table("completions", table, step=self.step)
 
-    def train(self) -> dict[str, float]:
-        """Run to ``max_steps`` (from the resumed step); checkpoints every ``save_every`` and at the end."""
+    def train(self, evaluate: Callable[[], dict[str, float]] | None = None, every: int = 0) -> dict[str, float]:
+        """Run to ``max_steps`` (from the resumed step); checkpoints every ``save_every`` and at the end.
+        ``evaluate`` (the stage's, e.g. a held-out curve point; called on every process) is logged at step 0 of
+        a fresh run and after every ``every``-th step."""
         cfg = self.cfg
         metrics: dict[str, float] = {}
         with MetricsLogger(self.output_dir, project="r1-grpo", run_name=self.run_name, config=self.run_config,
                            wandb_mode=self.wandb_mode, total_steps=cfg.max_steps, initial_step=self.step,
                            is_main=self.accelerator.is_main_process) as logger, checkpoint.StopOnSignal() as stop:
+            if evaluate is not None and every and self.step == 0:
+                logger.log(evaluate(), step=0)
             while self.step < cfg.max_steps:
                 metrics, samples, advantages = self.train_step()
+                if evaluate is not None and every and self.step % every == 0:
+                    metrics = {**metrics, **evaluate()}
                 logger.log(metrics, step=self.step)
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self._log_samples(logger, samples, advantages)

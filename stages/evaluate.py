@@ -60,15 +60,55 @@ class HeldoutConfig:
     )  # rows with `prompt` and `answer`; null skips the evaluation
     max_new_tokens: int = 256
     batch_size: int = 64  # sequences decoded together
+    # training stages: every `every` steps (and at step 0) a quick point of the held-out curve (`curve_point`:
+    # pass@1 from `samples` samples per problem at `temperature` / `top_p`, the same random numbers each time)
+    # logged as heldout/* in metrics.jsonl; 0 = only the greedy evaluation at the end
+    every: int = 0
+    samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
 
     def __post_init__(self):
-        for key in ("max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "batch_size", "samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.every < 0:
+            raise ConfigError("every", f"must be >= 0 (0 = no held-out curve), got {self.every}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature", f"the held-out curve samples: temperature must be > 0 and top_p in "
+                              f"(0, 1], got {self.temperature}, {self.top_p}")
+
+
+    def refuse_curve_under(self, deepspeed: bool) -> None:
+        """A training stage's check: the curve decodes on each process alone, which DeepSpeed-sharded experts
+        cannot."""
+        if self.every and deepspeed:
+            raise ConfigError("eval.every", "the held-out curve needs the single-process or DDP path (under "
+                              "DeepSpeed the experts are sharded over ranks); set eval.every=0")
 
 
 def load_heldout(cfg: HeldoutConfig) -> list[dict]:
     return [] if cfg.data is None else list(load_rows(cfg.data, ["prompt", "answer"]))
+
+
+def curve_point(model, tokenizer, rows: list[dict], cfg: HeldoutConfig, system: str | None = None) -> dict[str, float]:
+    """One point of the held-out curve a training stage logs every ``cfg.every`` steps: over the N rows with
+    k = ``cfg.samples`` samples each at ``cfg.temperature`` / ``cfg.top_p`` (a fresh generator seeded with
+    ``cfg.seed``, so every point draws the same random numbers and the training's own are untouched),
+
+        heldout/pass@1 = 1/(N k) * sum of correct samples        heldout/mean_tokens = mean completion length
+
+    plus the share cut at ``max_new_tokens`` (heldout/truncated)."""
+    was_training = model.training
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                              max_batch=max(cfg.batch_size, cfg.samples), seed=cfg.seed)
+    samples = generate(model, tokenizer, [r["prompt"] for r in rows], sampling, cfg.samples, system)
+    model.train(was_training)
+    correct = correctness([s["completion"] for s in samples], [r["answer"] for r in rows for _ in range(cfg.samples)])
+    n = max(len(samples), 1)
+    return {"heldout/pass@1": sum(map(bool, correct)) / n, "heldout/mean_tokens": sum(s["tokens"] for s in samples) / n,
+            "heldout/truncated": sum(s["finish_reason"] == "length" for s in samples) / n}
 
 
 @torch.no_grad()

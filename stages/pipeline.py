@@ -40,7 +40,9 @@ from grpo.checkpoint import is_done, mark_done
 from grpo.config import ConfigError, cli, run
 from stages.evaluate import paired_difference
 
-CURVES = ("loss", "reward", "accuracy", "completions/mean_length")  # metrics.jsonl keys plotted when present
+# metrics.jsonl keys plotted when present; heldout/*: the curve of the stages' `eval.every` (stages.evaluate.curve_point)
+CURVES = ("loss", "reward", "accuracy", "completions/mean_length", "heldout/pass@1", "heldout/mean_tokens")
+BASELINE = {"heldout/pass@1": "accuracy", "heldout/mean_tokens": "mean_tokens"}  # curve key -> heldout.json key
 
 
 RESUMING = ("stages.sft", "stages.rl_reasoning", "stages.rl_general")  # continue from checkpoints by default
@@ -131,7 +133,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def plot_curves(name: str, records: list[dict], path: Path) -> bool:
+def plot_curves(name: str, records: list[dict], path: Path, baseline: tuple[str, dict] | None = None) -> bool:
+    """One panel per CURVES key present; ``baseline`` (label, heldout.json summary): a dashed line at that
+    evaluation's value on the held-out curve's panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +151,9 @@ def plot_curves(name: str, records: list[dict], path: Path) -> bool:
         for k in by_source:
             pts = [(r["step"], r[k]) for r in records if k in r]
             ax.plot(*zip(*pts), alpha=0.6, label=k.split("/")[1])
-        if by_source:
+        if baseline is not None and key in BASELINE:
+            ax.axhline(baseline[1][BASELINE[key]], color="gray", linestyle="--", label=baseline[0])
+        if by_source or (baseline is not None and key in BASELINE):
             ax.legend(fontsize=7)
         ax.set_title(f"{name}: {key}", fontsize=9)
         ax.set_xlabel("step")
@@ -231,11 +237,18 @@ def write_report(cfg: PipelineConfig, timings: dict) -> Path:
     for step in cfg.steps:
         out = Path(expand(step.output, cfg))
         records = read_jsonl(out / "metrics.jsonl")
-        if records and plot_curves(step.name, records, plots / f"{step.name}.png"):
+        if records and plot_curves(step.name, records, plots / f"{step.name}.png", heldout[0] if heldout else None):
             last = records[-1]
             shown = ", ".join(f"{k} {last[k]:.3g}" for k in CURVES if isinstance(last.get(k), (int, float)))
-            lines += [f"### {step.name}", "", f"last logged step {last['step']}: {shown}", "",
-                      f"![{step.name}](plots/{step.name}.png)", ""]
+            lines += [f"### {step.name}", "", f"last logged step {last['step']}: {shown}", ""]
+            curve = [r for r in records if "heldout/pass@1" in r]
+            if curve:
+                lines += ["Held-out curve (pass@1 from the stage's `eval.samples` at `eval.temperature`; the dashed "
+                          f"line: {heldout[0][0] if heldout else '-'}):", "", "| step | " + " | ".join(
+                              f"{r['step']}" for r in curve) + " |", "|---|" + "---:|" * len(curve),
+                          "| pass@1 | " + " | ".join(f"{100 * r['heldout/pass@1']:.1f}%" for r in curve) + " |",
+                          "| mean tokens | " + " | ".join(f"{r['heldout/mean_tokens']:.1f}" for r in curve) + " |", ""]
+            lines += [f"![{step.name}](plots/{step.name}.png)", ""]
         summary = out / "summary.json"
         if summary.is_file():
             lines += [f"### {step.name} summary", "", "```json", summary.read_text().strip(), "```", ""]

@@ -46,7 +46,7 @@ from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
 from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardScores, RewardSet, RewardSpec
-from stages.evaluate import HeldoutConfig, load_heldout
+from stages.evaluate import HeldoutConfig, curve_point, load_heldout
 from stages.rl_reasoning import save_and_evaluate
 
 REWARD_COLUMNS = ("answer", "tests", "entry_point", "test_cases", "language")  # None where a row lacks them
@@ -106,6 +106,7 @@ class RLGeneralConfig:
                               "normally starts from the rejection-sampling SFT checkpoint")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset of prompts")
+        self.eval.refuse_curve_under(self.train.deepspeed)
         names = [r.name for r in self.rewards]
         if len(set(names)) != len(names):
             raise ConfigError("rewards", f"each reward may appear once, got {names}")
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "DONE").unlink(missing_ok=True)
 
     # ---- loop
-    metrics = trainer.train()
+    curve = (lambda: curve_point(trainer.policy, tokenizer, heldout, cfg.eval, system)) if heldout else None
+    metrics = trainer.train(curve, cfg.eval.every)
 
     # ---- save, evaluate
     return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)

@@ -50,7 +50,7 @@ from grpo.rollout import SamplingConfig
 from grpo.trainer import GRPOTrainer, TrainerConfig
 from grpo.model_dir import load_tokenizer
 from rewards.registry import RewardSet, RewardSpec
-from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
+from stages.evaluate import HeldoutConfig, curve_point, heldout_accuracy, load_heldout, summary_line, write_results
 
 
 def default_rewards() -> list[RewardSpec]:
@@ -81,6 +81,7 @@ class RLReasoningConfig:
                               "reasoning RL normally starts from the SFT checkpoint (model.init=runs/tiny/sft/final)")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset of prompts")
+        self.eval.refuse_curve_under(self.train.deepspeed)
         if not self.rewards:
             raise ConfigError("rewards", "needs at least one reward (e.g. [{name: accuracy}])")
         names = [r.name for r in self.rewards]
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "DONE").unlink(missing_ok=True)
 
     # ---- loop
-    metrics = trainer.train()
+    curve = (lambda: curve_point(trainer.policy, tokenizer, heldout, cfg.eval, system)) if heldout else None
+    metrics = trainer.train(curve, cfg.eval.every)
 
     # ---- save, evaluate
     return save_and_evaluate(trainer, cfg, tokenizer, heldout, metrics, system)

@@ -61,7 +61,7 @@ from grpo.model import ModelConfig, load_policy, moe_metrics, presets, update_ro
 from grpo.optim import AdamWConfig, build_step
 from grpo.parallel import ParallelConfig, make_accelerator
 from grpo.model_dir import load_tokenizer
-from stages.evaluate import HeldoutConfig, heldout_accuracy, load_heldout, summary_line, write_results
+from stages.evaluate import HeldoutConfig, curve_point, heldout_accuracy, load_heldout, summary_line, write_results
 
 POOL = 64  # micro-batches per length-sorting pool
 
@@ -147,6 +147,7 @@ class SFTConfig:
                               "(what `make sft` passes)")
         if not self.data:
             raise ConfigError("data", "needs at least one dataset")
+        self.eval.refuse_curve_under(self.deepspeed)
 
     @property
     def deepspeed(self) -> bool:
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
                  f"({steps_per_epoch}/epoch, {per_step} micro-batches of {tc.micro_batch_size} per step)"
                  + (f", resumed at step {step} from {resume}" if resume else ""))
     sums, tokens, started, window = {}, 0, time.time(), 0  # window: steps since the last metrics row
+    curve = cfg.eval.every and heldout and accelerator.is_main_process  # the held-out curve, from step 0
+    if curve and step == 0:
+        logger.log(curve_point(accelerator.unwrap_model(model), tokenizer, heldout, cfg.eval), step=0)
     with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
         while step < total_steps:
             epoch, index, micro_batches = next(stream)
@@ -303,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "tokens_per_s": float(means[-1]) / elapsed,
                             "epoch": epoch + index / (steps_per_epoch * per_step), **moe_metrics(model)}, step=step)
                 sums, tokens, started, window = {}, 0, time.time(), 0
+            if curve and step % cfg.eval.every == 0:
+                logger.log(curve_point(accelerator.unwrap_model(model), tokenizer, heldout, cfg.eval), step=step)
             stopping = stop.requested(accelerator)
             if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopping:
                 path = save_checkpoint(ckpt_root, model=model, tokenizer=tokenizer, step=step, optimizer=optimizer,

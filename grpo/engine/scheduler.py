@@ -44,8 +44,10 @@ def auto_cpu_threads(default: int) -> int:
     load average above the core count). A parallel region whose threads are descheduled waits at its
     barrier: on a shared 2-core machine (load 2.6) two threads made a rollout 20x and a GRPO update 12x
     slower than one thread; alone, one thread costs at most a factor of the core count. Used by the engine's
-    decoding and by ``grpo.trainer``'s updates."""
-    if not hasattr(os, "getloadavg"):
+    decoding and by ``grpo.trainer``'s updates. An explicit ``OMP_NUM_THREADS`` is a fixed choice and is kept
+    whatever the load: the thread count changes how reductions split, so a run that names it is reproducible
+    (``stages.pipeline``'s ``threads`` sets it for every step)."""
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
         return default
     return 1 if os.getloadavg()[0] > (os.cpu_count() or 1) else default
 

@@ -194,3 +194,22 @@ def test_bad_sizes_are_reported():
         Sizes(math=-1)
     with pytest.raises(ValueError, match="only draw 9 of 10 distinct problems from g_greet: .* exhausted"):
         draw_unique(g_greet, 10, random.Random(0), set())
+
+
+def test_terse_traces_keep_only_the_last_line_and_change_nothing_else():
+    sizes = Sizes(math=20, math_test=5, math_rl=5, code=2, code_test=1, cot=400, general=5, general_test=2, pref=4,
+                  pref_test=4)
+    full, half, terse = (build(0, sizes, terse=t) for t in (0.0, 0.5, 1.0))
+    assert {k: v for k, v in full.items() if k != "cot_train"} == {k: v for k, v in half.items() if k != "cot_train"}
+
+    def think(rows):
+        return [r["messages"][1]["content"].split("</think>")[0].removeprefix("<think>\n").strip().splitlines()
+                for r in rows if r["source"] == "math"]
+    lines_full, lines_half, lines_terse = think(full["cot_train"]), think(half["cot_train"]), think(terse["cot_train"])
+    assert all(t == f[-1:] for f, t in zip(lines_full, lines_terse))
+    shortened = sum(h != f for f, h in zip(lines_full, lines_half))
+    multi = sum(len(f) > 1 for f in lines_full)
+    assert 0.35 * multi < shortened < 0.65 * multi  # about half of the traces that have working to drop
+    assert all(h in (f, f[-1:]) for f, h in zip(lines_full, lines_half))
+    with pytest.raises(ValueError, match="--terse must be a fraction"):
+        build(0, sizes, terse=1.5)

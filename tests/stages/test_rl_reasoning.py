@@ -158,3 +158,23 @@ def test_sigterm_finishes_the_step_saves_and_exits_then_resumes(workdir, tmp_pat
     assert (out / "checkpoints/latest").read_text() == f"step-{n:08d}" and not (out / "DONE").exists()
     again = rl.main(args(workdir, out, f"train.max_steps={n + 1}", "train.save_every=0", "eval.data=null"))
     assert again["steps"] == n + 1 and metric_steps(out) == list(range(1, n + 2))
+
+
+def test_heldout_curve_is_logged_from_step_0_and_leaves_training_unchanged(workdir, tmp_path):
+    plain, curved = tmp_path / "plain", tmp_path / "curved"
+    rl.main(args(workdir, plain, "train.save_every=0"))
+    rl.main(args(workdir, curved, "train.save_every=0", "eval.every=1", "eval.samples=2"))
+    records = [json.loads(line) for line in (curved / "metrics.jsonl").read_text().splitlines()]
+    points = [r for r in records if "heldout/pass@1" in r]
+    assert [r["step"] for r in points] == [0, 1, 2]
+    assert all(0 <= r["heldout/pass@1"] <= 1 and r["heldout/mean_tokens"] > 0 for r in points)
+    # the curve samples with its own generator: the training steps are the same as without it
+    base = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "reward" in r]
+    assert [(r["reward"], r["loss"]) for r in trained] == [(r["reward"], r["loss"]) for r in base]
+
+
+def test_heldout_curve_under_deepspeed_is_refused(workdir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rl.main(args(workdir, tmp_path / "x", "eval.every=5", "train.parallel.zero_stage=2"))
+    assert "eval.every" in capsys.readouterr().err

@@ -283,3 +283,11 @@ def test_activation_checkpointing_trains_the_same(workdir, tokenizer, tmp_path, 
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "true/final").state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_heldout_curve_from_step_0(workdir, tmp_path):
+    out = tmp_path / "curve"
+    sft.main(recipe_args(workdir, out, "eval.every=2", "eval.samples=2", "train.save_every=0"))
+    points = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "heldout/pass@1" in m]
+    assert [m["step"] for m in points] == [0, 2, 4]
+    assert all(0 <= m["heldout/pass@1"] <= 1 and m["heldout/mean_tokens"] > 0 for m in points)
