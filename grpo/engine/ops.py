@@ -2,8 +2,8 @@
 that decides between the torch reference, the compiled layers and the Triton kernels.
 
 - ``eager``: the layer functions uncompiled. CPU; CUDA in fp32/fp16, while recording routes, or with a
-  foreign MLP block. On CUDA the routing and the pair order are compiled functions (~20 tiny kernels per
-  layer otherwise), and outside bf16 the routed experts run as ``routed_all``.
+  foreign MLP block. On CUDA the pair order is a compiled function (the routing is not: see ``eager``), and
+  outside bf16 the routed experts run as ``routed_all``.
 - ``compiled``: CUDA in bf16: each layer's decode and prefill are one ``torch.compile``d function, so inductor
   fuses the norms, RoPE, masking, softmax and routing around the GEMMs. With ``triton`` the decode's
   attention, routing and routed + shared experts are ``grpo.kernels``' Triton kernels (the prefill keeps the
@@ -50,14 +50,16 @@ def attend_kernel(q_latent: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tens
 # decoder marks the batch and span (prefill: batch and width) dynamic and keeps every other size static.
 _compiled_decode = torch.compile(decode_layer)
 _compiled_prefill = torch.compile(prefill_layer)
-_compiled_route = torch.compile(route_torch, dynamic=True)
 _compiled_order = torch.compile(counting_order, dynamic=True)
 
 
 def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None) -> Ops:
     """The uncompiled table (module docstring); with ``sink`` the routing appends its choices there."""
     cuda = device.type == "cuda"
-    route_fn = _compiled_route if cuda else route_torch
+    # the routing runs uncompiled: the dynamic-shape compile of route_torch failed in inductor ("CantSplit: s75
+    # not divisible by s75*s76") for v3-mini's group-limited routing in fp32 on an H100 (2026-12-06), prefill and
+    # decode alike
+    route_fn = route_torch
     ops = LayerOps(attend=attend, moe=moe_torch, route=route_fn if sink is None else RecordingRoute(route_fn, sink),
                    routed=routed_all if cuda and dtype != torch.bfloat16 else routed_grouped,
                    order=_compiled_order if cuda else sorted_order)

@@ -116,3 +116,104 @@ def test_grouped_topk_on_cuda_equals_torch_topk():
         vals, idx = _topk(x, 50)
         ref = x.topk(50, dim=-1)
         assert torch.equal(vals, ref.values) and torch.equal(x.gather(1, idx), ref.values)
+
+
+# ---- MTP self-speculative decoding on CUDA (grpo.engine.speculative; the CPU tests are test_speculative.py) ----
+
+def spec_policy(dtype=torch.float32):
+    """test_speculative's small policy with an MTP module on CUDA; in bf16 through the policy class (its router
+    weight stays fp32, as in training), loaded with the same weights."""
+    from grpo.model import DeepseekV3Policy
+    from tests.grpo.test_speculative import policy
+    model = policy(sharpen=3.0)
+    if dtype != torch.float32:
+        low = DeepseekV3Policy._from_config(model.config, dtype=dtype)
+        low.load_state_dict(model.state_dict())
+        model = low.eval()
+    return model.cuda()
+
+
+def cuda_teacher_forced(model, ro, temperature):
+    out = []
+    for r, n in enumerate(ro.lengths.tolist()):
+        prompt = ro.prompt_ids[r]
+        ids = torch.tensor([prompt + ro.completion_ids[r, :n].tolist()], device="cuda")
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+        out.append(torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1).cpu())
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_logprobs_equal_teacher_forcing_on_cuda(k):
+    """fp32 on CUDA: 15 rows through 7 slots (refill), stops inside accepted runs; the returned logprobs are the
+    target's, as without speculation."""
+    model = spec_policy()
+    stop = [40, 41, 42, 43]
+    cfg = SamplingConfig(temperature=0.7, top_k=10, top_p=0.9, max_new_tokens=12, stop_token_ids=stop, max_batch=7,
+                         seed=3, speculative="mtp", speculative_tokens=k)
+    engine = RolloutEngine(model, None, cfg)
+    ro = engine.generate(PROMPTS, 3)
+    assert {"stop", "length"} <= set(ro.finish_reason)
+    assert 0 < ro.stats["spec_accept_rate_1"] <= 1 and 1 <= ro.stats["spec_tokens_per_step"] <= k + 1
+    for r, ref in enumerate(cuda_teacher_forced(model, ro, 0.7)):
+        torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
+        ids = ro.completion_ids[r, : ro.lengths[r]].tolist()
+        assert not set(ids[:-1]) & set(stop) and (ro.finish_reason[r] == "stop") == (ids[-1] in stop)
+
+
+def test_speculative_greedy_on_cuda_equals_plain_greedy():
+    model = spec_policy()
+    out = {}
+    for mode in ("none", "mtp"):
+        cfg = SamplingConfig(temperature=0.0, max_new_tokens=16, stop_token_ids=[1], max_batch=4, speculative=mode,
+                             speculative_tokens=2)
+        out[mode] = RolloutEngine(model, None, cfg).generate(PROMPTS, 1)
+    assert torch.equal(out["none"].completion_ids, out["mtp"].completion_ids)
+    torch.testing.assert_close(out["none"].logprobs, out["mtp"].logprobs, atol=1e-4, rtol=0)
+
+
+def test_bf16_verify_step_equals_one_token_steps_on_the_compiled_table():
+    """bf16 on CUDA: a verify step over m tokens (compiled layers, torch attention for m queries) gives the
+    logits and cache latents of m one-token decode steps (compiled layers, the Triton kernels where available)
+    within bf16 rounding; the MTP step runs through the same table."""
+    from grpo import kernels
+    from grpo.engine.v3 import V3Decoder
+    model, m = spec_policy(torch.bfloat16), 4
+    steps = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
+    multi = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
+    assert multi.ops.kernels == kernels.AVAILABLE
+    prompts = PROMPTS[:3]
+    lens = torch.tensor([len(p) for p in prompts], device="cuda")
+    tokens = torch.randint(3, 48, (3, m), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        for dec in (steps, multi):
+            dec.prefill(prompts, [[0], [1], [2]])
+            dec.positions[:3] = lens
+        one = []
+        for j in range(m):
+            steps.tokens[:3] = tokens[:, j]
+            one.append(steps.decode(3, int(steps.positions[:3].max()) + 1).float())
+            steps.positions[:3] += 1
+        logits = multi.lm_head(multi.verify(tokens, int(lens.max()) + 1)).float()
+        ref = torch.stack(one, dim=1)
+        assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
+        for s, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(multi.cache.data[:, s, : n + m], steps.cache.data[:, s, : n + m], atol=3e-2,
+                                       rtol=3e-2)
+        hidden, draft_logits = multi.mtp_step(tokens, multi.verify(tokens, int(lens.max()) + 1), lens, int(lens.max()) + m)
+        assert hidden.shape == (3, m, model.config.hidden_size) and torch.isfinite(draft_logits.float()).all()
+
+
+def test_bf16_speculative_rollout_on_the_compiled_table():
+    """bf16 on CUDA through the compiled table: a speculative rollout with refill and stops returns the target
+    logprobs (teacher forcing within bf16 rounding) and reports its acceptance; the drafts of the MTP module are
+    accepted at a plausible rate."""
+    model = spec_policy(torch.bfloat16)
+    for k in (1, 2):
+        cfg = SamplingConfig(temperature=1.0, max_new_tokens=16, stop_token_ids=[3], max_batch=4, seed=0,
+                             speculative="mtp", speculative_tokens=k)
+        ro = RolloutEngine(model, None, cfg).generate(PROMPTS, 2)
+        assert 0 < ro.stats["spec_accept_rate_1"] <= 1 and ro.stats["decode_tokens"] >= ro.stats["decode_steps"]
+        for r, ref in enumerate(cuda_teacher_forced(model, ro, 1.0)):
+            torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=0.1, rtol=0)
