@@ -415,7 +415,7 @@ def speculative_rows(args) -> None:
                           torch=torch.__version__, date=time.strftime("%Y-%m-%d"))), flush=True)
     if not trained:
         print(json.dumps(fit_mtp(model, train, args.fit_steps, pad_id, stop_ids=stop_ids)), flush=True)
-    if args.device == "cuda":
+    if args.device == "cuda" and args.spec_dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     new = args.new_tokens or 160
 
@@ -476,6 +476,8 @@ def main() -> None:
     ap.add_argument("--prompts", help="--speculative mtp: test prompts, JSON lines with a 'prompt' field")
     ap.add_argument("--rows", type=int, default=64, help="--speculative mtp: prompts decoded together")
     ap.add_argument("--fit-steps", type=int, default=300, help="--speculative mtp: MTP fit steps (no MTP weights)")
+    ap.add_argument("--spec-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="--speculative mtp on cuda: the dtype decoded in")
     ap.add_argument("--sharpen", type=float, default=8.0, help="--speculative mtp without --checkpoint: output "
                     "layer scale of the random-weight preset")
     args = ap.parse_args()
