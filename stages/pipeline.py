@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from grpo.checkpoint import is_done, mark_done
 from grpo.config import ConfigError, cli, run
@@ -194,7 +197,10 @@ def write_report(cfg: PipelineConfig, timings: dict) -> Path:
     run = Path(cfg.run_dir)
     plots = run / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Pipeline report: {run}", "", f"seed {cfg.seed}; steps run with `python -m stages.pipeline`.", "",
+    threads = (f"{cfg.threads} thread(s) per step (OMP_NUM_THREADS)" if cfg.threads
+               else f"torch's default threads per step ({torch.get_num_threads()} here)")
+    lines = [f"# Pipeline report: {run}", "", f"seed {cfg.seed}; {threads}; {os.cpu_count()} CPU cores, "
+             f"{platform.machine()}, torch {torch.__version__}; steps run with `python -m stages.pipeline`.", "",
              "## Steps", "", "| step | wall time (s) | command |", "|---|---:|---|"]
     for step in cfg.steps:
         t = timings.get(step.name, {})

@@ -53,6 +53,7 @@ def test_smoke_pipeline_runs_every_stage_resumes_and_reports(tmp_path, capfd):
     assert (run / "rl_reasoning/final/config.json").is_file() and (run / "reward_model/final/config.json").is_file()
     assert json.loads((run / "rejection_sampling/summary.json").read_text())["rows"]["general"] == 8
     text = report.read_text()
+    assert "seed 1; 1 thread(s) per step (OMP_NUM_THREADS)" in text
     for label in ("cold-start SFT", "reasoning RL", "rejection-sampling SFT", "general RL"):
         assert f"| {label} |" in text
     # accuracy +- its standard error, the paired change from the row above, greedy next to it

@@ -168,10 +168,12 @@ def test_heldout_curve_is_logged_from_step_0_and_leaves_training_unchanged(workd
     points = [r for r in records if "heldout/pass@1" in r]
     assert [r["step"] for r in points] == [0, 1, 2]
     assert all(0 <= r["heldout/pass@1"] <= 1 and r["heldout/mean_tokens"] > 0 for r in points)
-    # the curve samples with its own generator: the training steps are the same as without it
+    # the curve samples with its own generator: the training steps are the same as without it, every logged
+    # value but wall-clock ones (two runs with the same seed and thread count are identical)
+    def logged(records):
+        return [{k: v for k, v in r.items() if k != "time" and not k.startswith(("time/", "tokens_per_s", "heldout/"))} for r in records]
     base = [json.loads(line) for line in (plain / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in records if "reward" in r]
-    assert [(r["reward"], r["loss"]) for r in trained] == [(r["reward"], r["loss"]) for r in base]
+    assert logged(r for r in records if "reward" in r) == logged(base)
 
 
 def test_heldout_curve_under_deepspeed_is_refused(workdir, tmp_path, capsys):
