@@ -1,26 +1,17 @@
-"""Held-out accuracy of the tiny pipeline's cold-start SFT and reasoning-RL checkpoints over several seeds.
+"""Held-out accuracy of the tiny pipeline's cold-start SFT, reasoning-RL and rejection-sampling SFT checkpoints
+over several seeds.
 
-    python bench/pipeline_seeds.py [--seeds 0 1 2] [--recipe recipes/tiny/pipeline.yaml] [--threads 1] [key=value ...]
+    python bench/pipeline_seeds.py [--seeds 0 1 2] [--recipe recipes/tiny/pipeline.yaml] [--threads 1] [--no-rs] [key=value ...]
 
-Runs ``stages.pipeline`` up to ``eval_rl_reasoning`` (data -> tokenizer -> sft -> evaluate -> rl_reasoning ->
-evaluate) once per seed in ``runs/tiny-seeds/seed<S>`` (finished steps are skipped on a re-run), then prints
-per seed the held-out math accuracy after SFT and after RL as ``recipes/tiny/evaluate.yaml`` measures it
-(pass@1 from k samples, +- its standard error over problems), the greedy accuracy next to it, and the
-RL - SFT difference on the same problems with its paired standard error; then the means over seeds.
-Extra ``key=value`` arguments go to the pipeline (e.g. ``'step_overrides={sft: [train.max_steps=300]}'``).
-Takes ~10-15 minutes per seed on 2 CPU cores; not part of the test suite.
-
-Measured 2026-11-28 (recipes as committed: RL 80 steps x 32 prompts x 8 over the 10,000 fresh math_rl prompts;
-threads 1, two seeds at a time on 2 shared CPU cores, ~10-11 min per RL run; pass@1 from 8 samples at T=0.6):
-seed 0: SFT 49.0% +- 3.2 -> RL 52.2% +- 3.4 (+3.2 +- 1.4), greedy 52.5% -> 53.5% (+1.0 +- 1.7);
-seed 1: 43.5% -> 44.1% (+0.6 +- 2.0), greedy 44.5% -> 45.5% (+1.0 +- 2.7);
-seed 2: 9.2% -> 10.9% (+1.8 +- 1.3), greedy 14.5% -> 12.0% (-2.5 +- 2.4) (this seed's SFT did not pass the
-sharp transition at 1200 steps). Pass@1 rose on 3/3 seeds, mean +1.9 +- 0.9 (pooled paired standard error);
-greedy on 2/3, mean -0.2. The previous setting (60 steps x 16 prompts over the 2,000 math_train prompts, lr 3e-5)
-gave +0.2, +0.0, +1.1 on the same SFT checkpoints.
-With 2,000 SFT steps (--run-root runs/tiny-seeds-2k 'step_overrides={sft: [train.max_steps=2000]}'): seed 0
-SFT 67.6% -> RL 67.4% (-0.1 +- 1.5), seed 1 66.6% -> 68.8% (+2.1 +- 1.4), seed 2 59.1% -> 57.1% (-2.0 +- 1.6):
-mean 0.0, RL reliably helps only the under-trained checkpoint.
+Runs ``stages.pipeline`` up to ``eval_sft_rs`` (data -> tokenizer -> sft -> evaluate -> rl_reasoning -> evaluate
+-> rejection_sampling -> sft_rs -> evaluate; ``--no-rs``: up to the RL evaluation) once per seed in
+``runs/tiny-seeds/seed<S>`` (finished steps are skipped on a re-run), then prints per seed the held-out math
+accuracy after each stage as ``recipes/tiny/evaluate.yaml`` measures it (pass@1 from k samples, +- its standard
+error over problems), RL - SFT and RS-SFT - RL on the same problems with their paired standard errors, greedy
+accuracy, and the mean response length after each stage; then the means over seeds.
+Extra ``key=value`` arguments go to the pipeline (e.g. ``'step_overrides={sft: [train.max_steps=6000]}'``).
+Takes ~30 minutes per seed on 2 CPU cores (threads 1); not part of the test suite. Measured results: README
+("The embedded default over 3 seeds"); earlier recipes' results: bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -55,33 +46,43 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "recipes/tiny/pipeline.yaml"))
     parser.add_argument("--run-root", default="runs/tiny-seeds")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per step (1 on a busy machine)")
+    parser.add_argument("--no-rs", action="store_true", help="stop after the reasoning-RL evaluation")
     args, overrides = parser.parse_known_args()
+    stop = "eval_rl_reasoning" if args.no_rs else "eval_sft_rs"
     rows = []
     for seed in args.seeds:
         run = Path(args.run_root) / f"seed{seed}"
-        pipeline.main(["--recipe", args.recipe, f"run_dir={run}", f"seed={seed}", "stop_after=eval_rl_reasoning",
+        pipeline.main(["--recipe", args.recipe, f"run_dir={run}", f"seed={seed}", f"stop_after={stop}",
                        "report=false", *([f"threads={args.threads}"] if args.threads else []), *overrides])
-        (sft, sft_rows, sft_greedy), (rl, rl_rows, rl_greedy) = load(run / "eval/sft"), load(run / "eval/rl_reasoning")
-        rows.append({"seed": seed, "sft": sft, "rl": rl, "diff": paired_difference(sft_rows, rl_rows),
-                     "greedy_diff": paired_difference(sft_greedy, rl_greedy)})
-    metric = rows[0]["sft"].get("metric", "greedy")
-    print(f"\nheld-out math accuracy ({metric}; n = {rows[0]['sft']['n']} problems; +- one standard error; "
-          "RL - SFT on the same problems +- its paired standard error)")
-    print("\n| seed | after SFT | after RL | RL - SFT | greedy after SFT | greedy after RL | greedy RL - SFT |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|")
+        stages = {name: load(run / "eval" / name) for name in ("sft", "rl_reasoning", "sft_rs")
+                  if (run / "eval" / name / "heldout.json").is_file()}
+        rows.append({"seed": seed, **{k: v[0] for k, v in stages.items()},
+                     "diff": paired_difference(stages["sft"][1], stages["rl_reasoning"][1]),
+                     "greedy_diff": paired_difference(stages["sft"][2], stages["rl_reasoning"][2]),
+                     "rs_diff": (paired_difference(stages["rl_reasoning"][1], stages["sft_rs"][1])
+                                 if "sft_rs" in stages else None)})
+    first = rows[0]["sft"]
+    print(f"\nheld-out math accuracy ({first.get('metric', 'greedy')}; n = {first['n']} problems; +- one standard "
+          "error; a change is on the same problems +- its paired standard error); mean response tokens")
+    print("\n| seed | after SFT | after RL | RL - SFT | after RS-SFT | RS-SFT - RL | greedy SFT -> RL (change) | "
+          "tokens SFT -> RL -> RS-SFT |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    tokens = lambda s: "-" if s is None else f"{s['mean_tokens']:.1f}"  # noqa: E731
+    change = lambda d: "-" if d is None else f"{100 * d[0]:+.1f} +- {100 * d[1]:.1f}"  # noqa: E731
     for r in rows:
-        sft, rl = r["sft"], r["rl"]
-        print(f"| {r['seed']} | {pct(sft['accuracy'], sft.get('accuracy_se'))} | {pct(rl['accuracy'], rl.get('accuracy_se'))} | "
-              f"{100 * r['diff'][0]:+.1f} +- {100 * r['diff'][1]:.1f} | "
-              f"{pct(sft.get('greedy_accuracy', sft['accuracy']))} | {pct(rl.get('greedy_accuracy', rl['accuracy']))} | "
-              f"{100 * r['greedy_diff'][0]:+.1f} +- {100 * r['greedy_diff'][1]:.1f} |")
+        sft, rl, rs = r["sft"], r["rl_reasoning"], r.get("sft_rs")
+        greedy = lambda s: pct(s.get("greedy_accuracy", s["accuracy"]))  # noqa: E731
+        print(f"| {r['seed']} | {pct(sft['accuracy'], sft.get('accuracy_se'))} | {pct(rl['accuracy'], rl.get('accuracy_se'))} "
+              f"| {change(r['diff'])} | {'-' if rs is None else pct(rs['accuracy'], rs.get('accuracy_se'))} | "
+              f"{change(r['rs_diff'])} | {greedy(sft)} -> {greedy(rl)} ({change(r['greedy_diff'])}) | "
+              f"{tokens(sft)} -> {tokens(rl)} -> {tokens(rs)} |")
     mean = lambda f: statistics.mean(f(r) for r in rows)  # noqa: E731
-    print(f"| mean | {pct(mean(lambda r: r['sft']['accuracy']))} | {pct(mean(lambda r: r['rl']['accuracy']))} | "
-          f"{100 * mean(lambda r: r['diff'][0]):+.1f} | {pct(mean(lambda r: r['sft'].get('greedy_accuracy', r['sft']['accuracy'])))} | "
-          f"{pct(mean(lambda r: r['rl'].get('greedy_accuracy', r['rl']['accuracy'])))} | "
-          f"{100 * mean(lambda r: r['greedy_diff'][0]):+.1f} |")
-    print(f"RL improved held-out accuracy ({metric}) on {sum(r['diff'][0] > 0 for r in rows)}/{len(rows)} seeds, "
-          f"greedy accuracy on {sum(r['greedy_diff'][0] > 0 for r in rows)}/{len(rows)}")
+    pooled = lambda key: (sum(r[key][1] ** 2 for r in rows) ** 0.5 / len(rows))  # noqa: E731
+    print(f"\nmean over {len(rows)} seeds: RL - SFT {100 * mean(lambda r: r['diff'][0]):+.1f} +- "
+          f"{100 * pooled('diff'):.1f} (pooled paired standard error); RL improved pass@1 on "
+          f"{sum(r['diff'][0] > 0 for r in rows)}/{len(rows)} seeds, greedy on "
+          f"{sum(r['greedy_diff'][0] > 0 for r in rows)}/{len(rows)}")
+    if all(r["rs_diff"] for r in rows):
+        print(f"RS-SFT - RL {100 * mean(lambda r: r['rs_diff'][0]):+.1f} +- {100 * pooled('rs_diff'):.1f}")
 
 
 if __name__ == "__main__":
