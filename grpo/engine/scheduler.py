@@ -159,7 +159,7 @@ class RolloutEngine:
 
     def release(self) -> None:
         """Free the cache and CUDA graphs (they are rebuilt on the next generate)."""
-        self._decoder = self._graphs = None
+        self._decoder = self._graphs = self._speculator = None
 
     @property
     def _sampling(self) -> dict:
@@ -195,7 +195,7 @@ class RolloutEngine:
         if self.cfg.record_routing:
             self._decoder.record_routing()
         # an expert-parallel all-to-all sizes its messages on the host, recording appends on the host: not
-        # capturable; a speculative round is not captured either
+        # capturable; a speculative round has its own graphs (``Speculator``)
         if (self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
                 and not self.cfg.record_routing and not k):
             self._graphs = CudaGraphStep(self._decoder, self._sample_compiled, self.generator)
@@ -209,7 +209,11 @@ class RolloutEngine:
         # + lag: a slot that finished by length may decode once more before the host notices; + k: a verify
         # step writes k + 1 latents from the slot's position on
         dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag + self.draft_tokens)
-        self._speculator = Speculator(dec, self._sampling, self.generator) if self.draft_tokens else None
+        if self.draft_tokens and (self._speculator is None or self._speculator.dec is not dec):  # keeps its graphs
+            graphs = self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
+            self._speculator = Speculator(dec, self._sampling, self.generator, graphs)
+        if self._speculator is not None:
+            self._speculator.kept.zero_()
         slots = Slots(dec, len(prompts) * group_size)
         queue, pending = deque(range(len(prompts))), deque()
         while True:
