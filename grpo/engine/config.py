@@ -33,8 +33,8 @@ class SamplingConfig:
     record_routing: bool = False
     # V3 policies with an MTP module: "mtp" drafts speculative_tokens tokens per sequence with the policy's first
     # MTP module (chained for more than one) and verifies them in one forward (``grpo.engine.speculative``); the
-    # sampled distribution and the returned logprobs stay exactly those of "none". Decode steps then run
-    # without CUDA graphs; not with expert parallelism or record_routing.
+    # sampled distribution and the returned logprobs stay exactly those of "none". With cuda_graphs each round
+    # is replayed from its own CUDA graphs; not with expert parallelism or record_routing.
     speculative: Literal["none", "mtp"] = "none"
     speculative_tokens: int = 1
 
