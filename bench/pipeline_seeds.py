@@ -19,11 +19,13 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from grpo.config import load_config  # noqa: E402
 from stages import pipeline  # noqa: E402
 from stages.evaluate import paired_difference  # noqa: E402
 
@@ -47,6 +49,9 @@ def main() -> None:
     parser.add_argument("--run-root", default="runs/tiny-seeds")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per step (1 on a busy machine)")
     parser.add_argument("--no-rs", action="store_true", help="stop after the reasoning-RL evaluation")
+    parser.add_argument("--sft-more", type=int, default=2000, metavar="STEPS",
+                        help="the longer-SFT baseline: the cold-start SFT checkpoint trained STEPS more steps on the same "
+                             "traces by the same recipe (a second learning-rate cycle), evaluated like the stages; 0 = none")
     args, overrides = parser.parse_known_args()
     stop = "eval_rl_reasoning" if args.no_rs else "eval_sft_rs"
     rows = []
@@ -54,25 +59,31 @@ def main() -> None:
         run = Path(args.run_root) / f"seed{seed}"
         pipeline.main(["--recipe", args.recipe, f"run_dir={run}", f"seed={seed}", f"stop_after={stop}",
                        "report=false", *([f"threads={args.threads}"] if args.threads else []), *overrides])
-        stages = {name: load(run / "eval" / name) for name in ("sft", "rl_reasoning", "sft_rs")
+        if args.sft_more:
+            longer_sft(run, seed, args, overrides)
+        stages = {name: load(run / "eval" / name) for name in ("sft", "sft_more", "rl_reasoning", "sft_rs")
                   if (run / "eval" / name / "heldout.json").is_file()}
         rows.append({"seed": seed, **{k: v[0] for k, v in stages.items()},
                      "diff": paired_difference(stages["sft"][1], stages["rl_reasoning"][1]),
+                     "more_diff": (paired_difference(stages["sft_more"][1], stages["rl_reasoning"][1])
+                                   if "sft_more" in stages else None),
                      "greedy_diff": paired_difference(stages["sft"][2], stages["rl_reasoning"][2]),
                      "rs_diff": (paired_difference(stages["rl_reasoning"][1], stages["sft_rs"][1])
                                  if "sft_rs" in stages else None)})
     first = rows[0]["sft"]
     print(f"\nheld-out math accuracy ({first.get('metric', 'greedy')}; n = {first['n']} problems; +- one standard "
           "error; a change is on the same problems +- its paired standard error); mean response tokens")
-    print("\n| seed | after SFT | after RL | RL - SFT | after RS-SFT | RS-SFT - RL | greedy SFT -> RL (change) | "
-          "tokens SFT -> RL -> RS-SFT |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| seed | after SFT | SFT + {args.sft_more} steps | after RL | RL - SFT | RL - longer SFT | after RS-SFT | "
+          "RS-SFT - RL | greedy SFT -> RL (change) | tokens SFT -> RL -> RS-SFT |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     tokens = lambda s: "-" if s is None else f"{s['mean_tokens']:.1f}"  # noqa: E731
     change = lambda d: "-" if d is None else f"{100 * d[0]:+.1f} +- {100 * d[1]:.1f}"  # noqa: E731
     for r in rows:
-        sft, rl, rs = r["sft"], r["rl_reasoning"], r.get("sft_rs")
+        sft, more, rl, rs = r["sft"], r.get("sft_more"), r["rl_reasoning"], r.get("sft_rs")
         greedy = lambda s: pct(s.get("greedy_accuracy", s["accuracy"]))  # noqa: E731
-        print(f"| {r['seed']} | {pct(sft['accuracy'], sft.get('accuracy_se'))} | {pct(rl['accuracy'], rl.get('accuracy_se'))} "
-              f"| {change(r['diff'])} | {'-' if rs is None else pct(rs['accuracy'], rs.get('accuracy_se'))} | "
+        acc = lambda s: "-" if s is None else pct(s["accuracy"], s.get("accuracy_se"))  # noqa: E731
+        print(f"| {r['seed']} | {acc(sft)} | {acc(more)} | {acc(rl)} | {change(r['diff'])} | {change(r['more_diff'])} | "
+              f"{acc(rs)} | "
               f"{change(r['rs_diff'])} | {greedy(sft)} -> {greedy(rl)} ({change(r['greedy_diff'])}) | "
               f"{tokens(sft)} -> {tokens(rl)} -> {tokens(rs)} |")
     mean = lambda f: statistics.mean(f(r) for r in rows)  # noqa: E731
@@ -81,8 +92,25 @@ def main() -> None:
           f"{100 * pooled('diff'):.1f} (pooled paired standard error); RL improved pass@1 on "
           f"{sum(r['diff'][0] > 0 for r in rows)}/{len(rows)} seeds, greedy on "
           f"{sum(r['greedy_diff'][0] > 0 for r in rows)}/{len(rows)}")
+    if all(r["more_diff"] for r in rows):
+        print(f"RL - longer SFT {100 * mean(lambda r: r['more_diff'][0]):+.1f} +- {100 * pooled('more_diff'):.1f}")
     if all(r["rs_diff"] for r in rows):
         print(f"RS-SFT - RL {100 * mean(lambda r: r['rs_diff'][0]):+.1f} +- {100 * pooled('rs_diff'):.1f}")
+
+
+def longer_sft(run: Path, seed: int, args, overrides: list[str]) -> None:
+    """The baseline that tells RL from more training: the pipeline's own sft and eval_sft steps again, from the
+    cold-start checkpoint for ``args.sft_more`` more steps, into ``sft_more`` and ``eval/sft_more``."""
+    cfg = load_config(pipeline.PipelineConfig, args.recipe, [f"run_dir={run}", f"seed={seed}", *overrides,
+                                                             *([f"threads={args.threads}"] if args.threads else [])])
+    steps = {s.name: s for s in cfg.steps}
+    more = replace(steps["sft"], name="sft_more", output="{run_dir}/sft_more", args=[
+        *steps["sft"].args, "model.init={run_dir}/sft/final", f"train.max_steps={args.sft_more}",
+        "output_dir={run_dir}/sft_more"])
+    evaluate = replace(steps["eval_sft"], name="eval_sft_more", output="{run_dir}/eval/sft_more", args=[
+        *steps["eval_sft"].args, "model.init={run_dir}/sft_more/final", "output={run_dir}/eval/sft_more/heldout.json"])
+    for step in (more, evaluate):
+        pipeline.run_step(step, cfg, {})
 
 
 if __name__ == "__main__":
