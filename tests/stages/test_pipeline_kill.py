@@ -22,7 +22,7 @@ RL_STEPS = 4
 def recipe(tmp_path: Path, run: Path, stop_after: str) -> Path:
     cfg = yaml.safe_load((ROOT / "recipes/tiny/pipeline.yaml").read_text())
     overrides = {**SMOKE, "rl_reasoning": [*SMOKE["rl_reasoning"], f"train.max_steps={RL_STEPS}", "train.save_every=1",
-                                           "train.keep_last=10"]}
+                                           "train.keep_last=10", "eval.every=0"]}
     cfg.update(run_dir=str(run), seed=1, step_overrides=overrides, threads=1, stop_after=stop_after, report=False)
     path = tmp_path / f"{run.name}-{stop_after}.yaml"
     path.write_text(yaml.safe_dump(cfg))

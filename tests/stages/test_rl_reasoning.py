@@ -45,7 +45,8 @@ def args(workdir: Path, out: Path, *extra: str) -> list[str]:
         f"output_dir={out}", "wandb_mode=disabled", "sampling.max_new_tokens=12", "sampling.max_batch=16",
         "train.prompts_per_step=2", "train.group_size=4", "train.micro_batch_size=4", "train.minibatches=2",
         "train.max_steps=2", "train.save_every=1", "train.sample_every=1", "train.lr=0.001",
-        f"eval.data={{path: {workdir / 'data/math_test.jsonl'}, limit: 2}}", "eval.max_new_tokens=8", *extra,
+        f"eval.data={{path: {workdir / 'data/math_test.jsonl'}, limit: 2}}", "eval.max_new_tokens=8", "eval.every=0",
+        *extra,
     ]
 
 
