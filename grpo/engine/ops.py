@@ -59,8 +59,8 @@ def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None) ->
     # the routing runs uncompiled: the dynamic-shape compile of route_torch failed in inductor ("CantSplit: s75
     # not divisible by s75*s76") for v3-mini's group-limited routing in fp32 on an H100 (2026-12-06), prefill and
     # decode alike
-    route_fn = route_torch
-    ops = LayerOps(attend=attend, moe=moe_torch, route=route_fn if sink is None else RecordingRoute(route_fn, sink),
+    route = route_torch if sink is None else RecordingRoute(route_torch, sink)
+    ops = LayerOps(attend=attend, moe=moe_torch, route=route,
                    routed=routed_all if cuda and dtype != torch.bfloat16 else routed_grouped,
                    order=_compiled_order if cuda else sorted_order)
     return Ops(decode_layer, prefill_layer, ops, ops, kernels=False)

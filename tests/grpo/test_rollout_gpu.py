@@ -178,25 +178,13 @@ def test_bf16_verify_step_equals_one_token_steps_on_the_compiled_table():
     logits and cache latents of m one-token decode steps (compiled layers, the Triton kernels where available)
     within bf16 rounding; the MTP step runs through the same table."""
     from grpo import kernels
-    from grpo.engine.v3 import V3Decoder
+    from tests.grpo.test_speculative import verify_and_steps
     model, m = spec_policy(torch.bfloat16), 4
-    steps = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
-    multi = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
-    assert multi.ops.kernels == kernels.AVAILABLE
-    prompts = PROMPTS[:3]
-    lens = torch.tensor([len(p) for p in prompts], device="cuda")
     tokens = torch.randint(3, 48, (3, m), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
-        for dec in (steps, multi):
-            dec.prefill(prompts, [[0], [1], [2]])
-            dec.positions[:3] = lens
-        one = []
-        for j in range(m):
-            steps.tokens[:3] = tokens[:, j]
-            one.append(steps.decode(3, int(steps.positions[:3].max()) + 1).float())
-            steps.positions[:3] += 1
-        logits = multi.lm_head(multi.verify(tokens, int(lens.max()) + 1)).float()
-        ref = torch.stack(one, dim=1)
+        steps, multi, logits, ref, lens = verify_and_steps(model, PROMPTS[:3], tokens)
+        assert multi.ops.kernels == kernels.AVAILABLE
+        logits, ref = logits.float(), ref.float()
         assert (logits - ref).abs().max() < 0.05 * ref.abs().max()
         for s, n in enumerate(lens.tolist()):
             torch.testing.assert_close(multi.cache.data[:, s, : n + m], steps.cache.data[:, s, : n + m], atol=3e-2,

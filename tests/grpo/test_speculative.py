@@ -37,24 +37,32 @@ def policy(sharpen: float = 8.0, mtp: int = 1, **overrides) -> DeepseekV3Policy:
     return model
 
 
+def verify_and_steps(model, prompts: list[list[int]], tokens: torch.Tensor):
+    """The same prompts in two V3 decoders; ``tokens`` [n, m] fed as m one-token decode steps into one and as one
+    verify step into the other. Returns (one-step decoder, verify decoder, verify logits [n, m, V], the one-step
+    logits stacked [n, m, V], prompt lengths)."""
+    n, m = tokens.shape
+    steps = V3Decoder(model, slots=n, max_len=64, draft_tokens=1)
+    multi = V3Decoder(model, slots=n, max_len=64, draft_tokens=1)
+    lens = torch.tensor([len(p) for p in prompts], device=tokens.device)
+    for dec in (steps, multi):
+        dec.prefill(prompts, [[i] for i in range(n)])
+        dec.positions[:n] = lens
+    one = []
+    for j in range(m):
+        steps.tokens[:n] = tokens[:, j]
+        one.append(steps.decode(n, int(steps.positions[:n].max()) + 1))
+        steps.positions[:n] += 1
+    return steps, multi, multi.lm_head(multi.verify(tokens, int(lens.max()) + 1)), torch.stack(one, dim=1), lens
+
+
 @torch.inference_mode()
 def test_multi_token_step_equals_one_token_steps():
     """fp32: a verify step over m tokens gives the logits and cache latents of m one-token decode steps."""
     model, m = policy(), 4
-    steps = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
-    multi = V3Decoder(model, slots=3, max_len=64, draft_tokens=1)
-    prompts, lens = PROMPTS[:3], torch.tensor([len(p) for p in PROMPTS[:3]])
     tokens = torch.randint(3, VOCAB, (3, m), generator=torch.Generator().manual_seed(1))
-    for dec in (steps, multi):
-        dec.prefill(prompts, [[0], [1], [2]])
-        dec.positions[:3] = lens
-    one = []
-    for j in range(m):
-        steps.tokens[:3] = tokens[:, j]
-        one.append(steps.decode(3, int(steps.positions[:3].max()) + 1))
-        steps.positions[:3] += 1
-    logits = multi.lm_head(multi.verify(tokens, int(lens.max()) + 1))
-    torch.testing.assert_close(logits, torch.stack(one, dim=1), atol=1e-5, rtol=1e-5)
+    steps, multi, logits, ref, lens = verify_and_steps(model, PROMPTS[:3], tokens)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
     for s, n in enumerate(lens.tolist()):
         written = slice(0, n + m)
         torch.testing.assert_close(multi.cache.data[:, s, written], steps.cache.data[:, s, written], atol=1e-5,
