@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from grpo.engine.graphs import BucketedGraphs
 from grpo.engine.protocol import Drafts
 from grpo.sampling import distribution, inverse_cdf
 
@@ -76,8 +77,8 @@ class Speculator:
     from ``generator``. ``kept`` [k+1] counts the rounds (per sequence) that kept 0..k drafts; ``stats`` reports
     them.
 
-    With ``graphs`` (CUDA) a round is replayed from CUDA graphs, one per (batch bucket, span bucket) as
-    ``grpo.engine.graphs.CudaGraphStep``: only the uniforms are drawn outside. Rows n..bucket-1 are free
+    With ``graphs`` (CUDA) a round is replayed from CUDA graphs (``grpo.engine.graphs.BucketedGraphs``): only
+    the uniforms are drawn outside. Rows n..bucket-1 are free
     slots, run at position 1 with one pending MTP position (so every write stays inside their own cache rows,
     below k + 2) and ignored; the prefill of their next sequence rewrites those rows before they are read.
     Without graphs a round launches its few hundred kernels one by one (ten times a plain decode step at
@@ -88,13 +89,8 @@ class Speculator:
         self.dec, self.sampling, self.generator = decoder, sampling, generator
         self.k = decoder.draft_tokens
         self.kept = torch.zeros(self.k + 1, dtype=torch.long)
-        self.graphs = {} if graphs else None
-        self.span_step = span_step
-        if graphs:
-            slots = decoder.slots
-            self.buckets = sorted({2**i for i in range(slots.bit_length()) if 2**i < slots} | {slots})
-            self.uniform = torch.zeros(slots, 2 * self.k + 1, device=decoder.device)
-            self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = BucketedGraphs(decoder, self.round, generator, (2 * self.k + 1,),
+                                     [decoder.tokens, *decoder.pending], self._free, span_step) if graphs else None
 
     def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A round for slots 0..n-1 at ``positions[:n]`` (all positions + k < span). Returns (tokens [n, k+1],
@@ -105,7 +101,7 @@ class Speculator:
             uniform = torch.rand(n, 2 * self.k + 1, generator=self.generator, device=self.dec.device)
             tokens, logprobs, count = self.round(n, span, uniform)
         else:
-            tokens, logprobs, count = self._replay(n, span)
+            tokens, logprobs, count = self.graphs(n, span)
         count = count[:n].cpu()
         self.kept += torch.bincount(count - 1, minlength=self.k + 1)
         return tokens[:n], logprobs[:n], count
@@ -138,39 +134,13 @@ class Speculator:
         dec.tokens[:n] = tokens[row, count - 1]
         return tokens, logprobs, count
 
-    def _replay(self, n: int, span: int):
-        dec = self.dec
-        batch = next(b for b in self.buckets if b >= n)
-        span = dec.max_len if dec.ops.kernels else min(dec.max_len, -(-span // self.span_step) * self.span_step)
-        dec.positions[n:batch] = 1  # free slots (class docstring)
-        dec.pending.count[n:batch] = 1
-        torch.rand(batch, 2 * self.k + 1, generator=self.generator, out=self.uniform[:batch])
-        if (batch, span) not in self.graphs:
-            self.graphs[batch, span] = self._capture(batch, span)
-        graph, out = self.graphs[batch, span]
-        graph.replay()
-        return out
-
-    def _capture(self, batch: int, span: int):
-        """A warm-up round on a side stream (compiles; its state changes are undone: the cache latents it
-        wrote are rewritten identically by the replay), then the captured round."""
-        dec = self.dec
-        state = [dec.tokens, *dec.pending]
-        saved = [t[:batch].clone() for t in state]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.round(batch, span, self.uniform[:batch])
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(state, saved):
-            t[:batch] = s
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.round(batch, span, self.uniform[:batch])
-        return graph, out
+    def _free(self, n: int, batch: int) -> None:
+        """Free slots run at position 1 with one pending MTP position (class docstring)."""
+        self.dec.positions[n:batch] = 1
+        self.dec.pending.count[n:batch] = 1
 
     def stats(self) -> dict[str, float]:
-        """Acceptance over this speculator's rounds (the engine makes one per ``generate``):
+        """Acceptance over this speculator's rounds (the engine zeroes ``kept`` at each ``generate``):
         spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept draft j among those that kept drafts
         1..j-1), spec_tokens_per_step (tokens emitted per sequence and verify step) and spec_rounds (verify
         steps summed over sequences)."""
