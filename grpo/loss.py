@@ -132,20 +132,25 @@ class LossOutput:
     tokens: float  # mask sum of the micro-batch (weight of ``metrics`` when averaging micro-batches)
 
 
-def _blocked_log_softmax(block_logits, ids: Tensor, temperature: float, rows: int, n: int):
-    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s)`` gives for rows s..s+rows
-    (``_SelectiveLogSoftmax``'s formulas), one block at a time."""
-    y = ids.reshape(-1, 1)
-    lse, logp, ent = (torch.empty(n, device=ids.device) for _ in range(3))
+def _blocked_log_softmax(block_logits, ids: Tensor, rows: int, n: int, vocab: int):
+    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s, out)`` gives for rows s..s+k
+    (k = min(rows, n - s); fp32, already divided by the temperature, written into out [k, V] or a view it must
+    not be changed through), one block at a time (``_SelectiveLogSoftmax``'s formulas). The block temporaries
+    live in two [rows, V] buffers made once per call: a fresh large tensor per block costs a page fault per
+    4 KB on the CPU (glibc hands allocations above its threshold straight to mmap), which took as long as the
+    GEMMs (2-core CPU, 2026-12-06)."""
+    y, dev = ids.reshape(-1, 1), ids.device
+    lse, logp, ent = (torch.empty(n, device=dev) for _ in range(3))
+    z_buf, e_buf = (torch.empty(min(rows, n), vocab, device=dev) for _ in range(2))
     for s in range(0, n, rows):
-        z = block_logits(s).float()
-        z = z if temperature == 1 else z / temperature
+        k = min(rows, n - s)
+        z = block_logits(s, z_buf[:k])
         m = z.amax(-1, keepdim=True)
-        e = (z - m).exp_()
+        e = torch.sub(z, m, out=e_buf[:k]).exp_()
         total = e.sum(-1)
-        lse[s:s + rows] = block_lse = total.log() + m[:, 0]
-        logp[s:s + rows] = z.gather(-1, y[s:s + rows]).squeeze(-1) - block_lse
-        ent[s:s + rows] = block_lse - e.mul_(z).sum(-1) / total
+        lse[s:s + k] = block_lse = total.log() + m[:, 0]
+        logp[s:s + k] = z.gather(-1, y[s:s + k]).squeeze(-1) - block_lse
+        ent[s:s + k] = block_lse - e.mul_(z).sum(-1) / total
     return lse, logp, ent
 
 
@@ -162,7 +167,14 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, rows: int, overwrite: bool = False):
         flat = logits.reshape(-1, logits.shape[-1])
-        lse, logp, ent = _blocked_log_softmax(lambda s: flat[s:s + rows], ids, temperature, rows, flat.shape[0])
+
+        def block(s, out):
+            z = flat[s:s + out.shape[0]]
+            if z.dtype == torch.float32 and temperature == 1:
+                return z
+            return torch.div(z, temperature, out=out) if temperature != 1 else out.copy_(z)
+
+        lse, logp, ent = _blocked_log_softmax(block, ids, rows, *flat.shape)
         ctx.save_for_backward(logits, ids, lse)
         ctx.temperature, ctx.rows, ctx.overwrite = temperature, rows, overwrite
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
@@ -183,18 +195,29 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad.to(logits.dtype).view(logits.shape), None, None, None, None
 
 
+def _head_block(h: Tensor, weight: Tensor, temperature: float, out: Tensor) -> Tensor:
+    """z = fp32(h W^T) / T for a block of rows h [k, d], written into out [k, V] fp32: the GEMM in W's dtype with
+    fp32 output, as ``lm_head`` then ``.float()`` give."""
+    if weight.dtype == torch.float32:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        out.copy_(F.linear(h, weight))
+    return out if temperature == 1 else out.div_(temperature)
+
+
 class _HeadLogSoftmax(torch.autograd.Function):
     """The output layer fused with ``_SelectiveLogSoftmax``: logits z = h W^T are made block by block of rows and
     dropped, so neither the forward nor the backward holds [N, L, V]; only h, W and one fp32 log-sum-exp per row
-    are saved. Per block: z = fp32(h_b W^T) (the GEMM in W's dtype with fp32 output, as ``lm_head`` then
-    ``.float()`` give), then the same formulas; backward: g_z = (1[v = y] - softmax(z / T)_v) g / T recomputed from
-    the saved log-sum-exp, d h = g_z W, d W = sum_b g_z^T h_b."""
+    are saved. Per block: z = ``_head_block``, then the same formulas; backward: g_z = (1[v = y] - softmax(z /
+    T)_v) g / T recomputed from the saved log-sum-exp (in one reused [rows, V] buffer), d h = g_z W,
+    d W = sum_b g_z^T h_b."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int):
         flat = hidden.reshape(-1, hidden.shape[-1])
-        lse, logp, ent = _blocked_log_softmax(lambda s: F.linear(flat[s:s + rows], weight), ids, temperature, rows,
-                                              flat.shape[0])
+        lse, logp, ent = _blocked_log_softmax(
+            lambda s, out: _head_block(flat[s:s + out.shape[0]], weight, temperature, out), ids, rows,
+            flat.shape[0], weight.shape[0])
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.rows = temperature, rows
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
@@ -206,15 +229,20 @@ class _HeadLogSoftmax(torch.autograd.Function):
         hidden, weight, ids, lse = ctx.saved_tensors
         T, rows = ctx.temperature, ctx.rows
         flat, y = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, 1)
+        n = flat.shape[0]
         g = grad_logp.reshape(-1, 1).float() / T
         grad_h = torch.empty_like(flat)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, flat.shape[0], rows):
-            z = F.linear(flat[s:s + rows], weight).float()
-            p = (z if T == 1 else z / T).sub_(lse[s:s + rows, None]).exp_()
-            gz = p.mul_(-g[s:s + rows]).scatter_add_(-1, y[s:s + rows], g[s:s + rows])
-            grad_h[s:s + rows] = (gz.to(weight.dtype) @ weight).to(flat.dtype)
-            grad_w.addmm_(gz.t(), flat[s:s + rows].float())
+        buf = torch.empty(min(rows, n), weight.shape[0], device=weight.device)
+        for s in range(0, n, rows):
+            k = min(rows, n - s)
+            gz = _head_block(flat[s:s + k], weight, T, buf[:k]).sub_(lse[s:s + k, None]).exp_()
+            gz.mul_(-g[s:s + k]).scatter_add_(-1, y[s:s + k], g[s:s + k])
+            if weight.dtype == torch.float32:
+                torch.mm(gz, weight, out=grad_h[s:s + k])
+            else:
+                grad_h[s:s + k] = (gz.to(weight.dtype) @ weight).to(flat.dtype)
+            grad_w.addmm_(gz.t(), flat[s:s + k].float())
         return grad_h.view(hidden.shape), grad_w.to(weight.dtype), None, None, None
 
 
@@ -222,10 +250,10 @@ def head_logprobs_and_entropy(hidden: Tensor, weight: Tensor, ids: Tensor, tempe
                               *, entropy: bool = True, rows: int | None = None) -> tuple[Tensor, Tensor | None]:
     """``logprobs_and_entropy(hidden @ weight.T, ids, temperature)`` without materialising the logits: hidden
     [N, L, d] (the final normed hidden states at the positions that predict ``ids`` [N, L]), weight [V, d] (the
-    output layer). Blocks of ``rows`` positions (default: ~64 MB of fp32 logits on CPU, ~1 GB on GPU). The
-    entropy carries no gradient."""
+    output layer). Blocks of ``rows`` positions (default: ~16 MB of fp32 logits on CPU, where larger blocks
+    ran the GEMMs slower, ~1 GB on GPU). The entropy carries no gradient."""
     if rows is None:
-        block = (1 << 26) if hidden.device.type == "cpu" else (1 << 30)
+        block = (1 << 24) if hidden.device.type == "cpu" else (1 << 30)
         rows = max(1, block // (4 * weight.shape[0]))
     logp, ent = _HeadLogSoftmax.apply(hidden, weight, ids, temperature, rows)
     return logp, ent if entropy else None
