@@ -7,7 +7,7 @@ prompts, reward and settings, measured in the same run.
                                               # prompts; goal >= 10x TRL
     python bench/grpo_step.py --device cuda --new-tokens 4096 --prompt-len 512 --micro-batch 8 --compare-chunked
                                               # reasoning shape: the update with the blocked output layer
-                                              # (train.chunked_head) against the plain head
+                                              # (train.chunked_head_mb 0) against the plain head
 
 The model configs and TRL settings are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py:
 TRL 1.16 without vLLM, beta = 0, one optimizer step per generation batch, reward = completion characters / 100).
@@ -21,7 +21,8 @@ the environment, our step, TRL's step and the ratio. TRL is skipped with a messa
 
 ``--new-tokens``, ``--prompt-len``, ``--prompts``, ``--group``, ``--micro-batch`` change the shape (defaults: the
 anchors'); ``--no-anchor`` (or ``--skip-trl``) leaves TRL out. ``--compare-chunked`` runs one rollout, then the
-update (``--steps`` timed after one warm-up, on the same batch) with ``train.chunked_head`` on and off, and prints
+update (``--steps`` timed after one warm-up, on the same batch) with the output layer in blocks (``train.chunked_head_mb``
+0) and plain (inf), and prints
 for each the update's tokens/s (completion tokens / median update time) and its peak memory above what was held
 before it: on CUDA torch.cuda.max_memory_allocated, on the CPU the growth of the process's peak resident set
 (VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim; reported as null with a
@@ -162,7 +163,7 @@ def compare_chunked(shape: dict, model: torch.nn.Module, tok, texts: list[str], 
         tokens = float(batch.completion_mask.sum())
         rows = {}
         for chunked in (True, False):
-            trainer.cfg.chunked_head = chunked
+            trainer.cfg.chunked_head_mb = 0 if chunked else float("inf")
             times = []
             with cpu_threads(trainer.accelerator.device, trainer.cfg.cpu_threads):
                 peak = PeakMemory(device)
@@ -237,7 +238,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: the anchor's)")
     parser.add_argument("--micro-batch", type=int, default=None, help="completions per forward (default: all)")
     parser.add_argument("--compare-chunked", action="store_true",
-                        help="time the update with train.chunked_head on and off instead of the step against TRL")
+                        help="time the update with the output layer in blocks and plain instead of the step against TRL")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing (ours)")
     a = parser.parse_args()
     if a.threads:

@@ -48,7 +48,8 @@ once. ``--recompute full`` is the training option ``model.gradient_checkpointing
 checkpointing of every decoder layer, grpo.model): it keeps only each layer's input b_a h per token plus one
 layer's activations while it is recomputed (and the head and MTP modules, counted in full here although
 grpo.model recomputes the MTP layers too). The head row is SFT's; the RL update's blocked output layer
-(``train.chunked_head``) keeps 4 bytes per token (a log-sum-exp) instead of 4V. With pipeline stages, stage s
+(``train.chunked_head_mb``, when a micro-batch's logits exceed it) keeps 4 bytes per token (a log-sum-exp) instead
+of 4V. With pipeline stages, stage s
 holds pp - s micro-batches in flight (1F1B); without, one. Not counted: CUDA context and allocator fragmentation (typically 2-5 GB),
 communication buckets (DeepSpeed's reduce/allgather buckets, a few hundred MB each), all-to-all buffers
 beyond the dispatched activations above, the rollout KV cache.

@@ -297,7 +297,7 @@ def test_chunked_head_gives_the_same_step(tmp_path, arch):
     weights after two RL steps (fp32)."""
     runs = {}
     for chunked in (True, False):
-        t = make(tmp_path / str(chunked), arch=arch, max_steps=2, chunked_head=chunked)
+        t = make(tmp_path / str(chunked), arch=arch, max_steps=2, chunked_head_mb=0 if chunked else float("inf"))
         metrics = [t.train_step()[0] for _ in range(2)]
         runs[chunked] = metrics, {k: v.detach().clone() for k, v in t.policy.state_dict().items()}
     (m1, w1), (m0, w0) = runs[True], runs[False]
@@ -313,7 +313,7 @@ def test_activation_checkpointing_gives_the_same_steps_with_routing_replay(tmp_p
     and the blocked output layer: two RL steps give the same losses, metrics, router biases and weights (fp32)."""
     runs = {}
     for on in (True, False):
-        t = make(tmp_path / str(on), max_steps=2, routing_replay="old")
+        t = make(tmp_path / str(on), max_steps=2, routing_replay="old", chunked_head_mb=0)
         if on:
             t.policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         metrics = [t.train_step()[0] for _ in range(2)]
