@@ -102,7 +102,7 @@ class TrainerConfig:
     # the output layer and log-probs computed together in blocks of positions (grpo.loss.head_logprobs_and_entropy)
     # when a micro-batch's fp32 logits [n, L, V] would exceed this many MiB (0: always): the update then never holds
     # them. Same values and gradients as the plain head, which is faster below the bound (three GEMMs, no recompute:
-    # 0.92 vs 0.99 s for bench/grpo_step.py's CPU update, 250 MiB of logits); float("inf"): never
+    # 3.30 vs 3.91 s for bench/grpo_step.py's CPU update at 256 tokens, 1,000 MiB of logits); float("inf"): never
     chunked_head_mb: float = 1024.0
 
     def __post_init__(self):
