@@ -308,6 +308,16 @@ def test_chunked_head_gives_the_same_step(tmp_path, arch):
         torch.testing.assert_close(w1[key], w0[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_output_layer_runs_in_blocks_only_above_the_bound(tmp_path):
+    """train.chunked_head_mb: the blocked output layer for a micro-batch whose fp32 logits exceed the bound (1 MiB
+    = 2**18 logits here), the plain head at or below it."""
+    t = make(tmp_path, chunked_head_mb=1)
+    assert t._fused_head(2**18) is None
+    assert t._fused_head(2**18 + 1) is t.policy.get_output_embeddings().weight
+    with pytest.raises(ConfigError, match="chunked_head_mb"):
+        TrainerConfig(chunked_head_mb=-1)
+
+
 def test_activation_checkpointing_gives_the_same_steps_with_routing_replay(tmp_path):
     """Checkpointed decoder layers (model.gradient_checkpointing, as load_policy enables it) with routing replay
     and the blocked output layer: two RL steps give the same losses, metrics, router biases and weights (fp32)."""
