@@ -162,6 +162,12 @@ class RolloutEngine:
         self._decoder = self._graphs = self._speculator = None
 
     @property
+    def _graphs_allowed(self) -> bool:
+        """Decode steps may be replayed from CUDA graphs: on CUDA with ``cuda_graphs``, without expert
+        parallelism (its all-to-all sizes its messages on the host)."""
+        return self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
+
+    @property
     def _sampling(self) -> dict:
         c = self.cfg
         return dict(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, min_p=c.min_p)
@@ -194,10 +200,8 @@ class RolloutEngine:
         self._decoder = V3Decoder(self.model, slots=self.cfg.max_batch, max_len=-(-max_len // 64) * 64, draft_tokens=k)
         if self.cfg.record_routing:
             self._decoder.record_routing()
-        # an expert-parallel all-to-all sizes its messages on the host, recording appends on the host: not
-        # capturable; a speculative round has its own graphs (``Speculator``)
-        if (self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
-                and not self.cfg.record_routing and not k):
+        # recording appends on the host: not capturable; a speculative round has its own graphs (``Speculator``)
+        if self._graphs_allowed and not self.cfg.record_routing and not k:
             self._graphs = CudaGraphStep(self._decoder, self._sample_compiled, self.generator)
         return self._decoder
 
@@ -210,8 +214,7 @@ class RolloutEngine:
         # step writes k + 1 latents from the slot's position on
         dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag + self.draft_tokens)
         if self.draft_tokens and (self._speculator is None or self._speculator.dec is not dec):  # keeps its graphs
-            graphs = self.device.type == "cuda" and self.cfg.cuda_graphs and self.ep_group is None
-            self._speculator = Speculator(dec, self._sampling, self.generator, graphs)
+            self._speculator = Speculator(dec, self._sampling, self.generator, self._graphs_allowed)
         if self._speculator is not None:
             self._speculator.kept.zero_()
         slots = Slots(dec, len(prompts) * group_size)
