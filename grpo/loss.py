@@ -196,9 +196,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 
 def _head_block(h: Tensor, weight: Tensor, temperature: float, out: Tensor) -> Tensor:
-    """z = fp32(h W^T) / T for a block of rows h [k, d], written into out [k, V] fp32: the GEMM in W's dtype with
-    fp32 output, as ``lm_head`` then ``.float()`` give."""
-    if weight.dtype == torch.float32:
+    """z = fp32(h W^T) / T for a block of rows h [k, d], written into out [k, V] fp32: the GEMM as ``lm_head`` then
+    ``.float()`` give it (in W's dtype, or autocast's)."""
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
         torch.mm(h, weight.t(), out=out)
     else:
         out.copy_(F.linear(h, weight))
@@ -209,8 +209,8 @@ class _HeadLogSoftmax(torch.autograd.Function):
     """The output layer fused with ``_SelectiveLogSoftmax``: logits z = h W^T are made block by block of rows and
     dropped, so neither the forward nor the backward holds [N, L, V]; only h, W and one fp32 log-sum-exp per row
     are saved. Per block: z = ``_head_block``, then the same formulas; backward: g_z = (1[v = y] - softmax(z /
-    T)_v) g / T recomputed from the saved log-sum-exp (in one reused [rows, V] buffer), d h = g_z W,
-    d W = sum_b g_z^T h_b."""
+    T)_v) g / T recomputed from the saved log-sum-exp (in one reused [rows, V] buffer; the logits GEMM under the
+    forward's autocast state, so that they are the forward's logits), d h = g_z W, d W = sum_b g_z^T h_b."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int):
@@ -220,6 +220,8 @@ class _HeadLogSoftmax(torch.autograd.Function):
             flat.shape[0], weight.shape[0])
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.rows = temperature, rows
+        dev = hidden.device.type
+        ctx.autocast = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
         ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -234,11 +236,13 @@ class _HeadLogSoftmax(torch.autograd.Function):
         grad_h = torch.empty_like(flat)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         buf = torch.empty(min(rows, n), weight.shape[0], device=weight.device)
+        enabled, cast = ctx.autocast
         for s in range(0, n, rows):
             k = min(rows, n - s)
-            gz = _head_block(flat[s:s + k], weight, T, buf[:k]).sub_(lse[s:s + k, None]).exp_()
-            gz.mul_(-g[s:s + k]).scatter_add_(-1, y[s:s + k], g[s:s + k])
-            if weight.dtype == torch.float32:
+            with torch.autocast(weight.device.type, dtype=cast, enabled=enabled):
+                z = _head_block(flat[s:s + k], weight, T, buf[:k])
+            gz = z.sub_(lse[s:s + k, None]).exp_().mul_(-g[s:s + k]).scatter_add_(-1, y[s:s + k], g[s:s + k])
+            if flat.dtype == weight.dtype == torch.float32:
                 torch.mm(gz, weight, out=grad_h[s:s + k])
             else:
                 grad_h[s:s + k] = (gz.to(weight.dtype) @ weight).to(flat.dtype)

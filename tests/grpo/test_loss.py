@@ -315,3 +315,23 @@ def test_head_logprobs_equal_the_materialised_logits(rows):
     want = torch.autograd.grad((ref * weights).sum(), (h, w))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_head_logprobs_under_autocast_recompute_the_forwards_logits():
+    """fp32 weights under bf16 autocast (train.bf16 with fp32 weights): the forward's logits are a bf16 GEMM, and the
+    backward's recomputed probabilities must be those logits' (a recompute outside autocast, in fp32, would not
+    sum to one against the forward's log-sum-exp). Reference: the same bf16-GEMM logits, then fp32 autograd."""
+    from grpo.loss import head_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 32, generator=g, requires_grad=True)
+    w = (torch.randn(300, 32, generator=g) * 0.5).requires_grad_()
+    ids, weights = torch.randint(0, 300, (2, 9), generator=g), torch.randn(2, 9, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = head_logprobs_and_entropy(h, w, ids, 0.7, rows=5)
+    grad_h, = torch.autograd.grad((logp * weights).sum(), h)
+    z = F.linear(h.detach().bfloat16(), w.detach().bfloat16()).float()
+    ref = torch.log_softmax(z / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-5)
+    gz = (F.one_hot(ids, 300) - torch.softmax(z / 0.7, dim=-1)) * (weights / 0.7)[..., None]
+    torch.testing.assert_close(grad_h, gz @ w.detach(), rtol=1e-4, atol=1e-5)
