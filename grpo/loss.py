@@ -133,18 +133,17 @@ class LossOutput:
 
 
 def _blocked_log_softmax(block_logits, ids: Tensor, rows: int, n: int, vocab: int):
-    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s, out)`` gives for rows s..s+k
-    (k = min(rows, n - s); fp32, already divided by the temperature, written into out [k, V] or a view it must
-    not be changed through), one block at a time (``_SelectiveLogSoftmax``'s formulas). The block temporaries
-    live in two [rows, V] buffers made once per call: a fresh large tensor per block costs a page fault per
-    4 KB on the CPU (glibc hands allocations above its threshold straight to mmap), which took as long as the
-    GEMMs (2-core CPU, 2026-12-06)."""
+    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s, k)`` gives for rows s..s+k-1
+    (k = min(rows, n - s); fp32, already divided by the temperature, not changed here), one block at a time
+    (``_SelectiveLogSoftmax``'s formulas). Block temporaries live in buffers made once per call (here and in the
+    callers' ``block_logits``): a fresh large tensor per block costs a page fault per 4 KB on the CPU (glibc hands
+    allocations above its threshold straight to mmap), which took as long as the GEMMs (2-core CPU, 2026-12-06)."""
     y, dev = ids.reshape(-1, 1), ids.device
     lse, logp, ent = (torch.empty(n, device=dev) for _ in range(3))
-    z_buf, e_buf = (torch.empty(min(rows, n), vocab, device=dev) for _ in range(2))
+    e_buf = torch.empty(min(rows, n), vocab, device=dev)
     for s in range(0, n, rows):
         k = min(rows, n - s)
-        z = block_logits(s, z_buf[:k])
+        z = block_logits(s, k)
         m = z.amax(-1, keepdim=True)
         e = torch.sub(z, m, out=e_buf[:k]).exp_()
         total = e.sum(-1)
@@ -167,12 +166,12 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, temperature: float, rows: int, overwrite: bool = False):
         flat = logits.reshape(-1, logits.shape[-1])
+        as_is = flat.dtype == torch.float32 and temperature == 1
+        buf = None if as_is else torch.empty(min(rows, flat.shape[0]), flat.shape[1], device=flat.device)
 
-        def block(s, out):
-            z = flat[s:s + out.shape[0]]
-            if z.dtype == torch.float32 and temperature == 1:
-                return z
-            return torch.div(z, temperature, out=out) if temperature != 1 else out.copy_(z)
+        def block(s, k):  # fp32 first, then / T (as .float() / T)
+            z = flat[s:s + k]
+            return z if as_is else _scaled(buf[:k].copy_(z), temperature)
 
         lse, logp, ent = _blocked_log_softmax(block, ids, rows, *flat.shape)
         ctx.save_for_backward(logits, ids, lse)
@@ -195,6 +194,11 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad.to(logits.dtype).view(logits.shape), None, None, None, None
 
 
+def _scaled(z: Tensor, temperature: float) -> Tensor:
+    """z / T in place (z itself at T = 1)."""
+    return z if temperature == 1 else z.div_(temperature)
+
+
 def _head_block(h: Tensor, weight: Tensor, temperature: float, out: Tensor) -> Tensor:
     """z = fp32(h W^T) / T for a block of rows h [k, d], written into out [k, V] fp32: the GEMM as ``lm_head`` then
     ``.float()`` give it (in W's dtype, or autocast's)."""
@@ -202,7 +206,7 @@ def _head_block(h: Tensor, weight: Tensor, temperature: float, out: Tensor) -> T
         torch.mm(h, weight.t(), out=out)
     else:
         out.copy_(F.linear(h, weight))
-    return out if temperature == 1 else out.div_(temperature)
+    return _scaled(out, temperature)
 
 
 class _HeadLogSoftmax(torch.autograd.Function):
@@ -215,9 +219,10 @@ class _HeadLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int):
         flat = hidden.reshape(-1, hidden.shape[-1])
+        buf = torch.empty(min(rows, flat.shape[0]), weight.shape[0], device=weight.device)
         lse, logp, ent = _blocked_log_softmax(
-            lambda s, out: _head_block(flat[s:s + out.shape[0]], weight, temperature, out), ids, rows,
-            flat.shape[0], weight.shape[0])
+            lambda s, k: _head_block(flat[s:s + k], weight, temperature, buf[:k]), ids, rows, flat.shape[0],
+            weight.shape[0])
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.rows = temperature, rows
         dev = hidden.device.type

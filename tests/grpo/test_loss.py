@@ -114,6 +114,17 @@ def test_blocked_logprobs_match_log_softmax():
     assert not logprobs_and_entropy(logits.requires_grad_(True), ids)[1].requires_grad
 
 
+def test_blocked_logprobs_of_bf16_logits_divide_in_fp32():
+    """bf16 logits (the bf16 head's output) are made fp32 before the temperature divides them, as .float() / T."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 6, 300, generator=g) * 4).bfloat16()
+    ids = torch.randint(300, (2, 6), generator=g)
+    logp, ent = _SelectiveLogSoftmax.apply(logits, ids, 0.7, 5)
+    ref = torch.log_softmax(logits.float() / 0.7, dim=-1)
+    torch.testing.assert_close(logp, ref.gather(-1, ids[..., None]).squeeze(-1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ent, -(ref.exp() * ref).sum(-1), rtol=1e-6, atol=1e-5)
+
+
 def _policy(n=3, length=4, vocab=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(n, length, vocab, generator=g, requires_grad=True)
