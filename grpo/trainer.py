@@ -430,7 +430,7 @@ class GRPOTrainer:
         replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
         P, L = batch.prompt_ids.shape[1], completion.shape[1]
         keep = torch.arange(P - 1, P + L - 1, device=dev)  # positions whose logits predict the completion
-        head = self._fused_head(len(idx) * L * self.policy.config.vocab_size)
+        head = self._fused_head(len(idx) * L)
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
             if head is not None and not (grad and self.cfg.loss.entropy_coef > 0):  # no [n, L, V] logits
                 out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
@@ -467,13 +467,14 @@ class GRPOTrainer:
         m["mismatch/expert_flips"] = sum(f for f, _ in self._flips.values()) / max(sum(n for _, n in self._flips.values()), 1)
         return m
 
-    def _fused_head(self, logits: int) -> Tensor | None:
-        """The output layer's weight when the log-probs of ``logits`` logits are to be computed with it block by
-        block (``chunked_head_mb``; a plain bias-free linear head, no logit soft-capping), else None."""
+    def _fused_head(self, positions: int) -> Tensor | None:
+        """The output layer's weight when the log-probs at ``positions`` positions are to be computed with it block
+        by block (their fp32 logits above ``chunked_head_mb``; a plain bias-free linear head, no logit
+        soft-capping), else None."""
         head = self.policy.get_output_embeddings()
         plain = (type(head) is torch.nn.Linear and head.bias is None
                  and getattr(self.policy.config, "final_logit_softcapping", None) is None)
-        return head.weight if plain and 4 * logits > self.cfg.chunked_head_mb * 2**20 else None
+        return head.weight if plain and 4 * positions * head.weight.shape[0] > self.cfg.chunked_head_mb * 2**20 else None
 
     def _autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)

@@ -309,11 +309,12 @@ def test_chunked_head_gives_the_same_step(tmp_path, arch):
 
 
 def test_output_layer_runs_in_blocks_only_above_the_bound(tmp_path):
-    """train.chunked_head_mb: the blocked output layer for a micro-batch whose fp32 logits exceed the bound (1 MiB
-    = 2**18 logits here), the plain head at or below it."""
-    t = make(tmp_path, chunked_head_mb=1)
-    assert t._fused_head(2**18) is None
-    assert t._fused_head(2**18 + 1) is t.policy.get_output_embeddings().weight
+    """train.chunked_head_mb: the blocked output layer for a micro-batch whose fp32 logits exceed the bound (those
+    of 100 positions here), the plain head at or below it."""
+    vocab = make(tmp_path / "probe").policy.get_output_embeddings().weight.shape[0]
+    t = make(tmp_path / "run", chunked_head_mb=4 * vocab * 100 / 2**20)
+    assert t._fused_head(100) is None
+    assert t._fused_head(101) is t.policy.get_output_embeddings().weight
     with pytest.raises(ConfigError, match="chunked_head_mb"):
         TrainerConfig(chunked_head_mb=-1)
 
