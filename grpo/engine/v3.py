@@ -67,16 +67,17 @@ def _linear(module: nn.Module):
 
 
 def _packed_linear(module: nn.Module, rows: int):
-    """On CPU with MKL, an fp32 nn.Linear without bias as MKL's packed GEMM for up to ``rows`` input rows:
-    the weight is reordered once, here, and each call gives exactly F.linear's result, about 15% faster at
-    decode shapes. The packed copy does not follow later weight updates (``V3Decoder.bind`` repacks).
-    None when it does not apply."""
+    """On CPU with oneDNN, an fp32 nn.Linear without bias as oneDNN's GEMM on a weight reordered once, here,
+    for up to ``rows`` input rows: F.linear's result within fp32 rounding (another summation order), 2-3x
+    faster at decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms).
+    The packed copy does not follow later weight updates (``V3Decoder.bind`` repacks). None when it does not
+    apply."""
     weight = module.weight
     if (type(module) is not nn.Linear or module.bias is not None or weight.device.type != "cpu"
-            or weight.dtype != torch.float32 or not torch.backends.mkl.is_available()):
+            or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()):
         return None
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-    return lambda x: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
