@@ -310,15 +310,16 @@ def test_corrections_need_recompute():
         LossConfig(old_logprobs="recompute", rollout_mask="token", rollout_mask_band=[1.1, 2.0])
 
 
-@pytest.mark.parametrize("rows", [1, 5, 7, 21, 64])  # 21 = all rows; 5 does not divide 21
-def test_head_logprobs_equal_the_materialised_logits(rows):
+@pytest.mark.parametrize("rows,cols", [(1, None), (5, None), (7, 50), (21, 50), (64, None),  # 21 = all rows
+                                       (5, 7), (21, 16), (3, 1), (64, 49)])  # 5 and 7 do not divide 21 and 50
+def test_head_logprobs_equal_the_materialised_logits(rows, cols):
     from grpo.loss import head_logprobs_and_entropy
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     ids, weights = torch.randint(0, 50, (3, 7), generator=g), torch.randn(3, 7, generator=g)
-    logp, ent = head_logprobs_and_entropy(h, w, ids, 0.7, rows=rows)
+    logp, ent = head_logprobs_and_entropy(h, w, ids, 0.7, rows=rows, cols=cols)
     ref, ref_ent = logprobs_and_entropy(h @ w.t(), ids, 0.7)
     torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-5)  # fp32 GEMMs of other shapes: last-bit differences
     torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-5)
@@ -339,7 +340,7 @@ def test_head_logprobs_under_autocast_recompute_the_forwards_logits():
     w = (torch.randn(300, 32, generator=g) * 0.5).requires_grad_()
     ids, weights = torch.randint(0, 300, (2, 9), generator=g), torch.randn(2, 9, generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logp, _ = head_logprobs_and_entropy(h, w, ids, 0.7, rows=5)
+        logp, _ = head_logprobs_and_entropy(h, w, ids, 0.7, rows=5, cols=64)
     grad_h, = torch.autograd.grad((logp * weights).sum(), h)
     z = F.linear(h.detach().bfloat16(), w.detach().bfloat16()).float()
     ref = torch.log_softmax(z / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
