@@ -235,20 +235,24 @@ if triton is not None:
     @triton.jit
     def _route_kernel(h_ptr, router_ptr, bias_ptr, weight_ptr, idx_ptr, N, D, scale, s_h, s_r,
                       E: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr, K: tl.constexpr, SHARED: tl.constexpr,
-                      KP: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+                      KP: tl.constexpr, NORM: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      LOGITS: tl.constexpr):
         ts = tl.program_id(0) * BT + tl.arange(0, BT)
         tm = ts < N
         es = tl.arange(0, E)
         cols = tl.arange(0, BK)
-        logits = tl.zeros((BT, E), tl.float32)
-        for k in range(0, D, BK):
-            cm = (k + cols) < D
-            a = tl.load(h_ptr + ts[:, None] * s_h + (k + cols)[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
-            w = tl.load(router_ptr + es[:, None] * s_r + (k + cols)[None, :], mask=cm[None, :], other=0.0)
-            if E >= 16:
-                logits = tl.dot(a, tl.trans(w), logits)
-            else:  # below the tensor cores' smallest tile
-                logits += tl.sum(a[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
+        if LOGITS:  # h_ptr holds the router logits [N, E]
+            logits = tl.load(h_ptr + ts[:, None] * s_h + es[None, :], mask=tm[:, None], other=0.0)
+        else:
+            logits = tl.zeros((BT, E), tl.float32)
+            for k in range(0, D, BK):
+                cm = (k + cols) < D
+                a = tl.load(h_ptr + ts[:, None] * s_h + (k + cols)[None, :], mask=tm[:, None] & cm[None, :], other=0.0)
+                w = tl.load(router_ptr + es[:, None] * s_r + (k + cols)[None, :], mask=cm[None, :], other=0.0)
+                if E >= 16:
+                    logits = tl.dot(a, tl.trans(w), logits)
+                else:  # below the tensor cores' smallest tile
+                    logits += tl.sum(a[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32), axis=2)
         scores = tl.sigmoid(logits)
         choice = scores + tl.load(bias_ptr + es)[None, :]
         if TOPG < G:
@@ -286,20 +290,25 @@ if triton is not None:
     def route(h: torch.Tensor, router: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, top_k: int,
               norm: bool, scale: float, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The router GEMM and ``grpo.moe.route(h @ router^T, bias, ..., by_argmax=True)`` in one launch:
-        (weights [N, K] fp32, indices [N, K] int64) from h [N, D] and router [E, D] in bf16 (E a power of
-        two). The logits accumulate in fp32 over exact bf16 products (transformers upcasts both to fp32
-        first: the same products, another summation order); the same selection and order (argmax rounds,
-        ties to the lower index); sigmoid in Triton's arithmetic (within an ulp of torch's). ``shared`` more
-        columns per token name experts E..E+shared-1 with weight 1 (the shared expert's slices, ``moe_up``)."""
+        (weights [N, K] fp32, indices [N, K] int64) from h [N, D] and router [E, D] (E a power of two). A bf16
+        router's logits accumulate in fp32 over exact bf16 products inside the kernel (transformers upcasts both
+        to fp32 first: the same products, another summation order); an fp32 router's (transformers keeps a
+        loaded model's router weight in fp32) are transformers' own fp32 GEMM, F.linear(h.float(), router), and
+        the kernel only selects (an fp32 dot in the kernel was slower: 16.8 vs 15.1 ms per v3-16b decode step
+        at batch 128 on an H100). The same selection and order (argmax rounds, ties to the lower index); sigmoid
+        in Triton's arithmetic (within an ulp of torch's). ``shared`` more columns per token name experts
+        E..E+shared-1 with weight 1 (the shared expert's slices, ``moe_up``)."""
         n, dim = h.shape
         top = router.shape[0]
         weights = torch.empty(n, top_k + shared, dtype=torch.float32, device=h.device)
         idx = torch.empty(n, top_k + shared, dtype=torch.int64, device=h.device)
+        logits = router.dtype == torch.float32
+        src = F.linear(h.float(), router) if logits else h
         if n:
             _route_kernel[(triton.cdiv(n, 16),)](
-                h, router, bias, weights, idx, n, dim, scale, h.stride(0), router.stride(0), E=top, G=n_group,
+                src, router, bias, weights, idx, n, dim, scale, src.stride(0), router.stride(0), E=top, G=n_group,
                 TOPG=topk_group, K=top_k, SHARED=shared, KP=_pow2(top_k + shared, 1), NORM=norm, BT=16,
-                **ROUTE_CONFIG)
+                LOGITS=logits, **ROUTE_CONFIG)
         return weights, idx
 
     @route.register_fake

@@ -72,13 +72,13 @@ def moe_kernels(h: torch.Tensor, m: Moe, d: Dims, ops: LayerOps, block: int) -> 
     """Routed + shared experts of h [n, D] through ``grpo.kernels`` with MoE row blocks of ``block``. The
     shared expert (intermediate size c I) joins the routed ones as c more experts of every token with weight
     1, expert E + j being its intermediate columns jI..(j+1)I - 1 (exact: SiLU * up is per column, the down
-    projection a sum over columns), so one pair of MoE GEMMs computes both. The fused routing kernel needs a
-    bf16 router and power-of-two expert and group counts; otherwise ``ops.route``."""
+    projection a sum over columns), so one pair of MoE GEMMs computes both. The routing kernel (bf16 or fp32
+    router) needs power-of-two expert and group counts; otherwise ``ops.route``."""
     n, r, n_experts = h.shape[0], d.routing, m.gate_up.shape[0]
     c = m.shared.down.shape[1] // (m.gate_up.shape[1] // 2)
-    if m.router.dtype == torch.bfloat16 and all(v & (v - 1) == 0 for v in (n_experts, r.n_group)):
+    if m.router.dtype in (torch.bfloat16, torch.float32) and all(v & (v - 1) == 0 for v in (n_experts, r.n_group)):
         weights, idx = kernels.route(h, m.router, m.bias, r.n_group, r.topk_group, r.top_k, r.norm, r.scale, shared=c)
-    else:  # transformers keeps a loaded model's router weight in fp32: its logits are an fp32 GEMM
+    else:
         weights, idx = ops.route(h, m, r)
         idx = torch.cat((idx, torch.arange(n_experts, n_experts + c, device=h.device).expand(n, c)), dim=1)
         weights = torch.cat((weights, weights.new_ones(n, c)), dim=1)

@@ -133,11 +133,12 @@ def test_moe_schedule_kernel_equals_the_torch_layout(n, top_k, n_experts):
 @pytest.mark.parametrize("n_experts,n_group,topk_group,top_k,norm,scale", [
     (32, 4, 2, 4, True, 1.0), (64, 8, 4, 8, True, 2.5), (32, 1, 1, 2, False, 1.0), (32, 4, 4, 3, True, 1.0),
     (8, 2, 1, 2, True, 1.0)])
-def test_route_kernel_selects_what_route_selects(n_experts, n_group, topk_group, top_k, norm, scale):
+@pytest.mark.parametrize("router_dtype", sorted({DTYPE, torch.float32}, key=str))  # fp32: logits by F.linear
+def test_route_kernel_selects_what_route_selects(n_experts, n_group, topk_group, top_k, norm, scale, router_dtype):
     from grpo.moe import route
     torch.manual_seed(top_k)
     h = torch.randn(37, 100, device=DEVICE, dtype=DTYPE)
-    router = (torch.randn(n_experts, 100, device=DEVICE) / 5).to(DTYPE)
+    router = (torch.randn(n_experts, 100, device=DEVICE) / 5).to(DTYPE).to(router_dtype)
     bias = torch.randn(n_experts, device=DEVICE) * 0.1
     kw = dict(n_group=n_group, topk_group=topk_group, top_k=top_k, norm=norm, scale=scale)
     weights, idx = kernels.route(h, router, bias, **kw)
