@@ -24,6 +24,8 @@ positions not yet run (``grpo.engine.containers.Pending``).
 """
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,14 +69,15 @@ def _linear(module: nn.Module):
 
 
 def _packed_linear(module: nn.Module, rows: int):
-    """On CPU with oneDNN, an fp32 nn.Linear without bias as oneDNN's GEMM on a weight reordered once, here,
-    for up to ``rows`` input rows: F.linear's result within fp32 rounding (another summation order), 2-3x
-    faster at decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms).
-    The packed copy does not follow later weight updates (``V3Decoder.bind`` repacks). None when it does not
-    apply."""
+    """On an x86 CPU with oneDNN, an fp32 nn.Linear without bias as oneDNN's GEMM on a weight reordered once,
+    here, for up to ``rows`` input rows: F.linear's result within fp32 rounding (another summation order), 2-3x
+    faster at decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms;
+    other CPUs keep F.linear, unmeasured there). The packed copy does not follow later weight updates
+    (``V3Decoder.bind`` repacks). None when it does not apply."""
     weight = module.weight
     if (type(module) is not nn.Linear or module.bias is not None or weight.device.type != "cpu"
-            or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()):
+            or weight.dtype != torch.float32 or platform.machine().lower() not in ("x86_64", "amd64")
+            or not torch.backends.mkldnn.is_available()):
         return None
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
