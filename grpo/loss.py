@@ -133,25 +133,47 @@ class LossOutput:
     tokens: float  # mask sum of the micro-batch (weight of ``metrics`` when averaging micro-batches)
 
 
-def _blocked_log_softmax(block_logits, ids: Tensor, rows: int, n: int, vocab: int):
-    """(lse, logp, entropy), each [n] fp32, of the logits that ``block_logits(s, k)`` gives for rows s..s+k-1
-    (k = min(rows, n - s); fp32, already divided by the temperature, not changed here), one block at a time
-    (``_SelectiveLogSoftmax``'s formulas). Block temporaries live in buffers made once per call (here and in the
-    callers' ``block_logits``): a fresh large tensor per block costs a page fault per 4 KB on the CPU (glibc hands
-    allocations above its threshold straight to mmap), which took as long as the GEMMs (2-core CPU, 2026-12-06)."""
-    y, dev = ids.reshape(-1, 1), ids.device
-    lse, logp, ent = (torch.empty(n, device=dev) for _ in range(3))
-    e_buf = torch.empty(min(rows, n), vocab, device=dev)
+def _tiled_log_softmax(tile_logits, ids: Tensor, n: int, vocab: int, rows: int, cols: int):
+    """(lse, logp, entropy), each [n] fp32, of the logits that ``tile_logits(s, k, c, w)`` gives for rows
+    s..s+k-1 and vocabulary entries c..c+w-1 (``_tiles``; fp32, already divided by the temperature, not changed
+    here), a row block's tiles in order. Across a row's tiles the statistics combine online: with the running
+    maximum m, S = sum_v e^(z_v - m) and Q = sum_v e^(z_v - m) z_v are rescaled by e^(m_old - m_new) when a tile
+    raises m; then lse = m + log S, logp = z_y - lse, H = lse - Q / S. Tile temporaries live in buffers made once
+    per call (here and in the callers' ``tile_logits``): a fresh large tensor per tile costs a page fault per 4 KB
+    on the CPU (glibc hands allocations above its threshold straight to mmap), which took as long as the GEMMs
+    (2-core CPU, 2026-12-06)."""
+    y, dev = ids.reshape(-1), ids.device
+    m = torch.full((n,), -math.inf, device=dev)
+    total, zsum, zy = (torch.zeros(n, device=dev) for _ in range(3))
+    e_buf = torch.empty(min(rows, n) * min(cols, vocab), device=dev)
+    for s, k, c, w in _tiles(n, vocab, rows, cols):
+        z = tile_logits(s, k, c, w)
+        m_old, m_new = m[s:s + k], torch.maximum(m[s:s + k], z.amax(-1))
+        rescale = (m_old - m_new).exp_()
+        e = torch.sub(z, m_new[:, None], out=e_buf[:k * w].view(k, w)).exp_()
+        total[s:s + k].mul_(rescale).add_(e.sum(-1))
+        zsum[s:s + k].mul_(rescale).add_(e.mul_(z).sum(-1))
+        m_old.copy_(m_new)
+        if w == vocab:
+            zy[s:s + k] = z.gather(-1, y[s:s + k, None])[:, 0]
+        else:
+            local, inside = _in_tile(y[s:s + k], c, w)
+            zy[s:s + k] = torch.where(inside, z.gather(-1, local[:, None])[:, 0], zy[s:s + k])
+    lse = total.log() + m
+    return lse, zy - lse, lse - zsum / total
+
+
+def _tiles(n: int, vocab: int, rows: int, cols: int):
+    """(first row, rows, first vocabulary entry, entries) of each tile, a row block's vocabulary tiles in order."""
     for s in range(0, n, rows):
-        k = min(rows, n - s)
-        z = block_logits(s, k)
-        m = z.amax(-1, keepdim=True)
-        e = torch.sub(z, m, out=e_buf[:k]).exp_()
-        total = e.sum(-1)
-        lse[s:s + k] = block_lse = total.log() + m[:, 0]
-        logp[s:s + k] = z.gather(-1, y[s:s + k]).squeeze(-1) - block_lse
-        ent[s:s + k] = block_lse - e.mul_(z).sum(-1) / total
-    return lse, logp, ent
+        for c in range(0, vocab, cols):
+            yield s, min(rows, n - s), c, min(cols, vocab - c)
+
+
+def _in_tile(y: Tensor, c: int, w: int) -> tuple[Tensor, Tensor]:
+    """Targets y [k] as columns of the tile of vocabulary entries c..c+w-1 (clamped into it) and whether inside."""
+    local = y - c
+    return local.clamp(0, w - 1), (local >= 0) & (local < w)
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -170,11 +192,11 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         as_is = flat.dtype == torch.float32 and temperature == 1
         buf = None if as_is else torch.empty(min(rows, flat.shape[0]), flat.shape[1], device=flat.device)
 
-        def block(s, k):  # fp32 first, then / T (as .float() / T)
+        def block(s, k, c, w):  # whole rows; fp32 first, then / T (as .float() / T)
             z = flat[s:s + k]
             return z if as_is else _scaled(buf[:k].copy_(z), temperature)
 
-        lse, logp, ent = _blocked_log_softmax(block, ids, rows, *flat.shape)
+        lse, logp, ent = _tiled_log_softmax(block, ids, *flat.shape, rows, flat.shape[1])
         ctx.save_for_backward(logits, ids, lse)
         ctx.temperature, ctx.rows, ctx.overwrite = temperature, rows, overwrite
         logp, ent = logp.view(ids.shape), ent.view(ids.shape)
@@ -213,35 +235,18 @@ def _head_block(h: Tensor, weight: Tensor, temperature: float, out: Tensor) -> T
 class _HeadLogSoftmax(torch.autograd.Function):
     """The output layer fused with ``_SelectiveLogSoftmax``: logits z = h W^T are made tile by tile (``rows`` positions
     x ``cols`` vocabulary entries, in one reused buffer) and dropped, so neither the forward nor the backward holds
-    [N, L, V]; only h, W and one fp32 log-sum-exp per row are saved. Across a row's vocabulary tiles the statistics
-    are combined online: with the running maximum m, S = sum_v e^(z_v - m) and Q = sum_v e^(z_v - m) z_v are
-    rescaled by e^(m_old - m_new) when a tile raises m; then lse = m + log S, logp = z_y - lse, H = lse - Q / S
-    (z already / T). Backward per tile: g_z = (1[v = y] - e^(z_v - lse)) g / T with z recomputed under the forward's
+    [N, L, V]; only h, W and one fp32 log-sum-exp per row are saved. Forward: ``_tiled_log_softmax``. Backward per
+    tile: g_z = (1[v = y] - e^(z_v - lse)) g / T with z recomputed under the forward's
     autocast state (so that they are the forward's logits), d h += g_z W_tile, d W_tile += g_z^T h_rows."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float, rows: int, cols: int):
-        flat, y = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
-        n, vocab, dev = flat.shape[0], weight.shape[0], weight.device
-        lse, logp, ent = (torch.empty(n, device=dev) for _ in range(3))
-        z_buf, e_buf = (torch.empty(min(rows, n) * min(cols, vocab), device=dev) for _ in range(2))
-        for s, k, c, w in _tiles(n, vocab, rows, cols):
-            if c == 0:
-                m = torch.full((k,), -math.inf, device=dev)
-                total, zsum, zy = (torch.zeros(k, device=dev) for _ in range(3))
-            z = _head_block(flat[s:s + k], weight[c:c + w], temperature, z_buf[:k * w].view(k, w))
-            m_new = torch.maximum(m, z.amax(-1))
-            rescale = (m - m_new).exp_()
-            e = torch.sub(z, m_new[:, None], out=e_buf[:k * w].view(k, w)).exp_()
-            total = total.mul_(rescale).add_(e.sum(-1))
-            zsum = zsum.mul_(rescale).add_(e.mul_(z).sum(-1))
-            m = m_new
-            local, inside = _in_tile(y[s:s + k], c, w)
-            zy = torch.where(inside, z.gather(-1, local[:, None])[:, 0], zy)
-            if c + w == vocab:
-                lse[s:s + k] = row_lse = total.log() + m
-                logp[s:s + k] = zy - row_lse
-                ent[s:s + k] = row_lse - zsum / total
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        n, vocab = flat.shape[0], weight.shape[0]
+        z_buf = torch.empty(min(rows, n) * min(cols, vocab), device=weight.device)
+        lse, logp, ent = _tiled_log_softmax(
+            lambda s, k, c, w: _head_block(flat[s:s + k], weight[c:c + w], temperature, z_buf[:k * w].view(k, w)),
+            ids, n, vocab, rows, cols)
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.rows, ctx.cols = temperature, rows, cols
         dev_type = hidden.device.type
@@ -276,18 +281,6 @@ class _HeadLogSoftmax(torch.autograd.Function):
             grad_w[c:c + w].addmm_(gz.t(), flat[s:s + k].float())
         return grad_h.to(flat.dtype).view(hidden.shape), grad_w.to(weight.dtype), None, None, None, None
 
-
-def _tiles(n: int, vocab: int, rows: int, cols: int):
-    """(first row, rows, first vocabulary entry, entries) of each tile, a row block's vocabulary tiles in order."""
-    for s in range(0, n, rows):
-        for c in range(0, vocab, cols):
-            yield s, min(rows, n - s), c, min(cols, vocab - c)
-
-
-def _in_tile(y: Tensor, c: int, w: int) -> tuple[Tensor, Tensor]:
-    """Targets y [k] as columns of the tile of vocabulary entries c..c+w-1 (clamped into it) and whether inside."""
-    local = y - c
-    return local.clamp(0, w - 1), (local >= 0) & (local < w)
 
 
 def head_logprobs_and_entropy(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
