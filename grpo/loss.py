@@ -136,7 +136,7 @@ class LossOutput:
 def _tiled_log_softmax(tile_logits, ids: Tensor, n: int, vocab: int, rows: int, cols: int):
     """(lse, logp, entropy), each [n] fp32, of the logits that ``tile_logits(s, k, c, w)`` gives for rows
     s..s+k-1 and vocabulary entries c..c+w-1 (``_tiles``; fp32, already divided by the temperature, not changed
-    here), a row block's tiles in order. Across a row's tiles the statistics combine online: with the running
+    here), in any order. Across a row's tiles the statistics combine online: with the running
     maximum m, S = sum_v e^(z_v - m) and Q = sum_v e^(z_v - m) z_v are rescaled by e^(m_old - m_new) when a tile
     raises m; then lse = m + log S, logp = z_y - lse, H = lse - Q / S. Tile temporaries live in buffers made once
     per call (here and in the callers' ``tile_logits``): a fresh large tensor per tile costs a page fault per 4 KB
@@ -154,7 +154,7 @@ def _tiled_log_softmax(tile_logits, ids: Tensor, n: int, vocab: int, rows: int, 
         total[s:s + k].mul_(rescale).add_(e.sum(-1))
         zsum[s:s + k].mul_(rescale).add_(e.mul_(z).sum(-1))
         m_old.copy_(m_new)
-        if w == vocab:
+        if w == vocab:  # whole rows (materialised logits: many small row blocks, where each op counts)
             zy[s:s + k] = z.gather(-1, y[s:s + k, None])[:, 0]
         else:
             local, inside = _in_tile(y[s:s + k], c, w)
@@ -164,7 +164,7 @@ def _tiled_log_softmax(tile_logits, ids: Tensor, n: int, vocab: int, rows: int, 
 
 
 def _tiles(n: int, vocab: int, rows: int, cols: int):
-    """(first row, rows, first vocabulary entry, entries) of each tile, a row block's vocabulary tiles in order."""
+    """(first row, rows, first vocabulary entry, entries) of each tile."""
     for s in range(0, n, rows):
         for c in range(0, vocab, cols):
             yield s, min(rows, n - s), c, min(cols, vocab - c)
@@ -263,7 +263,7 @@ class _HeadLogSoftmax(torch.autograd.Function):
         n, vocab, dev = flat.shape[0], weight.shape[0], weight.device
         g = grad_logp.reshape(-1).float() / T
         fp32 = flat.dtype == weight.dtype == torch.float32
-        grad_h = torch.empty(flat.shape, device=dev)  # fp32: accumulated over vocabulary tiles
+        grad_h = torch.zeros(flat.shape, device=dev)  # fp32: accumulated over vocabulary tiles
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         z_buf = torch.empty(min(ctx.rows, n) * min(ctx.cols, vocab), device=dev)
         enabled, cast = ctx.autocast
@@ -273,14 +273,9 @@ class _HeadLogSoftmax(torch.autograd.Function):
             local, inside = _in_tile(y[s:s + k], c, w)
             gz = z.sub_(lse[s:s + k, None]).exp_().mul_(-g[s:s + k, None])
             gz.scatter_add_(-1, local[:, None], torch.where(inside, g[s:s + k], 0.0)[:, None])
-            part = torch.mm(gz, weight[c:c + w]) if fp32 else (gz.to(weight.dtype) @ weight[c:c + w]).float()
-            if c == 0:
-                grad_h[s:s + k] = part
-            else:
-                grad_h[s:s + k] += part
+            grad_h[s:s + k] += torch.mm(gz, weight[c:c + w]) if fp32 else (gz.to(weight.dtype) @ weight[c:c + w]).float()
             grad_w[c:c + w].addmm_(gz.t(), flat[s:s + k].float())
         return grad_h.to(flat.dtype).view(hidden.shape), grad_w.to(weight.dtype), None, None, None, None
-
 
 
 def head_logprobs_and_entropy(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
