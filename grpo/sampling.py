@@ -21,9 +21,9 @@ its logprob is log softmax(z)_y (temperature 1).
 Drawing uses one uniform number per row and the inverse CDF of the kept probabilities (no per-vocabulary
 noise: generating V random numbers per row costs more than the model on a CPU), choosing a block of the
 vocabulary from block sums and then the token inside it. With top-k no distribution over the vocabulary is
-materialised: the k largest logits are found first (softmax is monotonic; only the groups of tokens with
-the largest maxima are ranked), and p_T of those k and the logprob need only log sum_v exp(z_v / T), one
-pass over the row. On CUDA it is a fixed sequence of tensor ops without host synchronisation (it runs inside the decode
+normalised or cut: the k largest logits are found first (softmax is monotonic; only the groups of tokens with
+the largest maxima are ranked), and p_T of those k and the logprob need only log softmax(z / T) at them (on
+CUDA log sum_v exp(z_v / T) in one pass; on CPU torch's fused log_softmax, faster there). On CUDA it is a fixed sequence of tensor ops without host synchronisation (it runs inside the decode
 step's CUDA graph).
 """
 from __future__ import annotations
