@@ -82,3 +82,4 @@ class GenericDecoder:
         self.cache.batch_select_indices(rows)
         self.pad[dst] = self.pad[src]
         self.tokens[dst] = self.tokens[src]
+        self.positions[dst] = self.positions[src]

@@ -61,14 +61,15 @@ class BucketedGraphs:
 
 
 class CudaGraphStep:
-    """One decode step (``decoder.decode``, then ``sampler``, then the sampled tokens become the next inputs)
-    replayed from ``BucketedGraphs``; free slots decode at position 0.
+    """One decode step (``decoder.decode``, then ``sampler``, then the sampled tokens become the next inputs
+    and the positions advance) replayed from ``BucketedGraphs``; free slots decode at position 0.
 
     ``sampler(logits [b, V], uniform [b]) -> (tokens [b], logprobs [b])`` must be free of host syncs."""
 
     def __init__(self, decoder, sampler, generator: torch.Generator, span_step: int = 64):
         self.decoder, self.sampler = decoder, sampler
-        self.graphs = BucketedGraphs(decoder, self._step, generator, (), [decoder.tokens], self._free, span_step)
+        self.graphs = BucketedGraphs(decoder, self._step, generator, (), [decoder.tokens, decoder.positions],
+                                     self._free, span_step)
 
     def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [n] and logprobs [n] sampled for slots 0..n-1 (attention over positions < span)."""
@@ -81,4 +82,5 @@ class CudaGraphStep:
     def _step(self, batch: int, span: int, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, logprobs = self.sampler(self.decoder.decode(batch, span), uniform)
         self.decoder.tokens[:batch] = tokens
+        self.decoder.positions[:batch] += 1
         return tokens, logprobs

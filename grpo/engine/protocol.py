@@ -20,7 +20,8 @@ class Decoder(Protocol):
     max_len: int  # tokens per slot the cache holds (prompt + completion)
     refill: bool  # whether prompts can be prefilled while other slots are decoding (else: waves)
     tokens: torch.Tensor  # [slots] int64 on device: the next input token of each slot
-    positions: torch.Tensor  # [slots] int64 on device: its position (= tokens in the slot's cache)
+    positions: torch.Tensor  # [slots] int64 on device: its position (= tokens in the slot's cache); the
+    # scheduler sets it at the prefill, and each step advances it on the device
 
     def bind(self) -> None:
         """(Re)read the model's weights (call after an optimizer step; caches are kept)."""
@@ -34,7 +35,7 @@ class Decoder(Protocol):
         caches and returns logits [n, V]."""
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Move slots src[i] -> dst[i] (cache and next token; disjoint index sets on device)."""
+        """Move slots src[i] -> dst[i] (cache, next token and position; disjoint index sets on device)."""
 
 
 class RecordsRouting(Decoder, Protocol):

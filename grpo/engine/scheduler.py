@@ -97,8 +97,9 @@ class RolloutEngine:
         self._graphs: CudaGraphStep | None = None
         self._speculator: Speculator | None = None
         self.draft_tokens = cfg.speculative_tokens if cfg.speculative == "mtp" else 0
-        # decode steps in flight before reading results (a speculative step's count is needed before the next)
-        self._lag = 1 if self.device.type == "cuda" and cfg.speculative == "none" else 0
+        # decode steps in flight before reading results: on CUDA one (positions advance on the device, so a
+        # step needs nothing from the last one on the host), except while recording routes (read each step)
+        self._lag = 1 if self.device.type == "cuda" and not cfg.record_routing else 0
         self.stats: dict[str, float] = {}
 
     def _stop_ids(self) -> list[int]:
@@ -206,13 +207,13 @@ class RolloutEngine:
         return self._decoder
 
     def _run(self, prompts: list[list[int]], group_size: int, out: Outputs) -> None:
-        """Continuous batching (waves for a decoder without refill). On CUDA the results of a decode step are
-        read while the next one runs (lag 1): a finished sequence is noticed one step late and its slot
-        decodes one ignored token."""
-        lag = self._lag
-        # + lag: a slot that finished by length may decode once more before the host notices; + k: a verify
-        # step writes k + 1 latents from the slot's position on
-        dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag + self.draft_tokens)
+        """Continuous batching (waves for a decoder without refill). On CUDA the results of a decode step (or
+        speculative round) are read while the next one runs (lag 1): a finished sequence is noticed one step
+        late and its slot runs one ignored step."""
+        lag, k = self._lag, self.draft_tokens
+        # + lag (k + 1): a slot that finished by length may run once more (1..k+1 tokens) before the host notices;
+        # + k: a verify step writes k + 1 latents from the slot's position on
+        dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag * (k + 1) + k)
         if self.draft_tokens and (self._speculator is None or self._speculator.dec is not dec):  # keeps its graphs
             self._speculator = Speculator(dec, self._sampling, self.generator, self._graphs_allowed)
         if self._speculator is not None:
@@ -228,7 +229,7 @@ class RolloutEngine:
             if prefilling:
                 self._prefill(dec, slots, prompts, admit, group_size, out)
             if slots.n > 0:
-                pending.append(self._launch(dec, slots, out))
+                pending.append(self._launch(dec, slots, out, in_flight=len(pending)))
             elif self.ep_group is not None:  # keep the expert all-to-all matched across ranks
                 dec.positions[0] = 0
                 dec.decode(1, 1)
@@ -238,6 +239,8 @@ class RolloutEngine:
                 step = pending.popleft()
                 if step.ready is not None:
                     step.ready.synchronize()
+                slots.advance(step.rows, step.count)
+                self.stats["decode_tokens"] += int(step.count.sum())
                 slots.release(step.rows[out.add_runs(step.rows, step.tokens, step.logprobs, step.count)])
 
     def _admissions(self, queue: deque, prompts, G: int, free: int) -> list[int]:
@@ -270,34 +273,35 @@ class RolloutEngine:
         self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in admit)
         tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
         rows = torch.tensor([i * G + g for i in admit for g in range(G)])
-        new = slots.assign(rows, torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G))
+        lengths = torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G)
+        new = slots.assign(rows, lengths)
         dec.tokens[new] = tokens
+        dec.positions[new] = to_device(lengths, dec.device)
         slots.release(rows[out.add(rows, tokens.cpu(), logprobs.cpu())])
 
-    def _launch(self, dec: Decoder, slots: Slots, out: Outputs) -> Step:
-        """Decode one token for every active slot (a speculative round: 1..k+1 tokens); the results are copied
-        to the host asynchronously."""
-        n = slots.n
-        dec.positions[:n].copy_(to_device(slots.pos[:n], dec.device), non_blocking=True)
-        span = int(slots.pos[:n].max()) + 1
+    def _launch(self, dec: Decoder, slots: Slots, out: Outputs, in_flight: int) -> Step:
+        """Decode one token for every active slot (a speculative round: 1..k+1 tokens); the step advances the
+        slots' positions on the device, and its results are copied to the host asynchronously. ``in_flight``
+        steps are launched and not read yet: the host's positions may lag the device's by that many steps."""
+        n, k = slots.n, self.draft_tokens
+        span = min(int(slots.pos[:n].max()) + in_flight * (k + 1) + k + 1, dec.max_len)
         if self._speculator is not None:
-            tokens, logprobs, count = self._speculator(n, min(span + self._speculator.k, dec.max_len))
-        elif self._graphs is not None:
-            tokens, logprobs = self._graphs(n, span)
+            tokens, logprobs, count = self._speculator(n, span)
         else:
-            tokens, logprobs = self._sample(dec.decode(n, span))
-            dec.tokens[:n] = tokens
-        if self._speculator is None:
+            if self._graphs is not None:
+                tokens, logprobs = self._graphs(n, span)
+            else:
+                tokens, logprobs = self._sample(dec.decode(n, span))
+                dec.tokens[:n] = tokens
+                dec.positions[:n] += 1
             tokens, logprobs, count = tokens[:, None], logprobs[:, None], torch.ones(n, dtype=torch.long)
-        count = count.cpu()  # a speculative round's count is needed on the host for the next positions
-        if out.routes is not None:
+        if out.routes is not None:  # lag 0: the host's positions are the device's
             out.add_routes(slots.row[:n], slots.pos[:n], dec.take_routes())
-        slots.pos[:n] += count
         self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += int(count.sum())
         if self.device.type == "cpu":
             return Step(slots.row[:n].clone(), tokens, logprobs, count, None)
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in (tokens, logprobs)]
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda else t
+                for t in (tokens, logprobs, count)]
         ready = torch.cuda.Event()
         ready.record()
-        return Step(slots.row[:n].clone(), *host, count, ready)
+        return Step(slots.row[:n].clone(), *host, ready)

@@ -66,7 +66,8 @@ class Outputs:
 
 class Slots:
     """Host-side state of a decoder's slots. Active slots are 0..n-1; slot s holds result row ``row[s]``
-    with ``pos[s]`` tokens in its cache; ``slot[r]`` is the slot of active row r (-1 otherwise)."""
+    with ``pos[s]`` tokens in its cache as of the last step read (the decoder's ``positions`` run ahead by
+    the steps launched since); ``slot[r]`` is the slot of active row r (-1 otherwise)."""
 
     def __init__(self, dec: Decoder, rows: int):
         slots = dec.slots
@@ -82,6 +83,13 @@ class Slots:
         self.slot[rows] = torch.arange(new.start, new.stop)
         self.n = new.stop
         return new
+
+    def advance(self, rows: torch.Tensor, count: torch.Tensor) -> None:
+        """A read step emitted count[i] tokens for result row rows[i]: their slots' positions move on (rows
+        released since are skipped)."""
+        at = self.slot[rows]
+        live = at >= 0
+        self.pos[at[live]] += count[live]
 
     def release(self, rows: torch.Tensor) -> None:
         """Free the slots of ``rows``; the last active slots move into the holes (cache rows included)."""

@@ -88,22 +88,23 @@ class Speculator:
                  span_step: int = 64):
         self.dec, self.sampling, self.generator = decoder, sampling, generator
         self.k = decoder.draft_tokens
-        self.kept = torch.zeros(self.k + 1, dtype=torch.long)
+        self.kept = torch.zeros(self.k + 1, dtype=torch.long, device=decoder.device)
         self.graphs = BucketedGraphs(decoder, self.round, generator, (2 * self.k + 1,),
-                                     [decoder.tokens, *decoder.pending], self._free, span_step) if graphs else None
+                                     [decoder.tokens, decoder.positions, *decoder.pending], self._free,
+                                     span_step) if graphs else None
 
     def __call__(self, n: int, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A round for slots 0..n-1 at ``positions[:n]`` (all positions + k < span). Returns (tokens [n, k+1],
-        logprobs [n, k+1], count [n] on the host): each slot's first count tokens are emitted; the decoder's
-        next input tokens and pending MTP positions are updated (the caller advances the positions by count).
-        With graphs, tokens and logprobs are valid until the next round."""
+        logprobs [n, k+1], count [n]) on the device, without waiting for them: each slot's first count tokens are
+        emitted; the decoder's next input tokens, positions (by count) and pending MTP positions are updated.
+        With graphs, the outputs are valid until the next round."""
         if self.graphs is None:
             uniform = torch.rand(n, 2 * self.k + 1, generator=self.generator, device=self.dec.device)
             tokens, logprobs, count = self.round(n, span, uniform)
         else:
             tokens, logprobs, count = self.graphs(n, span)
-        count = count[:n].cpu()
-        self.kept += torch.bincount(count - 1, minlength=self.k + 1)
+        count = count[:n]
+        self.kept.index_add_(0, count - 1, torch.ones_like(count))
         return tokens[:n], logprobs[:n], count
 
     def round(self, n: int, span: int, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,6 +133,7 @@ class Speculator:
         logprobs = torch.log_softmax(z / temperature, dim=-1).gather(2, tokens[..., None])[..., 0]
         pending.hidden[:n], pending.tokens[:n], pending.count[:n] = final, tokens, count
         dec.tokens[:n] = tokens[row, count - 1]
+        dec.positions[:n] += count
         return tokens, logprobs, count
 
     def _free(self, n: int, batch: int) -> None:
@@ -144,8 +146,9 @@ class Speculator:
         spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept draft j among those that kept drafts
         1..j-1), spec_tokens_per_step (tokens emitted per sequence and verify step) and spec_rounds (verify
         steps summed over sequences)."""
-        rounds = int(self.kept.sum())
-        reached = self.kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
+        kept = self.kept.cpu()
+        rounds = int(kept.sum())
+        reached = kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
         out = {f"spec_accept_rate_{j}": float(reached[j]) / max(int(reached[j - 1]), 1) for j in range(1, self.k + 1)}
-        emitted = int((self.kept * torch.arange(1, self.k + 2)).sum())
+        emitted = int((kept * torch.arange(1, self.k + 2)).sum())
         return dict(out, spec_tokens_per_step=emitted / max(rounds, 1), spec_rounds=rounds)

@@ -152,8 +152,8 @@ def bind_layer(layer: nn.Module, next_norm: nn.Module, config, buffers: dict, si
 class V3Decoder:
     """Batched prefill and decode over ``slots`` sequences of at most ``max_len`` tokens each (a ``Decoder``).
 
-    Host-side state is the caller's (positions, which slots are active); the device state here is the latent
-    cache and ``tokens`` [slots] (the next input token of each slot).
+    Host-side state is the caller's (which slots are active); the device state here is the latent cache,
+    ``tokens`` [slots] (the next input token of each slot) and ``positions`` [slots] (``Decoder``).
     """
 
     refill = True
@@ -225,6 +225,7 @@ class V3Decoder:
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.cache.move(src, dst)
         self.tokens[dst] = self.tokens[src]
+        self.positions[dst] = self.positions[src]
         for t in self.pending or ():
             t[dst] = t[src]
 

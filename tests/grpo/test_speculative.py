@@ -115,11 +115,14 @@ def test_speculative_sampling_reproduces_the_token_distribution(sampling):
         assert chi_square_p(samples["none"][:, t], samples["mtp"][:, t]) > 1e-3, t
 
 
+@pytest.mark.parametrize("lag", [0, 1], ids=["read-each-round", "pipelined"])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=10, top_p=0.9),
                                       dict(temperature=1.2, min_p=0.05)], ids=["plain", "topk-topp", "minp"])
-def test_speculative_logprobs_equal_teacher_forcing_with_refill_and_stops(monkeypatch, k, sampling):
-    """15 rows through 7 slots (refill), stop tokens hit inside accepted runs and the token limit cuts runs."""
+def test_speculative_logprobs_equal_teacher_forcing_with_refill_and_stops(monkeypatch, k, sampling, lag):
+    """15 rows through 7 slots (refill), stop tokens hit inside accepted runs and the token limit cuts runs;
+    pipelined (lag 1, as on CUDA): each round's counts are read while the next round runs, whose positions the
+    device advanced."""
     cut = []
     add_runs = slots_mod.Outputs.add_runs
 
@@ -135,6 +138,7 @@ def test_speculative_logprobs_equal_teacher_forcing_with_refill_and_stops(monkey
     cfg = SamplingConfig(**sampling, max_new_tokens=12, stop_token_ids=stop, max_batch=7, seed=3,
                          speculative="mtp", speculative_tokens=k)
     engine = RolloutEngine(model, None, cfg)
+    engine._lag = lag
     ro = engine.generate(PROMPTS, 3)
     assert {"stop", "length"} <= set(ro.finish_reason)
     if k > 1:
@@ -145,13 +149,15 @@ def test_speculative_logprobs_equal_teacher_forcing_with_refill_and_stops(monkey
         assert not set(ids[:-1]) & set(stop) and (ro.finish_reason[r] == "stop") == (ids[-1] in stop)
 
 
-def test_greedy_is_unchanged_and_acceptance_is_reported():
+@pytest.mark.parametrize("lag", [0, 1], ids=["read-each-round", "pipelined"])
+def test_greedy_is_unchanged_and_acceptance_is_reported(lag):
     model = policy(sharpen=3.0)
     out = {}
     for mode in ("none", "mtp"):
         cfg = SamplingConfig(temperature=0.0, max_new_tokens=16, stop_token_ids=[1], max_batch=4,
                              speculative=mode, speculative_tokens=3)
         engine = RolloutEngine(model, None, cfg)
+        engine._lag = lag
         out[mode] = engine.generate(PROMPTS, 1)
     assert torch.equal(out["none"].completion_ids, out["mtp"].completion_ids)
     torch.testing.assert_close(out["none"].logprobs, out["mtp"].logprobs, atol=1e-5, rtol=0)
@@ -203,7 +209,7 @@ def test_drafts_are_the_mtp_module_under_teacher_forcing(monkeypatch):
         tokens, _, count = speculator(3, int(dec.positions[:3].max()) + k + 1)
         for s in range(3):
             seqs[s] += tokens[s, : count[s]].tolist()
-        dec.positions[:3] += count
+        assert dec.positions[:3].tolist() == (starts[-1] + count).tolist()  # the round advances them
         kept.append(count)
     assert set(torch.cat(kept).tolist()) >= {1, 2}  # rounds with and without rejections
     layer = model.mtp_layers()[0]
