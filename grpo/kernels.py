@@ -5,14 +5,15 @@ is False without Triton (or without CUDA), and the decoder and sampler then run 
 kernel is a ``torch.library.custom_op``, so the compiled decode layer calls it as one opaque op; tests check
 each against a torch reference (tests/grpo/test_kernels.py; on a CPU also under TRITON_INTERPRET=1).
 
-``mla_decode`` (absorbed MLA, one new token per sequence; H heads, latent rank R, rope dim Dr):
+``mla_decode`` (absorbed MLA, m new tokens per sequence at positions pos..pos+m-1; H heads, latent rank R,
+rope dim Dr), for new token i and head h:
 
-    s_h,t = scale * [q^L_h ; q^R_h] . keys_t          for cached positions t < pos, and t = own latent
-    out_h = sum_t softmax_t(s_h)_t * keys_t[:R]        [n, H, R]
+    s_ih,t = scale * [q^L_ih ; q^R_ih] . keys_t    for cached positions t < pos, and t = own latents 0..i
+    out_ih = sum_t softmax_t(s_ih)_t * keys_t[:R]   [n, m, H, R]
 
-one program per sequence and 16 heads (all heads of v3-mini), so each cached latent is read once for 16 heads
-(the torch form reads the cache twice: scores, then probs @ latents); online softmax in fp32 over blocks of
-positions.
+one program per sequence and 16 (token, head) rows (all heads of v3-mini for m = 1), so each cached latent is
+read once for 16 rows (the torch form reads the cache twice: scores, then probs @ latents); online softmax in
+fp32, the own latents first, then blocks of cached positions. m > 1 is the speculative verify step.
 Departure from the torch path: the scores stay in fp32 (the torch path rounds q.k to bf16 first).
 
 ``moe_up`` / ``moe_down`` (routed experts; token-expert pairs m = (t, k) of expert e_m, weight w_m):
@@ -100,20 +101,31 @@ if triton is not None:
 
     @triton.jit
     def _mla_decode_kernel(q_ptr, qr_ptr, keys_ptr, own_ptr, pos_ptr, out_ptr, scale,
-                           s_qn, s_qh, s_rn, s_rh, s_kn, s_ks, s_own, s_on, s_oh,
-                           H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
+                           s_qn, s_qm, s_qh, s_rn, s_rm, s_rh, s_kn, s_ks, s_own, s_om, s_on, s_oq, s_oh,
+                           M: tl.constexpr, H: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
                            HB: tl.constexpr, RB: tl.constexpr, DB: tl.constexpr, BS: tl.constexpr):
         n = tl.program_id(0)
-        hs, rs, ds = tl.program_id(1) * HB + tl.arange(0, HB), tl.arange(0, RB), tl.arange(0, DB)
-        hm, rm, dm = hs < H, rs < R, ds < DR
-        q_lat = tl.load(q_ptr + n * s_qn + hs[:, None] * s_qh + rs[None, :], mask=hm[:, None] & rm[None, :], other=0.0)
-        q_rope = tl.load(qr_ptr + n * s_rn + hs[:, None] * s_rh + ds[None, :], mask=hm[:, None] & dm[None, :], other=0.0)
-        own_c = tl.load(own_ptr + n * s_own + rs, mask=rm, other=0.0)
-        own_r = tl.load(own_ptr + n * s_own + R + ds, mask=dm, other=0.0)
-        top = (tl.sum(q_lat.to(tl.float32) * own_c[None, :].to(tl.float32), axis=1)
-               + tl.sum(q_rope.to(tl.float32) * own_r[None, :].to(tl.float32), axis=1)) * scale  # [HB]
-        total = tl.full((HB,), 1.0, tl.float32)
-        acc = tl.zeros((HB, RB), tl.float32) + own_c[None, :].to(tl.float32)
+        ws, rs, ds = tl.program_id(1) * HB + tl.arange(0, HB), tl.arange(0, RB), tl.arange(0, DB)
+        wm, rm, dm = ws < M * H, rs < R, ds < DR
+        qi, hs = ws // H, ws % H  # row w: query (new token) qi, head hs
+        q_lat = tl.load(q_ptr + n * s_qn + qi[:, None] * s_qm + hs[:, None] * s_qh + rs[None, :],
+                        mask=wm[:, None] & rm[None, :], other=0.0)
+        q_rope = tl.load(qr_ptr + n * s_rn + qi[:, None] * s_rm + hs[:, None] * s_rh + ds[None, :],
+                         mask=wm[:, None] & dm[None, :], other=0.0)
+        top = tl.full((HB,), float("-inf"), tl.float32)
+        total = tl.zeros((HB,), tl.float32)
+        acc = tl.zeros((HB, RB), tl.float32)
+        for j in tl.static_range(M):  # the new tokens' own latents, causal among them (token 0 is seen by all)
+            own_c = tl.load(own_ptr + n * s_own + j * s_om + rs, mask=rm, other=0.0)
+            own_r = tl.load(own_ptr + n * s_own + j * s_om + R + ds, mask=dm, other=0.0)
+            s = (tl.sum(q_lat.to(tl.float32) * own_c[None, :].to(tl.float32), axis=1)
+                 + tl.sum(q_rope.to(tl.float32) * own_r[None, :].to(tl.float32), axis=1)) * scale  # [HB]
+            s = tl.where(qi >= j, s, float("-inf"))
+            new_top = tl.maximum(top, s)
+            alpha, p = tl.exp(top - new_top), tl.exp(s - new_top)
+            total = total * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * own_c[None, :].to(tl.float32)
+            top = new_top
         length = tl.load(pos_ptr + n)
         k_row = keys_ptr + n * s_kn
         for start in range(0, length, BS):
@@ -130,8 +142,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
             top = new_top
         out = acc / total[:, None]
-        tl.store(out_ptr + n * s_on + hs[:, None] * s_oh + rs[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=hm[:, None] & rm[None, :])
+        tl.store(out_ptr + n * s_on + qi[:, None] * s_oq + hs[:, None] * s_oh + rs[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=wm[:, None] & rm[None, :])
 
     @triton.jit
     def _moe_up_kernel(h_ptr, w_ptr, s_ptr, pairs_ptr, block_expert_ptr, out_ptr, D, I, SI, n_routed, n_experts,
@@ -358,17 +370,19 @@ if triton is not None:
     @torch.library.custom_op("grpo::mla_decode", mutates_args=())
     def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor, own: torch.Tensor,
                    pos: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention of the query [q_latent ; q_rope] ([n, H, R] and [n, H, Dr], any strides with a unit
-        last one) over keys [n, S, R+Dr] (positions < pos [n]) and the own latent own [n, R+Dr]; returns
-        [n, H, R] in q_latent's dtype (module docstring)."""
-        n, heads, rank = q_latent.shape
+        """Attention of m new tokens per sequence, queries [q_latent ; q_rope] ([n, m, H, R] and [n, m, H, Dr],
+        any strides with a unit last one), over keys [n, S, R+Dr] (positions < pos [n]) and the new tokens' own
+        latents own [n, m, R+Dr], token i seeing own latents 0..i; returns [n, m, H, R] in q_latent's dtype
+        (module docstring; ``grpo.engine.layer.attend``'s arithmetic)."""
+        n, m, heads, rank = q_latent.shape
         rope = q_rope.shape[-1]
-        out = q_latent.new_empty(n, heads, rank)
+        out = q_latent.new_empty(n, m, heads, rank)
         if n:
-            _mla_decode_kernel[(n, triton.cdiv(heads, 16))](
+            _mla_decode_kernel[(n, triton.cdiv(m * heads, 16))](
                 q_latent, q_rope, keys, own, pos, out, scale, q_latent.stride(0), q_latent.stride(1),
-                q_rope.stride(0), q_rope.stride(1), keys.stride(0), keys.stride(1), own.stride(0), out.stride(0),
-                out.stride(1), H=heads, R=rank, DR=rope, HB=16, RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
+                q_latent.stride(2), q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), keys.stride(0),
+                keys.stride(1), own.stride(0), own.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                M=m, H=heads, R=rank, DR=rope, HB=16, RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
         return out
 
     @mla_decode.register_fake

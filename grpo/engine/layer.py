@@ -36,7 +36,7 @@ class LayerOps(NamedTuple):
 
     attend(q_latent [n, m, H, R], q_rope [n, m, H, Dr], keys [n, S, R+Dr], own [n, m, R+Dr], pos [n], scale)
         -> [n, m, H, R]: decode attention of m tokens per sequence over cached positions < pos and their own
-        latents, causal among them (``attend``; ``grpo.engine.ops.attend_kernel`` for one token per sequence);
+        latents, causal among them (``attend``, or ``grpo.kernels.mla_decode``);
     moe(h [T, D], m: Moe, dims, ops, block) -> [T, D]: routed + shared experts (``grpo.engine.experts``);
     route(h [T, D], m: Moe, routing) -> (weights [T, K] fp32, idx [T, K]);
     routed(h, m, idx, weights, act, order) -> [T, D]: the routed experts alone;

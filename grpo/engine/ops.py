@@ -7,8 +7,8 @@ that decides between the torch reference, the compiled layers and the Triton ker
 - ``compiled``: CUDA in bf16: each layer's decode and prefill are one ``torch.compile``d function, so inductor
   fuses the norms, RoPE, masking, softmax and routing around the GEMMs. With ``triton`` the decode's
   attention, routing and routed + shared experts are ``grpo.kernels``' Triton kernels (the prefill keeps the
-  grouped GEMMs: the kernels are tuned for decode's few rows per expert). The attention kernel takes one
-  query per sequence: multi-token (verify) steps attend through the torch ``attend`` (``attend_kernel``).
+  grouped GEMMs: the kernels are tuned for decode's few rows per expert). The attention kernel takes the m
+  queries per sequence of a decode (m = 1) or multi-token verify step.
 """
 from __future__ import annotations
 
@@ -35,16 +35,6 @@ class Ops(NamedTuple):
     kernels: bool
 
 
-def attend_kernel(q_latent: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor, own: torch.Tensor,
-                  pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """``LayerOps.attend`` through ``grpo.kernels.mla_decode``, which takes one query per sequence: a decode
-    step (m = 1) runs the kernel, a multi-token step (m > 1, speculative verification) the torch ``attend``
-    (m is a static size: the choice is made when tracing)."""
-    if q_latent.shape[1] > 1:
-        return attend(q_latent, q_rope, keys, own, pos, scale)
-    return kernels.mla_decode(q_latent[:, 0], q_rope[:, 0], keys, own[:, 0], pos, scale)[:, None]
-
-
 # Compiled once per process: every decoder (rebuilt or rebound on each generate) reuses the compiled code.
 # Weights are inputs, so dense / MoE layers (x op tables) are the layer functions' only variants; the
 # decoder marks the batch and span (prefill: batch and width) dynamic and keeps every other size static.
@@ -69,7 +59,7 @@ def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None) ->
 def compiled(triton: bool) -> Ops:
     """The compiled table (module docstring), with the Triton kernels in the decode when ``triton``."""
     torch_ops = LayerOps(attend=attend, moe=moe_torch, route=route_torch, routed=routed_grouped, order=counting_order)
-    decode_ops = torch_ops._replace(attend=attend_kernel, moe=moe_kernels) if triton else torch_ops
+    decode_ops = torch_ops._replace(attend=kernels.mla_decode, moe=moe_kernels) if triton else torch_ops
     return Ops(_compiled_decode, _compiled_prefill, decode_ops, torch_ops, kernels=triton)
 
 

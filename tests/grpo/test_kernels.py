@@ -48,20 +48,24 @@ def test_moe_schedule_groups_pairs_by_expert_in_padded_blocks(n, top_k, n_expert
 
 
 @needs_triton
-@pytest.mark.parametrize("heads", [4, 20])  # one program per 16 heads
-def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latent(heads):
+@pytest.mark.parametrize("heads,m", [(4, 1), (20, 1), (16, 2), (5, 4)])  # one program per 16 (token, head) rows
+def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latents(heads, m):
+    """m new tokens per sequence: token i attends the cache below pos and the own latents 0..i."""
     torch.manual_seed(0)
     n, rank, rope, span = 6, 64, 16, 100
     keys = torch.randn(n + 2, span + 20, rank + rope, device=DEVICE, dtype=DTYPE)[:n, :span]  # a strided view
-    q = torch.randn(n, heads, rank + rope, device=DEVICE, dtype=DTYPE)
-    own = torch.randn(n, rank + rope, device=DEVICE, dtype=DTYPE)
-    pos = torch.tensor([0, 1, 63, 64, 65, 99], device=DEVICE)
-    q_latent = q[..., :rank].transpose(0, 1).contiguous().transpose(0, 1)  # strided, as the decode step's
+    q = torch.randn(n, m, heads, rank + rope, device=DEVICE, dtype=DTYPE)
+    own = torch.randn(n, m, rank + rope, device=DEVICE, dtype=DTYPE)
+    pos = torch.tensor([0, 1, 63, 64, 65, 99 - m], device=DEVICE)
+    q_latent = q[..., :rank].transpose(0, 2).contiguous().transpose(0, 2)  # strided, as the decode step's
     out = kernels.mla_decode(q_latent, q[..., rank:], keys, own, pos, 0.3)
-    every = torch.cat((keys, own[:, None]), dim=1).float()
-    scores = torch.einsum("nhd,nsd->nhs", q.float(), every) * 0.3
-    seen = torch.cat((torch.arange(span, device=DEVICE)[None] < pos[:, None], torch.ones(n, 1, dtype=torch.bool, device=DEVICE)), 1)
-    ref = torch.einsum("nhs,nsr->nhr", scores.masked_fill(~seen[:, None], float("-inf")).softmax(-1), every[..., :rank])
+    every = torch.cat((keys, own), dim=1).float()  # [n, span + m, R + Dr]
+    scores = torch.einsum("nihd,nsd->nihs", q.float(), every) * 0.3
+    cached = torch.arange(span, device=DEVICE)[None, None] < pos[:, None, None]  # [n, 1, span]
+    own_seen = torch.ones(m, m, dtype=torch.bool, device=DEVICE).tril()[None].expand(n, -1, -1)  # [n, i, j]
+    seen = torch.cat((cached.expand(-1, m, -1), own_seen), dim=2)  # [n, i, span + m]
+    probs = scores.masked_fill(~seen[:, :, None], float("-inf")).softmax(-1)
+    ref = torch.einsum("nihs,nsr->nihr", probs, every[..., :rank])
     torch.testing.assert_close(out.float(), ref, **TOL)
 
 
