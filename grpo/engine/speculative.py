@@ -129,8 +129,8 @@ class Speculator:
         z = dec.lm_head(final).float()
         p = distribution(z.flatten(0, 1), **self.sampling).view(n, k + 1, -1)
         tokens, count = accept(p, torch.stack(q, dim=1), drafts, judge)
-        temperature = self.sampling["temperature"] or 1.0  # greedy: the logprob at temperature 1
-        logprobs = torch.log_softmax(z / temperature, dim=-1).gather(2, tokens[..., None])[..., 0]
+        scaled = z / (self.sampling["temperature"] or 1.0)  # greedy: the logprob at temperature 1
+        logprobs = scaled.gather(2, tokens[..., None])[..., 0] - torch.logsumexp(scaled, dim=-1)  # no [n, k+1, V] out
         pending.hidden[:n], pending.tokens[:n], pending.count[:n] = final, tokens, count
         dec.tokens[:n] = tokens[row, count - 1]
         dec.positions[:n] += count
