@@ -118,13 +118,13 @@ if triton is not None:
         for j in tl.static_range(M):  # the new tokens' own latents, causal among them (token 0 is seen by all)
             own_c = tl.load(own_ptr + n * s_own + j * s_om + rs, mask=rm, other=0.0)
             own_r = tl.load(own_ptr + n * s_own + j * s_om + R + ds, mask=dm, other=0.0)
-            s = (tl.sum(q_lat.to(tl.float32) * own_c[None, :].to(tl.float32), axis=1)
-                 + tl.sum(q_rope.to(tl.float32) * own_r[None, :].to(tl.float32), axis=1)) * scale  # [HB]
-            s = tl.where(qi >= j, s, float("-inf"))
-            new_top = tl.maximum(top, s)
-            alpha, p = tl.exp(top - new_top), tl.exp(s - new_top)
-            total = total * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * own_c[None, :].to(tl.float32)
+            own_s = (tl.sum(q_lat.to(tl.float32) * own_c[None, :].to(tl.float32), axis=1)
+                     + tl.sum(q_rope.to(tl.float32) * own_r[None, :].to(tl.float32), axis=1)) * scale  # [HB]
+            own_s = tl.where(qi >= j, own_s, float("-inf"))
+            new_top = tl.maximum(top, own_s)
+            alpha, p_own = tl.exp(top - new_top), tl.exp(own_s - new_top)
+            total = total * alpha + p_own
+            acc = acc * alpha[:, None] + p_own[:, None] * own_c[None, :].to(tl.float32)
             top = new_top
         length = tl.load(pos_ptr + n)
         k_row = keys_ptr + n * s_kn
