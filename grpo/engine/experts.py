@@ -56,7 +56,7 @@ def routed_grouped(h: torch.Tensor, m: Moe, idx: torch.Tensor, weights: torch.Te
     perm, offs = order(idx.reshape(-1), m.gate_up.shape[0])
     g, u = F.grouped_mm(h[perm // top_k], m.gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = F.grouped_mm(ACT2FN[act](g) * u, m.down.transpose(1, 2), offs=offs) * weights.reshape(-1)[perm, None]
-    return pair_sum(torch.empty_like(y).index_put_((perm,), y), top_k).to(h.dtype)
+    return torch.empty_like(y).index_put_((perm,), y).view(n, top_k, -1).sum(dim=1).to(h.dtype)
 
 
 def routed_all(h: torch.Tensor, m: Moe, idx: torch.Tensor, weights: torch.Tensor, act: str, order) -> torch.Tensor:
@@ -87,18 +87,7 @@ def moe_kernels(h: torch.Tensor, m: Moe, d: Dims, ops: LayerOps, block: int) -> 
     pairs, block_expert = schedule(idx, n_experts + c, block)
     inner = kernels.moe_up(h, m.gate_up, m.shared.gate_up, pairs, block_expert, per_token)
     y = kernels.moe_down(inner, m.down, m.shared.down, pairs, block_expert, weights.reshape(-1))
-    return pair_sum(y, per_token).to(h.dtype)
-
-
-def pair_sum(y: torch.Tensor, per_token: int) -> torch.Tensor:
-    """Each token's sum over its pairs: y [n * per_token, D] (pair t * per_token + j) -> [n, D], as
-    per_token - 1 elementwise adds in pair order: under torch.compile a pointwise kernel whose loads run along D
-    (``y.view(n, per_token, D).sum(1)`` compiled to a reduction over the strided middle dimension)."""
-    parts = y.view(-1, per_token, y.shape[-1]).unbind(1)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return y.view(n, per_token, -1).sum(dim=1).to(h.dtype)
 
 
 def sorted_order(experts: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
