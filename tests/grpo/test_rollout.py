@@ -72,12 +72,15 @@ def check_layout(ro, n_prompts, group_size, max_new, stop_ids, pad_id):
             assert ro.finish_reason[r] == "length" and n == max_new and not set(ids) & set(stop_ids)
 
 
+@pytest.mark.parametrize("lag", [0, 1], ids=["read-each-step", "pipelined"])  # pipelined: as on CUDA
 @pytest.mark.parametrize("make", [v3_model, llama_model], ids=["v3", "generic"])
-def test_greedy_equals_transformers_generate(make):
+def test_greedy_equals_transformers_generate(make, lag):
     model = make()
     stop = [3]
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, stop_token_ids=stop, max_batch=3)  # 5 prompts, 3 slots
-    ro = RolloutEngine(model, None, cfg).generate(PROMPTS, 1)
+    engine = RolloutEngine(model, None, cfg)
+    engine._lag = lag
+    ro = engine.generate(PROMPTS, 1)
     for i, prompt in enumerate(PROMPTS):
         ids = torch.tensor([prompt])
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
