@@ -61,8 +61,7 @@ class BucketedGraphs:
 
 
 class CudaGraphStep:
-    """One decode step (``decoder.decode``, then ``sampler``, then the sampled tokens become the next inputs
-    and the positions advance) replayed from ``BucketedGraphs``; free slots decode at position 0.
+    """One decode step (``decode_step``) replayed from ``BucketedGraphs``; free slots decode at position 0.
 
     ``sampler(logits [b, V], uniform [b]) -> (tokens [b], logprobs [b])`` must be free of host syncs."""
 
@@ -80,7 +79,14 @@ class CudaGraphStep:
         self.decoder.positions[n:batch] = 0
 
     def _step(self, batch: int, span: int, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, logprobs = self.sampler(self.decoder.decode(batch, span), uniform)
-        self.decoder.tokens[:batch] = tokens
-        self.decoder.positions[:batch] += 1
-        return tokens, logprobs
+        return decode_step(self.decoder, self.sampler, batch, span, uniform)
+
+
+def decode_step(decoder, sampler, n: int, span: int, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain decode step of slots 0..n-1 (positions < span), eager or captured: ``decoder.decode``, then
+    ``sampler(logits [n, V], uniform [n]) -> (tokens [n], logprobs [n])``; the sampled tokens become the next
+    inputs and the positions advance by one."""
+    tokens, logprobs = sampler(decoder.decode(n, span), uniform)
+    decoder.tokens[:n] = tokens
+    decoder.positions[:n] += 1
+    return tokens, logprobs

@@ -14,7 +14,7 @@ from torch import nn
 from grpo.config import ConfigError
 from grpo.engine.config import Rollout, SamplingConfig
 from grpo.engine.generic import GenericDecoder
-from grpo.engine.graphs import CudaGraphStep
+from grpo.engine.graphs import CudaGraphStep, decode_step
 from grpo.engine.protocol import Decoder
 from grpo.engine.slots import Outputs, Slots, Step, to_device
 from grpo.engine.speculative import Speculator
@@ -182,9 +182,11 @@ class RolloutEngine:
             torch._dynamo.maybe_mark_dynamic(uniform, 0)
             return _compiled_sample(logits, uniform, **self._sampling)
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        uniform = torch.rand(logits.shape[0], generator=self.generator, device=self.device)
+    def _sample(self, logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sample(logits, uniform, **self._sampling)
+
+    def _uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, device=self.device)
 
     # ---- the scheduler: slots, refill, decoder ------------------------------------------------------------
     def _decoder_for(self, max_len: int) -> Decoder:
@@ -271,7 +273,7 @@ class RolloutEngine:
                     out.routes[i * G + g][:n] = routes[j, :n]
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(len(prompts[i]) for i in admit)
-        tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0))
+        tokens, logprobs = self._sample(logits.repeat_interleave(G, dim=0), self._uniform(len(admit) * G))
         rows = torch.tensor([i * G + g for i in admit for g in range(G)])
         lengths = torch.tensor([len(prompts[i]) for i in admit]).repeat_interleave(G)
         new = slots.assign(rows, lengths)
@@ -288,12 +290,8 @@ class RolloutEngine:
         if self._speculator is not None:
             tokens, logprobs, count = self._speculator(n, span)
         else:
-            if self._graphs is not None:
-                tokens, logprobs = self._graphs(n, span)
-            else:
-                tokens, logprobs = self._sample(dec.decode(n, span))
-                dec.tokens[:n] = tokens
-                dec.positions[:n] += 1
+            tokens, logprobs = (self._graphs(n, span) if self._graphs is not None
+                                else decode_step(dec, self._sample, n, span, self._uniform(n)))
             tokens, logprobs, count = tokens[:, None], logprobs[:, None], torch.ones(n, dtype=torch.long)
         if out.routes is not None:  # lag 0: the host's positions are the device's
             out.add_routes(slots.row[:n], slots.pos[:n], dec.take_routes())
