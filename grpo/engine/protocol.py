@@ -60,7 +60,8 @@ class Drafts(Decoder, Protocol):
         the final normed hidden states [n, m, D]."""
 
     def mtp_step(self, tokens: torch.Tensor, prev: torch.Tensor, pos: torch.Tensor, span: int):
-        """The MTP module on m positions per slot from pos [n] on; returns (hidden [n, m, D], logits [n, m, V])."""
+        """The MTP module on m positions per slot from pos [n] on; returns (hidden [n, m, D], its normed form
+        [n, m, D], the input of ``lm_head``)."""
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of final normed hidden states."""

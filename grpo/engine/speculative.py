@@ -71,6 +71,25 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniform: torc
     return tokens, kept + 1
 
 
+def draw(logits: torch.Tensor, uniform: torch.Tensor, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draft from the MTP module's logits [n, V] with uniforms [n]: (q [n, V] the draft distribution under
+    ``sampling``, the drawn tokens [n])."""
+    q = distribution(logits, **sampling)
+    return q, inverse_cdf(q, uniform)
+
+
+def judge(z: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniform: torch.Tensor, **sampling):
+    """The round's outcome from the verify step's logits z [n, k+1, V] (``accept``'s p after ``sampling``),
+    the drafts' distributions q [n, k, V], drafts [n, k] and uniforms [n, k+1]: (tokens [n, k+1], their
+    target log-probs log softmax(z / T) [n, k+1] (temperature 1 when greedy), count [n])."""
+    n, width, _ = z.shape
+    z = z.float()
+    tokens, count = accept(distribution(z.flatten(0, 1), **sampling).view(n, width, -1), q, drafts, uniform)
+    scaled = z / (sampling["temperature"] or 1.0)
+    logprobs = scaled.gather(2, tokens[..., None])[..., 0] - torch.logsumexp(scaled, dim=-1)  # no [n, k+1, V] out
+    return tokens, logprobs, count
+
+
 class Speculator:
     """One speculative round for the active slots of a ``Drafts`` decoder (``V3Decoder`` with ``draft_tokens``
     = k; module docstring), sampling as ``sampling`` (``grpo.sampling.sample``'s keyword arguments) with uniforms
@@ -113,24 +132,20 @@ class Speculator:
         on the device."""
         dec, k, pending = self.dec, self.k, self.dec.pending
         pos, row = dec.positions[:n], torch.arange(n, device=dec.device)
-        judge, draw = uniform[:, : k + 1], uniform[:, k + 1:]
+        judging, drawing = uniform[:, : k + 1], uniform[:, k + 1:]
         m = pending.count[:n]
         inputs = pending.tokens[:n].scatter(1, (m - 1)[:, None], dec.tokens[:n, None])
-        hidden, logits = dec.mtp_step(inputs, pending.hidden[:n], pos - m, span)
-        hidden, logits = hidden[row, m - 1], logits[row, m - 1]
+        hidden, normed = (t[row, m - 1] for t in dec.mtp_step(inputs, pending.hidden[:n], pos - m, span))
         drafts, q = [], []
         for j in range(k):
-            q.append(distribution(logits, **self.sampling))
-            drafts.append(inverse_cdf(q[-1], draw[:, j]))
+            q_j, d_j = draw(dec.lm_head(normed), drawing[:, j], **self.sampling)
+            q.append(q_j)
+            drafts.append(d_j)
             if j + 1 < k:
-                hidden, logits = (t[:, 0] for t in dec.mtp_step(drafts[-1][:, None], hidden[:, None], pos + j, span))
+                hidden, normed = (t[:, 0] for t in dec.mtp_step(d_j[:, None], hidden[:, None], pos + j, span))
         drafts = torch.stack(drafts, dim=1)
         final = dec.verify(torch.cat((dec.tokens[:n, None], drafts), dim=1), span)  # [n, k+1, D]
-        z = dec.lm_head(final).float()
-        p = distribution(z.flatten(0, 1), **self.sampling).view(n, k + 1, -1)
-        tokens, count = accept(p, torch.stack(q, dim=1), drafts, judge)
-        scaled = z / (self.sampling["temperature"] or 1.0)  # greedy: the logprob at temperature 1
-        logprobs = scaled.gather(2, tokens[..., None])[..., 0] - torch.logsumexp(scaled, dim=-1)  # no [n, k+1, V] out
+        tokens, logprobs, count = judge(dec.lm_head(final), torch.stack(q, dim=1), drafts, judging, **self.sampling)
         pending.hidden[:n], pending.tokens[:n], pending.count[:n] = final, tokens, count
         dec.tokens[:n] = tokens[row, count - 1]
         dec.positions[:n] += count

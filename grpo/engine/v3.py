@@ -245,11 +245,10 @@ class V3Decoder:
     def mtp_step(self, tokens: torch.Tensor, prev: torch.Tensor, pos: torch.Tensor, span: int):
         """The MTP module on m positions per slot: position pos + i of slot s combines prev [n, m, D] (the
         previous depth's hidden state there) with the embedding of tokens [n, m] (the token after it); its
-        block reads its cache below pos and writes all m latents. Returns (its hidden states [n, m, D], the
-        shared head's logits [n, m, V])."""
+        block reads its cache below pos and writes all m latents. Returns (its hidden states [n, m, D], them
+        under the shared head's norm [n, m, D]: ``lm_head`` gives the logits of the rows that need them)."""
         x, h = mtp_input(self.embed(tokens), prev, self.mtp)
-        x, h = self._layers(x, h, pos, span, len(self.layers), [self.mtp.layer], [self.mtp_dims])
-        return x, self.lm_head(h)
+        return self._layers(x, h, pos, span, len(self.layers), [self.mtp.layer], [self.mtp_dims])
 
     def _layers(self, x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, span: int, first: int, layers: list,
                 dims: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,8 +189,9 @@ def test_bf16_verify_step_equals_one_token_steps_on_the_compiled_table():
         for s, n in enumerate(lens.tolist()):
             torch.testing.assert_close(multi.cache.data[:, s, : n + m], steps.cache.data[:, s, : n + m], atol=3e-2,
                                        rtol=3e-2)
-        hidden, draft_logits = multi.mtp_step(tokens, multi.verify(tokens, int(lens.max()) + 1), lens, int(lens.max()) + m)
-        assert hidden.shape == (3, m, model.config.hidden_size) and torch.isfinite(draft_logits.float()).all()
+        hidden, normed = multi.mtp_step(tokens, multi.verify(tokens, int(lens.max()) + 1), lens, int(lens.max()) + m)
+        assert hidden.shape == normed.shape == (3, m, model.config.hidden_size)
+        assert torch.isfinite(multi.lm_head(normed).float()).all()
 
 
 def test_bf16_speculative_rollout_on_the_compiled_table():
@@ -205,3 +206,4 @@ def test_bf16_speculative_rollout_on_the_compiled_table():
         assert 0 < ro.stats["spec_accept_rate_1"] <= 1 and ro.stats["decode_tokens"] >= ro.stats["decode_steps"]
         for r, ref in enumerate(cuda_teacher_forced(model, ro, 1.0)):
             torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=0.1, rtol=0)
+
