@@ -90,6 +90,12 @@ def judge(z: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, uniform: torch
     return tokens, logprobs, count
 
 
+# Compiled once per process (the CUDA graphs' form): each fuses the float conversion, softmax, truncation and
+# inverse CDF passes over [rows, V] into a few kernels; the batch is the only dynamic size.
+_compiled_draw = torch.compile(draw)
+_compiled_judge = torch.compile(judge)
+
+
 class Speculator:
     """One speculative round for the active slots of a ``Drafts`` decoder (``V3Decoder`` with ``draft_tokens``
     = k; module docstring), sampling as ``sampling`` (``grpo.sampling.sample``'s keyword arguments) with uniforms
@@ -97,10 +103,10 @@ class Speculator:
     them.
 
     With ``graphs`` (CUDA) a round is replayed from CUDA graphs (``grpo.engine.graphs.BucketedGraphs``): only
-    the uniforms are drawn outside. Rows n..bucket-1 are free
-    slots, run at position 1 with one pending MTP position (so every write stays inside their own cache rows,
-    below k + 2) and ignored; the prefill of their next sequence rewrites those rows before they are read.
-    Without graphs a round launches its few hundred kernels one by one (ten times a plain decode step at
+    the uniforms are drawn outside, and the draws and the judgement run compiled (``draw``, ``judge``). Rows
+    n..bucket-1 are free slots, run at position 1 with one pending MTP position (so every write stays inside
+    their own cache rows, below k + 2) and ignored; the prefill of their next sequence rewrites those rows
+    before they are read. Without graphs a round launches its few hundred kernels one by one (ten times a plain decode step at
     batch 200 on an H100)."""
 
     def __init__(self, decoder: Drafts, sampling: dict, generator: torch.Generator, graphs: bool = False,
@@ -108,6 +114,7 @@ class Speculator:
         self.dec, self.sampling, self.generator = decoder, sampling, generator
         self.k = decoder.draft_tokens
         self.kept = torch.zeros(self.k + 1, dtype=torch.long, device=decoder.device)
+        self.draw, self.judge = (_compiled_draw, _compiled_judge) if graphs else (draw, judge)
         self.graphs = BucketedGraphs(decoder, self.round, generator, (2 * self.k + 1,),
                                      [decoder.tokens, decoder.positions, *decoder.pending], self._free,
                                      span_step) if graphs else None
@@ -138,14 +145,15 @@ class Speculator:
         hidden, normed = (t[row, m - 1] for t in dec.mtp_step(inputs, pending.hidden[:n], pos - m, span))
         drafts, q = [], []
         for j in range(k):
-            q_j, d_j = draw(dec.lm_head(normed), drawing[:, j], **self.sampling)
+            q_j, d_j = self.draw(dec.lm_head(normed), drawing[:, j], **self.sampling)
             q.append(q_j)
             drafts.append(d_j)
             if j + 1 < k:
                 hidden, normed = (t[:, 0] for t in dec.mtp_step(d_j[:, None], hidden[:, None], pos + j, span))
         drafts = torch.stack(drafts, dim=1)
         final = dec.verify(torch.cat((dec.tokens[:n, None], drafts), dim=1), span)  # [n, k+1, D]
-        tokens, logprobs, count = judge(dec.lm_head(final), torch.stack(q, dim=1), drafts, judging, **self.sampling)
+        tokens, logprobs, count = self.judge(dec.lm_head(final), torch.stack(q, dim=1), drafts, judging,
+                                             **self.sampling)
         pending.hidden[:n], pending.tokens[:n], pending.count[:n] = final, tokens, count
         dec.tokens[:n] = tokens[row, count - 1]
         dec.positions[:n] += count

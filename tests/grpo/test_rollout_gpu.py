@@ -207,3 +207,25 @@ def test_bf16_speculative_rollout_on_the_compiled_table():
         for r, ref in enumerate(cuda_teacher_forced(model, ro, 1.0)):
             torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=0.1, rtol=0)
 
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0),
+                                      dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.01)])
+def test_compiled_draw_and_judge_equal_the_eager_ones_on_cuda(sampling):
+    """The speculative round's compiled draw and judge (its CUDA-graph form) against the eager functions on the
+    same fp32 inputs at two batch sizes (the dynamic one): the same tokens and counts, logprobs within 1e-5."""
+    from grpo.engine import speculative as spec
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (8, 37):
+        z = torch.randn(n, 3, 1000, device="cuda", generator=g) * 4
+        logits = torch.randn(n, 2, 1000, device="cuda", generator=g) * 4
+        u = torch.rand(n, 5, device="cuda", generator=g)
+        eager = [spec.draw(logits[:, j], u[:, 3 + j], **sampling) for j in range(2)]
+        compiled = [spec._compiled_draw(logits[:, j], u[:, 3 + j], **sampling) for j in range(2)]
+        for (q, d), (qc, dc) in zip(eager, compiled):
+            assert torch.equal(d, dc)
+            torch.testing.assert_close(qc, q, atol=1e-6, rtol=1e-5)
+        q, drafts = torch.stack([q for q, _ in eager], 1), torch.stack([d for _, d in eager], 1)
+        tokens, logprobs, count = spec.judge(z, q, drafts, u[:, :3], **sampling)
+        tokens_c, logprobs_c, count_c = spec._compiled_judge(z, q, drafts, u[:, :3], **sampling)
+        assert torch.equal(count, count_c) and torch.equal(tokens, tokens_c)
+        torch.testing.assert_close(logprobs_c, logprobs, atol=1e-5, rtol=0)
