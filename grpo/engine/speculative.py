@@ -106,8 +106,8 @@ class Speculator:
     the uniforms are drawn outside, and the draws and the judgement run compiled (``draw``, ``judge``). Rows
     n..bucket-1 are free slots, run at position 1 with one pending MTP position (so every write stays inside
     their own cache rows, below k + 2) and ignored; the prefill of their next sequence rewrites those rows
-    before they are read. Without graphs a round launches its few hundred kernels one by one (ten times a plain decode step at
-    batch 200 on an H100)."""
+    before they are read. Without graphs a round launches its few hundred kernels one by one (ten times a plain
+    decode step at batch 200 on an H100)."""
 
     def __init__(self, decoder: Drafts, sampling: dict, generator: torch.Generator, graphs: bool = False,
                  span_step: int = 64):
