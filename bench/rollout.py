@@ -11,8 +11,8 @@
         # Prints the acceptance rate per draft position, tokens per verify step, and generated tokens/s of
         # speculative over plain decoding as a ratio (wall and process CPU time, with the load average), each
         # side's tokens and time summed over --reps runs with seeds 0..reps-1 (with stops, a run's time hangs on
-        # its longest completion: on an H200 at 200 rows seed 0 alone gave 1.35x, 16 seeds 1.10x); the
-        # acceptance is the last run's. A checkpoint without MTP weights gets its MTP module fitted first, the
+        # its longest completion: on an H200 at 200 rows seed 0 alone gave 1.35x, 16 seeds 1.10x), and the
+        # acceptance over all of them. A checkpoint without MTP weights gets its MTP module fitted first, the
         # main model frozen, by self-distillation: --fit-steps Adam steps of the MTP loss on the policy's own
         # sampled completions of the training prompts (DIR/../../data/math_train.jsonl), printed as "mtp_fit".
     python bench/rollout.py --device cuda --speculative mtp [--preset v3-mini] --rows 256 --new-tokens 256
@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -439,7 +440,7 @@ def speculative_rows(args) -> None:
                              speculative="mtp" if k else "none", speculative_tokens=max(k, 1), stop_token_ids=stop_ids)
         engine = RolloutEngine(model, tokenizer, cfg)
         engine.generate(test, 1)  # warm-up
-        runs = []
+        runs, reached, emitted = [], [0.0] * (k + 1), 0.0  # reached[j]: rounds (per sequence) that kept >= j drafts
         for seed in range(args.reps):
             engine.generator.manual_seed(seed)
             sync(args.device)
@@ -447,19 +448,26 @@ def speculative_rows(args) -> None:
             ro = engine.generate(test, 1)
             sync(args.device)
             runs.append((time.perf_counter() - start, time.process_time() - start_cpu, int(ro.lengths.sum())))
+            if k:
+                stats = engine.stats
+                emitted += stats["spec_tokens_per_step"] * stats["spec_rounds"]
+                rates = [stats[f"spec_accept_rate_{i}"] for i in range(1, k + 1)]
+                for j in range(k + 1):
+                    reached[j] += stats["spec_rounds"] * math.prod(rates[:j])
         wall, cpu, tokens = (sum(r[i] for r in runs) for i in range(3))
-        return engine.stats, wall, cpu, tokens
+        acceptance = {f"accept_rate_{j}": round(reached[j] / max(reached[j - 1], 1), 3) for j in range(1, k + 1)}
+        if k:
+            acceptance["tokens_per_verify_step"] = round(emitted / max(reached[0], 1), 3)
+        return acceptance, engine.stats.get("threads"), wall, cpu, tokens
 
-    _, plain_s, plain_cpu, plain_tokens = timed(0)
+    _, _, plain_s, plain_cpu, plain_tokens = timed(0)
     for k in args.speculative_tokens:
-        stats, spec_s, spec_cpu, spec_tokens = timed(k)
-        rates = {key.replace("spec_", ""): round(v, 3) for key, v in stats.items() if key.startswith("spec_accept")}
+        acceptance, threads, spec_s, spec_cpu, spec_tokens = timed(k)
         print(json.dumps(dict(
             what="speculative_vs_plain", device=args.device, speculative="mtp", k=k, rows=len(test),
             new_tokens=new, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
-            threads=stats.get("threads"), load_avg_1m=round(os.getloadavg()[0], 2), **rates,
-            tokens_per_verify_step=round(stats["spec_tokens_per_step"], 3),
+            threads=threads, load_avg_1m=round(os.getloadavg()[0], 2), **acceptance,
             plain_tokens=plain_tokens, spec_tokens=spec_tokens,
             plain_tokens_per_s=round(plain_tokens / plain_s, 1), spec_tokens_per_s=round(spec_tokens / spec_s, 1),
             ratio=round(spec_tokens / spec_s / (plain_tokens / plain_s), 3),
