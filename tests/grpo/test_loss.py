@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from grpo.config import ConfigError
 from grpo.loss import (LossConfig, _SelectiveLogSoftmax, LossNorm, aggregate, clipped_surrogate, grpo_loss, k3_kl, log_importance_ratio,
-                       logprobs_and_entropy, loss_mask)
+                       head_logprobs_and_entropy, logprobs_and_entropy, loss_mask)
 
 
 def close(t, expected, **kw):
@@ -313,28 +313,32 @@ def test_corrections_need_recompute():
 @pytest.mark.parametrize("rows,cols", [(1, None), (5, None), (7, 50), (21, 50), (64, None),  # 21 = all rows
                                        (5, 7), (21, 16), (3, 1), (64, 49)])  # 5 and 7 do not divide 21 and 50
 def test_head_logprobs_equal_the_materialised_logits(rows, cols):
-    from grpo.loss import head_logprobs_and_entropy
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, 16, generator=g, requires_grad=True)
     w = torch.randn(50, 16, generator=g, requires_grad=True)
     ids, weights = torch.randint(0, 50, (3, 7), generator=g), torch.randn(3, 7, generator=g)
+    # fp32 GEMMs of other shapes: last-bit differences
+    check_head_against_materialised(h, w, ids, weights, rows, cols, dict(rtol=1e-6, atol=1e-5),
+                                    dict(rtol=1e-5, atol=1e-6))
+
+
+def check_head_against_materialised(h, w, ids, weights, rows, cols, value_tol: dict, grad_tol: dict) -> None:
+    """``head_logprobs_and_entropy`` at T 0.7 in tiles of rows x cols against the materialised logits h W^T:
+    log-probs and entropies within value_tol, the gradients of sum(logp * weights) by h and W within grad_tol."""
     logp, ent = head_logprobs_and_entropy(h, w, ids, 0.7, rows=rows, cols=cols)
     ref, ref_ent = logprobs_and_entropy(h @ w.t(), ids, 0.7)
-    torch.testing.assert_close(logp, ref, rtol=1e-6, atol=1e-5)  # fp32 GEMMs of other shapes: last-bit differences
-    torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logp, ref, **value_tol)
+    torch.testing.assert_close(ent, ref_ent, **value_tol)
     got = torch.autograd.grad((logp * weights).sum(), (h, w))
     want = torch.autograd.grad((ref * weights).sum(), (h, w))
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **grad_tol)
 
 
 def test_head_logprobs_under_autocast_recompute_the_forwards_logits():
     """fp32 weights under bf16 autocast (train.bf16 with fp32 weights): the forward's logits are a bf16 GEMM, and the
     backward's recomputed probabilities must be those logits' (a recompute outside autocast, in fp32, would not
     sum to one against the forward's log-sum-exp). Reference: the same bf16-GEMM logits, then fp32 autograd."""
-    from grpo.loss import head_logprobs_and_entropy
-
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 9, 32, generator=g, requires_grad=True)
     w = (torch.randn(300, 32, generator=g) * 0.5).requires_grad_()

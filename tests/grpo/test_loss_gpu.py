@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grpo.loss import head_logprobs_and_entropy, logprobs_and_entropy
+from grpo.loss import head_logprobs_and_entropy
+from tests.grpo.test_loss import check_head_against_materialised
 
 pytestmark = pytest.mark.gpu
 
@@ -21,14 +22,9 @@ def inputs(n: int, length: int, d: int, vocab: int):
 @pytest.mark.parametrize("rows,cols", [(None, None), (37, None), (37, 1000), (512, 4099)])
 def test_blocked_head_equals_the_materialised_logits_in_fp32(rows, cols):
     h, w, ids, weights = inputs(4, 300, 64, 12_345)
-    logp, ent = head_logprobs_and_entropy(h, w, ids, 0.7, rows=rows, cols=cols)
-    ref, ref_ent = logprobs_and_entropy(h @ w.t(), ids, 0.7)
-    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-4)  # TF32 is off: fp32 GEMMs of other shapes
-    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-4)
-    got = torch.autograd.grad((logp * weights).sum(), (h, w))
-    want = torch.autograd.grad((ref * weights).sum(), (h, w))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # TF32 is off: fp32 GEMMs of other shapes
+    check_head_against_materialised(h, w, ids, weights, rows, cols, dict(rtol=1e-5, atol=1e-4),
+                                    dict(rtol=1e-4, atol=1e-5))
 
 
 def test_blocked_head_under_bf16_autocast_uses_the_forwards_logits():
