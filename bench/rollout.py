@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -66,7 +65,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo.engine import slots as engine_slots  # noqa: E402
+from grpo.engine import slots as engine_slots, speculative  # noqa: E402
 from grpo.rollout import RolloutEngine, SamplingConfig  # noqa: E402
 
 VOCAB = 32000
@@ -440,7 +439,7 @@ def speculative_rows(args) -> None:
                              speculative="mtp" if k else "none", speculative_tokens=max(k, 1), stop_token_ids=stop_ids)
         engine = RolloutEngine(model, tokenizer, cfg)
         engine.generate(test, 1)  # warm-up
-        runs, reached, emitted = [], [0.0] * (k + 1), 0.0  # reached[j]: rounds (per sequence) that kept >= j drafts
+        runs, kept = [], torch.zeros(k + 1, dtype=torch.long)
         for seed in range(args.reps):
             engine.generator.manual_seed(seed)
             sync(args.device)
@@ -449,16 +448,12 @@ def speculative_rows(args) -> None:
             sync(args.device)
             runs.append((time.perf_counter() - start, time.process_time() - start_cpu, int(ro.lengths.sum())))
             if k:
-                stats = engine.stats
-                emitted += stats["spec_tokens_per_step"] * stats["spec_rounds"]
-                rates = [stats[f"spec_accept_rate_{i}"] for i in range(1, k + 1)]
-                for j in range(k + 1):
-                    reached[j] += stats["spec_rounds"] * math.prod(rates[:j])
+                kept += engine._speculator.kept.cpu()  # this run's rounds (zeroed at each generate)
         wall, cpu, tokens = (sum(r[i] for r in runs) for i in range(3))
-        acceptance = {f"accept_rate_{j}": round(reached[j] / max(reached[j - 1], 1), 3) for j in range(1, k + 1)}
-        if k:
-            acceptance["tokens_per_verify_step"] = round(emitted / max(reached[0], 1), 3)
-        return acceptance, engine.stats.get("threads"), wall, cpu, tokens
+        acc = speculative.acceptance(kept)
+        rates = {f"accept_rate_{j}": round(acc[f"spec_accept_rate_{j}"], 3) for j in range(1, k + 1)}
+        rates["tokens_per_verify_step"] = round(acc["spec_tokens_per_step"], 3)
+        return rates, engine.stats.get("threads"), wall, cpu, tokens
 
     _, _, plain_s, plain_cpu, plain_tokens = timed(0)
     for k in args.speculative_tokens:

@@ -165,13 +165,16 @@ class Speculator:
         self.dec.pending.count[n:batch] = 1
 
     def stats(self) -> dict[str, float]:
-        """Acceptance over this speculator's rounds (the engine zeroes ``kept`` at each ``generate``):
-        spec_accept_rate_{j} (j = 1..k: the fraction of rounds that kept draft j among those that kept drafts
-        1..j-1), spec_tokens_per_step (tokens emitted per sequence and verify step) and spec_rounds (verify
-        steps summed over sequences)."""
-        kept = self.kept.cpu()
-        rounds = int(kept.sum())
-        reached = kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
-        out = {f"spec_accept_rate_{j}": float(reached[j]) / max(int(reached[j - 1]), 1) for j in range(1, self.k + 1)}
-        emitted = int((kept * torch.arange(1, self.k + 2)).sum())
-        return dict(out, spec_tokens_per_step=emitted / max(rounds, 1), spec_rounds=rounds)
+        """``acceptance`` over this speculator's rounds (the engine zeroes ``kept`` at each ``generate``)."""
+        return acceptance(self.kept.cpu())
+
+
+def acceptance(kept: torch.Tensor) -> dict[str, float]:
+    """From kept [k+1] (rounds per sequence that kept 0..k drafts): spec_accept_rate_{j} (j = 1..k: the fraction
+    of rounds that kept draft j among those that kept drafts 1..j-1), spec_tokens_per_step (tokens emitted per
+    sequence and verify step) and spec_rounds (verify steps summed over sequences)."""
+    k, rounds = len(kept) - 1, int(kept.sum())
+    reached = kept.flip(0).cumsum(0).flip(0)  # reached[j]: rounds that kept >= j drafts
+    out = {f"spec_accept_rate_{j}": float(reached[j]) / max(int(reached[j - 1]), 1) for j in range(1, k + 1)}
+    emitted = int((kept * torch.arange(1, k + 2)).sum())
+    return dict(out, spec_tokens_per_step=emitted / max(rounds, 1), spec_rounds=rounds)
