@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from grpo.engine.config import SamplingConfig
@@ -16,13 +17,16 @@ class Outputs:
     """Per-row generated tokens and logprobs (CPU), stop detection and finish reasons."""
 
     def __init__(self, rows: int, cfg: SamplingConfig, pad_id: int, stop_ids: torch.Tensor, stops: StopStrings):
-        self.max_new, self.stop_ids, self.stops = cfg.max_new_tokens, stop_ids, stops
+        self.max_new, self.stop_ids, self.stops, self.pad_id = cfg.max_new_tokens, stop_ids, stops, pad_id
         self.tokens = torch.full((rows, cfg.max_new_tokens), pad_id, dtype=torch.long)
         self.logprobs = torch.zeros(rows, cfg.max_new_tokens)
         self.count = torch.zeros(rows, dtype=torch.long)
         self.finished = torch.zeros(rows, dtype=torch.bool)
         self.reason = [""] * rows
         self.routes: list[torch.Tensor | None] | None = [None] * rows if cfg.record_routing else None
+        # numpy views of the same memory for ``add_runs``
+        self._tokens, self._logprobs, self._count, self._finished, self._stop_ids = (
+            t.numpy() for t in (self.tokens, self.logprobs, self.count, self.finished, stop_ids))
 
     def add_routes(self, rows: torch.Tensor, positions: torch.Tensor, routes: torch.Tensor) -> None:
         """Routes [m, layers, K] of the tokens at ``positions`` [m] of ``rows`` [m] (finished rows ignored)."""
@@ -31,37 +35,43 @@ class Outputs:
                 self.routes[r][p] = x
 
     def add(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        """Append one token to each unfinished row of ``rows`` [m] (CPU tensors); returns done [m] bool,
-        True for the rows this token finished (tokens for already finished rows are ignored)."""
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        live = (~self.finished[rows]).nonzero().flatten()
-        rows, tokens, logprobs = rows[live], tokens[live], logprobs[live]
-        at = self.count[rows]
-        self.tokens[rows, at] = tokens
-        self.logprobs[rows, at] = logprobs.float()
-        self.count[rows] = at + 1
-        stop = torch.isin(tokens, self.stop_ids)
-        if self.stops:
-            for j in (~stop).nonzero().flatten().tolist():
-                stop[j] = self.stops.hit(self.tokens[int(rows[j]), : at[j] + 1].tolist())
-        ended = stop | (at + 1 >= self.max_new)
-        for j in ended.nonzero().flatten().tolist():
-            self.reason[int(rows[j])] = "stop" if stop[j] else "length"
-        self.finished[rows[ended]] = True
-        done[live[ended]] = True
-        return done
-
+        """``add_runs`` of one token per row: tokens, logprobs [m]."""
+        return self.add_runs(rows, tokens[:, None], logprobs[:, None], torch.ones(len(rows), dtype=torch.long))
 
     def add_runs(self, rows: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
                  count: torch.Tensor) -> torch.Tensor:
-        """Append the first count[i] of tokens [m, w] (logprobs [m, w]) to row rows[i], in order: a stop or the
-        token limit inside a run finishes the row and the rest of the run is ignored. Returns done [m] as
-        ``add``."""
-        done = torch.zeros(len(rows), dtype=torch.bool)
-        for j in range(tokens.shape[1]):
-            live = (count > j).nonzero().flatten()
-            done[live] |= self.add(rows[live], tokens[live, j], logprobs[live, j])
-        return done
+        """Append the first count[i] of tokens [m, w] (logprobs [m, w]; CPU tensors) to row rows[i], in order: a
+        stop or the token limit inside a run finishes the row and the rest of the run is dropped. Returns done
+        [m] bool, True for the rows this call finished (already finished rows are ignored). All rows and
+        columns at once, in numpy on views of the tensors (a few microseconds an op, against several for a
+        torch op on small CPU tensors); only stop strings are checked token by token."""
+        rows, count = rows.numpy(), count.numpy()
+        done = np.zeros(len(rows), dtype=bool)
+        live = np.flatnonzero(~self._finished[rows])
+        rows, count, tokens, logprobs = rows[live], count[live], tokens.numpy()[live], logprobs.float().numpy()[live]
+        start, col = self._count[rows], np.arange(tokens.shape[1])
+        at = start[:, None] + col  # [l, w] position of each token in its row
+        fits = (col < count[:, None]) & (at < self.max_new)  # a prefix of each run
+        stop = np.isin(tokens, self._stop_ids) & fits
+        n = np.minimum(fits.sum(axis=1), np.where(stop, col, tokens.shape[1]).min(axis=1, initial=tokens.shape[1]) + 1)
+        stopped = stop[np.arange(len(rows)), n - 1]
+        keep = col < n[:, None]
+        where = (np.broadcast_to(rows[:, None], at.shape)[keep], at[keep])
+        self._tokens[where], self._logprobs[where] = tokens[keep], logprobs[keep]
+        if self.stops:
+            for i in np.flatnonzero(~stopped).tolist():
+                r, s = int(rows[i]), int(start[i])
+                hit = next((j for j in range(int(n[i])) if self.stops.hit(self._tokens[r, : s + j + 1].tolist())), None)
+                if hit is not None:  # the run's tokens after the stop string are dropped
+                    self._tokens[r, s + hit + 1: s + n[i]], self._logprobs[r, s + hit + 1: s + n[i]] = self.pad_id, 0.0
+                    n[i], stopped[i] = hit + 1, True
+        self._count[rows] = start + n
+        ended = stopped | (start + n >= self.max_new)
+        for j in np.flatnonzero(ended).tolist():
+            self.reason[int(rows[j])] = "stop" if stopped[j] else "length"
+        self._finished[rows[ended]] = True
+        done[live[ended]] = True
+        return torch.from_numpy(done)
 
 
 class Slots:
