@@ -11,9 +11,10 @@ rope dim Dr), for new token i and head h:
     s_ih,t = scale * [q^L_ih ; q^R_ih] . keys_t    for cached positions t < pos, and t = own latents 0..i
     out_ih = sum_t softmax_t(s_ih)_t * keys_t[:R]   [n, m, H, R]
 
-one program per sequence and 16 (token, head) rows (all heads of v3-mini for m = 1), so each cached latent is
-read once for 16 rows (the torch form reads the cache twice: scores, then probs @ latents); online softmax in
-fp32, the own latents first, then blocks of cached positions. m > 1 is the speculative verify step.
+one program per sequence and 16 (token, head) rows, or 32 when m H is 17..32 (v3-mini's 16 heads at m = 1 and at
+the speculative verify step's m = 2 in one program), so each cached latent is read once for all those rows (the
+torch form reads the cache twice: scores, then probs @ latents); online softmax in fp32, the own latents first,
+then blocks of cached positions.
 Departure from the torch path: the scores stay in fp32 (the torch path rounds q.k to bf16 first).
 
 ``moe_up`` / ``moe_down`` (routed experts; token-expert pairs m = (t, k) of expert e_m, weight w_m):
@@ -377,12 +378,13 @@ if triton is not None:
         n, m, heads, rank = q_latent.shape
         rope = q_rope.shape[-1]
         out = q_latent.new_empty(n, m, heads, rank)
+        rows = 32 if 16 < m * heads <= 32 else 16
         if n:
-            _mla_decode_kernel[(n, triton.cdiv(m * heads, 16))](
+            _mla_decode_kernel[(n, triton.cdiv(m * heads, rows))](
                 q_latent, q_rope, keys, own, pos, out, scale, q_latent.stride(0), q_latent.stride(1),
                 q_latent.stride(2), q_rope.stride(0), q_rope.stride(1), q_rope.stride(2), keys.stride(0),
                 keys.stride(1), own.stride(0), own.stride(1), out.stride(0), out.stride(1), out.stride(2),
-                M=m, H=heads, R=rank, DR=rope, HB=16, RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
+                M=m, H=heads, R=rank, DR=rope, HB=rows, RB=_pow2(rank), DB=_pow2(rope), **MLA_CONFIG)
         return out
 
     @mla_decode.register_fake

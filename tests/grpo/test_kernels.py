@@ -48,7 +48,7 @@ def test_moe_schedule_groups_pairs_by_expert_in_padded_blocks(n, top_k, n_expert
 
 
 @needs_triton
-@pytest.mark.parametrize("heads,m", [(4, 1), (20, 1), (16, 2), (5, 4)])  # one program per 16 (token, head) rows
+@pytest.mark.parametrize("heads,m", [(4, 1), (20, 1), (16, 2), (5, 4), (12, 3)])  # programs of 16 or 32 (token, head) rows
 def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latents(heads, m):
     """m new tokens per sequence: token i attends the cache below pos and the own latents 0..i."""
     torch.manual_seed(0)
