@@ -448,7 +448,7 @@ def speculative_rows(args) -> None:
             sync(args.device)
             runs.append((time.perf_counter() - start, time.process_time() - start_cpu, int(ro.lengths.sum())))
             if k:
-                kept += engine._speculator.kept.cpu()  # this run's rounds (zeroed at each generate)
+                kept += engine.kept  # this run's rounds (zeroed at each generate)
         wall, cpu, tokens = (sum(r[i] for r in runs) for i in range(3))
         acc = speculative.acceptance(kept)
         rates = {f"accept_rate_{j}": round(acc[f"spec_accept_rate_{j}"], 3) for j in range(1, k + 1)}

@@ -17,7 +17,7 @@ from grpo.engine.generic import GenericDecoder
 from grpo.engine.graphs import CudaGraphStep, decode_step
 from grpo.engine.protocol import Decoder
 from grpo.engine.slots import Outputs, Slots, Step, to_device
-from grpo.engine.speculative import Speculator
+from grpo.engine.speculative import Speculator, acceptance
 from grpo.engine.v3 import V3Decoder, is_v3, mtp_module
 from grpo.sampling import StopStrings, sample
 
@@ -97,6 +97,8 @@ class RolloutEngine:
         self._graphs: CudaGraphStep | None = None
         self._speculator: Speculator | None = None
         self.draft_tokens = cfg.speculative_tokens if cfg.speculative == "mtp" else 0
+        # speculative rounds (per sequence) of the last generate that kept 0..k drafts, counted on the host
+        self.kept = torch.zeros(self.draft_tokens + 1, dtype=torch.long)
         # decode steps in flight before reading results: on CUDA one (positions advance on the device, so a
         # step needs nothing from the last one on the host), except while recording routes (read each step)
         self._lag = 1 if self.device.type == "cuda" and not cfg.record_routing else 0
@@ -134,8 +136,8 @@ class RolloutEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.stats["seconds"] = time.perf_counter() - start
-        if self._speculator is not None:
-            self.stats.update(self._speculator.stats())
+        if self.draft_tokens:
+            self.stats.update(acceptance(self.kept))
         width = int(out.count.max()) if rows else 0
         mask = torch.arange(width)[None] < out.count[:, None]
         return Rollout(
@@ -218,8 +220,7 @@ class RolloutEngine:
         dec = self._decoder_for(max(map(len, prompts)) + self.cfg.max_new_tokens + lag * (k + 1) + k)
         if self.draft_tokens and (self._speculator is None or self._speculator.dec is not dec):  # keeps its graphs
             self._speculator = Speculator(dec, self._sampling, self.generator, self._graphs_allowed)
-        if self._speculator is not None:
-            self._speculator.kept.zero_()
+        self.kept.zero_()
         slots = Slots(dec, len(prompts) * group_size)
         queue, pending = deque(range(len(prompts))), deque()
         while True:
@@ -243,6 +244,8 @@ class RolloutEngine:
                     step.ready.synchronize()
                 slots.advance(step.rows, step.count)
                 self.stats["decode_tokens"] += int(step.count.sum())
+                if k:
+                    self.kept += torch.bincount(step.count - 1, minlength=k + 1)
                 slots.release(step.rows[out.add_runs(step.rows, step.tokens, step.logprobs, step.count)])
 
     def _admissions(self, queue: deque, prompts, G: int, free: int) -> list[int]:

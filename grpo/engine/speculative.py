@@ -99,8 +99,7 @@ _compiled_judge = torch.compile(judge)
 class Speculator:
     """One speculative round for the active slots of a ``Drafts`` decoder (``V3Decoder`` with ``draft_tokens``
     = k; module docstring), sampling as ``sampling`` (``grpo.sampling.sample``'s keyword arguments) with uniforms
-    from ``generator``. ``kept`` [k+1] counts the rounds (per sequence) that kept 0..k drafts; ``stats`` reports
-    them.
+    from ``generator``.
 
     With ``graphs`` (CUDA) a round is replayed from CUDA graphs (``grpo.engine.graphs.BucketedGraphs``): only
     the uniforms are drawn outside, and the draws and the judgement run compiled (``draw``, ``judge``). Rows
@@ -113,7 +112,6 @@ class Speculator:
                  span_step: int = 64):
         self.dec, self.sampling, self.generator = decoder, sampling, generator
         self.k = decoder.draft_tokens
-        self.kept = torch.zeros(self.k + 1, dtype=torch.long, device=decoder.device)
         self.draw, self.judge = (_compiled_draw, _compiled_judge) if graphs else (draw, judge)
         self.graphs = BucketedGraphs(decoder, self.round, generator, (2 * self.k + 1,),
                                      [decoder.tokens, decoder.positions, *decoder.pending], self._free,
@@ -129,9 +127,7 @@ class Speculator:
             tokens, logprobs, count = self.round(n, span, uniform)
         else:
             tokens, logprobs, count = self.graphs(n, span)
-        count = count[:n]
-        self.kept.index_add_(0, count - 1, torch.ones_like(count))
-        return tokens[:n], logprobs[:n], count
+        return tokens[:n], logprobs[:n], count[:n]
 
     def round(self, n: int, span: int, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The round's device work for slots 0..n-1 with uniforms [n, 2k+1] (k + 1 acceptance tests and the
@@ -163,10 +159,6 @@ class Speculator:
         """Free slots run at position 1 with one pending MTP position (class docstring)."""
         self.dec.positions[n:batch] = 1
         self.dec.pending.count[n:batch] = 1
-
-    def stats(self) -> dict[str, float]:
-        """``acceptance`` over this speculator's rounds (the engine zeroes ``kept`` at each ``generate``)."""
-        return acceptance(self.kept.cpu())
 
 
 def acceptance(kept: torch.Tensor) -> dict[str, float]:
