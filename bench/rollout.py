@@ -140,23 +140,23 @@ class ForcedStops(LogitsProcessor):
 
 @contextlib.contextmanager
 def forced_lengths(lengths: torch.Tensor):
-    """The engine's rows finish ('stop') at lengths[row] tokens: its ``Outputs.add`` marks them done as a stop
-    token would (the slot is freed and refilled)."""
-    add = engine_slots.Outputs.add
+    """The engine's rows finish ('stop') at lengths[row] tokens: its ``Outputs.add_runs`` (every token goes
+    through it) marks them done as a stop token would (the slot is freed and refilled). One token a step."""
+    add_runs = engine_slots.Outputs.add_runs
 
-    def forced(self, rows, tokens, logprobs):
-        done = add(self, rows, tokens, logprobs)
+    def forced(self, rows, tokens, logprobs, count):
+        done = add_runs(self, rows, tokens, logprobs, count)
         hit = ~self.finished[rows] & (self.count[rows] >= lengths[rows])
         for j in hit.nonzero().flatten().tolist():
             self.reason[int(rows[j])] = "stop"
         self.finished[rows[hit]] = True
         return done | hit
 
-    engine_slots.Outputs.add = forced
+    engine_slots.Outputs.add_runs = forced
     try:
         yield
     finally:
-        engine_slots.Outputs.add = add
+        engine_slots.Outputs.add_runs = add_runs
 
 
 def experts_read_fraction(config, tokens: int) -> float:
@@ -266,9 +266,9 @@ def run_long_tail(model, device: str, batch: int, prompt_len: int, new: int, rep
     launches: list[tuple[float, int]] = []
     launch = engine._launch
 
-    def recorded(dec, slots, out):
+    def recorded(dec, slots, out, **kw):
         launches.append((time.perf_counter(), slots.n))
-        return launch(dec, slots, out)
+        return launch(dec, slots, out, **kw)
 
     engine._launch = recorded
     prompts = ids.tolist()
