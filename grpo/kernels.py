@@ -11,10 +11,12 @@ rope dim Dr), for new token i and head h:
     s_ih,t = scale * [q^L_ih ; q^R_ih] . keys_t    for cached positions t < pos, and t = own latents 0..i
     out_ih = sum_t softmax_t(s_ih)_t * keys_t[:R]   [n, m, H, R]
 
-one program per sequence and 16 (token, head) rows, or 32 when m H is 17..32 (v3-mini's 16 heads at m = 1 and at
-the speculative verify step's m = 2 in one program), so each cached latent is read once for all those rows (the
-torch form reads the cache twice: scores, then probs @ latents); online softmax in fp32, the own latents first,
-then blocks of cached positions.
+one program per sequence and 16 (token, head) rows, so each cached latent is read once for those rows (the torch
+form reads the cache twice: scores, then probs @ latents); when m H is 17..32 (v3-mini's verify step: m = 2 x 16
+heads) and there are at least ``MLA_WIDE_FROM`` sequences, 32 rows a program: the cache is read once per sequence,
+not twice; with fewer sequences the GPU's multiprocessors would go idle (H100, 256-position cache: 16.4 vs 20.4
+us at 32 sequences, 33.1 vs 27.9 us at 200, 66.3 vs 47.7 us at 256 x 512 positions). Online softmax in fp32, the
+own latents first, then blocks of cached positions.
 Departure from the torch path: the scores stay in fp32 (the torch path rounds q.k to bf16 first).
 
 ``moe_up`` / ``moe_down`` (routed experts; token-expert pairs m = (t, k) of expert e_m, weight w_m):
@@ -52,6 +54,7 @@ AVAILABLE = triton is not None and torch.cuda.is_available()
 # 128) 128 x 128 tiles ran 5-11% faster on an H100 (v3-16b 281 -> 266 us a layer, v3-mini 54 -> 48 us); with
 # 64-row blocks they exceed the shared memory.
 MLA_CONFIG = dict(BS=64, num_warps=4, num_stages=2)
+MLA_WIDE_FROM = 128  # sequences from which 17..32 (token, head) rows share one program (module docstring)
 MOE_UP_CONFIG = {16: dict(BN=128, BK=128, num_warps=4, num_stages=3), 32: dict(BN=64, BK=64, num_warps=4, num_stages=3),
                  64: dict(BN=64, BK=64, num_warps=4, num_stages=3)}
 MOE_DOWN_CONFIG = dict(BN=128, BK=128, num_warps=4, num_stages=3)
@@ -378,7 +381,7 @@ if triton is not None:
         n, m, heads, rank = q_latent.shape
         rope = q_rope.shape[-1]
         out = q_latent.new_empty(n, m, heads, rank)
-        rows = 32 if 16 < m * heads <= 32 else 16
+        rows = 32 if 16 < m * heads <= 32 and n >= MLA_WIDE_FROM else 16
         if n:
             _mla_decode_kernel[(n, triton.cdiv(m * heads, rows))](
                 q_latent, q_rope, keys, own, pos, out, scale, q_latent.stride(0), q_latent.stride(1),

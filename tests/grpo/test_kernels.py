@@ -48,9 +48,12 @@ def test_moe_schedule_groups_pairs_by_expert_in_padded_blocks(n, top_k, n_expert
 
 
 @needs_triton
-@pytest.mark.parametrize("heads,m", [(4, 1), (20, 1), (16, 2), (5, 4), (12, 3)])  # programs of 16 or 32 (token, head) rows
-def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latents(heads, m):
+@pytest.mark.parametrize("wide_from", [0, 10**9])  # programs of 32 or of 16 (token, head) rows when m H is 17..32
+@pytest.mark.parametrize("heads,m", [(4, 1), (20, 1), (16, 2), (5, 4), (12, 3)])
+def test_mla_decode_equals_softmax_attention_over_positions_below_pos_and_the_own_latents(heads, m, wide_from,
+                                                                                          monkeypatch):
     """m new tokens per sequence: token i attends the cache below pos and the own latents 0..i."""
+    monkeypatch.setattr(kernels, "MLA_WIDE_FROM", wide_from)
     torch.manual_seed(0)
     n, rank, rope, span = 6, 64, 16, 100
     keys = torch.randn(n + 2, span + 20, rank + rope, device=DEVICE, dtype=DTYPE)[:n, :span]  # a strided view
