@@ -12,7 +12,9 @@
         # speculative over plain decoding as a ratio (wall and process CPU time, with the load average), each
         # side's tokens and time summed over --reps runs with seeds 0..reps-1 (with stops, a run's time hangs on
         # its longest completion: on an H200 at 200 rows seed 0 alone gave 1.35x, 16 seeds 1.10x), and the
-        # acceptance over all of them. A checkpoint without MTP weights gets its MTP module fitted first, the
+        # acceptance over all of them. --samples G completions per prompt and --max-batch S decode slots (default:
+        # all rows at once) run the prompts through S slots with refill, as an RL rollout does: the tail of
+        # the last completions then weighs less than when every row starts together. A checkpoint without MTP weights gets its MTP module fitted first, the
         # main model frozen, by self-distillation: --fit-steps Adam steps of the MTP loss on the policy's own
         # sampled completions of the training prompts (DIR/../../data/math_train.jsonl), printed as "mtp_fit".
     python bench/rollout.py --device cuda --speculative mtp [--preset v3-mini] --rows 256 --new-tokens 256
@@ -433,18 +435,19 @@ def speculative_rows(args) -> None:
     if args.device == "cuda" and args.spec_dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     new = args.new_tokens or 160
+    slots = args.max_batch or len(test) * args.samples
 
     def timed(k: int) -> tuple[dict, float, float, int]:
-        cfg = SamplingConfig(temperature=1.0, max_new_tokens=new, max_batch=len(test), seed=0,
+        cfg = SamplingConfig(temperature=1.0, max_new_tokens=new, max_batch=slots, seed=0,
                              speculative="mtp" if k else "none", speculative_tokens=max(k, 1), stop_token_ids=stop_ids)
         engine = RolloutEngine(model, tokenizer, cfg)
-        engine.generate(test, 1)  # warm-up
+        engine.generate(test, args.samples)  # warm-up
         runs, kept = [], torch.zeros(k + 1, dtype=torch.long)
         for seed in range(args.reps):
             engine.generator.manual_seed(seed)
             sync(args.device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            ro = engine.generate(test, 1)
+            ro = engine.generate(test, args.samples)
             sync(args.device)
             runs.append((time.perf_counter() - start, time.process_time() - start_cpu, int(ro.lengths.sum())))
             if k:
@@ -460,6 +463,7 @@ def speculative_rows(args) -> None:
         acceptance, threads, spec_s, spec_cpu, spec_tokens = timed(k)
         print(json.dumps(dict(
             what="speculative_vs_plain", device=args.device, speculative="mtp", k=k, rows=len(test),
+            samples=args.samples, max_batch=slots,
             new_tokens=new, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
             gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
             threads=threads, load_avg_1m=round(os.getloadavg()[0], 2), **acceptance,
@@ -486,13 +490,15 @@ def main() -> None:
                     "both sides (module docstring); --new-tokens is the cap")
     ap.add_argument("--tail-median", type=float, default=1200.0, help="--long-tail: median completion length")
     ap.add_argument("--tail-sigma", type=float, default=0.7, help="--long-tail: log-normal sigma")
-    ap.add_argument("--max-batch", type=int, help="--long-tail: the engine's decode slots (default: the batch)")
+    ap.add_argument("--max-batch", type=int, help="--long-tail and --speculative mtp: the engine's decode slots "
+                    "(default: every row at once)")
     ap.add_argument("--timeline", type=int, default=16, help="--long-tail: windows of the tokens/s timeline")
     ap.add_argument("--speculative", choices=["none", "mtp"], default="none")
     ap.add_argument("--checkpoint", help="--speculative mtp: a trained V3 checkpoint dir (tokenizer included)")
     ap.add_argument("--speculative-tokens", type=int, nargs="*", default=[1, 2, 3])
     ap.add_argument("--prompts", help="--speculative mtp: test prompts, JSON lines with a 'prompt' field")
-    ap.add_argument("--rows", type=int, default=64, help="--speculative mtp: prompts decoded together")
+    ap.add_argument("--rows", type=int, default=64, help="--speculative mtp: test prompts")
+    ap.add_argument("--samples", type=int, default=1, help="--speculative mtp: completions per prompt")
     ap.add_argument("--fit-steps", type=int, default=300, help="--speculative mtp: MTP fit steps (no MTP weights)")
     ap.add_argument("--spec-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="--speculative mtp on cuda: the dtype decoded in")
