@@ -505,6 +505,9 @@ def main() -> None:
     ap.add_argument("--sharpen", type=float, default=8.0, help="--speculative mtp without --checkpoint: output "
                     "layer scale of the random-weight preset")
     args = ap.parse_args()
+    if args.samples < 1 or (args.max_batch is not None and args.max_batch < args.samples):
+        ap.error(f"--samples must be >= 1 and --max-batch (if given) >= --samples (a prompt's samples decode "
+                 f"together), got --samples {args.samples} --max-batch {args.max_batch}")
     if args.speculative == "mtp":
         speculative_rows(args)
         return
