@@ -13,10 +13,11 @@
         # side's tokens and time summed over --reps runs with seeds 0..reps-1 (with stops, a run's time hangs on
         # its longest completion: on an H200 at 200 rows seed 0 alone gave 1.35x, 16 seeds 1.10x), and the
         # acceptance over all of them. --samples G completions per prompt and --max-batch S decode slots (default:
-        # all rows at once) run the prompts through S slots with refill, as an RL rollout does: the tail of
-        # the last completions then weighs less than when every row starts together. A checkpoint without MTP weights gets its MTP module fitted first, the
-        # main model frozen, by self-distillation: --fit-steps Adam steps of the MTP loss on the policy's own
-        # sampled completions of the training prompts (DIR/../../data/math_train.jsonl), printed as "mtp_fit".
+        # all rows at once) run the prompts through S slots with refill, as an RL rollout does: the tail of the
+        # last completions then weighs less than when every row starts together. A checkpoint without MTP
+        # weights gets its MTP module fitted first, the main model frozen, by self-distillation: --fit-steps Adam
+        # steps of the MTP loss on the policy's own sampled completions of the training prompts
+        # (DIR/../../data/math_train.jsonl), printed as "mtp_fit".
     python bench/rollout.py --device cuda --speculative mtp [--preset v3-mini] --rows 256 --new-tokens 256
         # without --checkpoint: the preset with random weights, its output layer x --sharpen, and an MTP module
         # fitted as above on its own samples of random prompts (fp32), then decoded in bf16; no stop tokens.
