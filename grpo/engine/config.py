@@ -71,7 +71,8 @@ class Rollout:
     lengths: torch.Tensor  # [N] int64, generated tokens per row
     finish_reason: list[str]  # [N] 'stop' | 'length'
     group: torch.Tensor  # [N] int64, prompt index of each row (= row // G)
-    # prefill/decode counts and timing; with speculative decoding also the acceptance (``grpo.engine.speculative.acceptance``)
+    # prefill/decode counts and timing; with speculative decoding also the acceptance
+    # (``grpo.engine.speculative.acceptance``)
     stats: dict[str, float] = field(default_factory=dict)
     # [N] each [len(prompt) + length - 1, MoE layers, K] int16 (record_routing): the experts each MoE layer chose
     # for the prompt tokens and every completion token but the last (the engine never feeds that one back)
