@@ -22,7 +22,8 @@ def bench(*args: str) -> list[dict]:
 
 
 def test_long_tail_forces_the_drawn_lengths_on_both_sides_with_refill():
-    """--long-tail: 6 prompts in 4 slots; the bench exits non-zero when the engine's lengths differ from the drawn ones."""
+    """--long-tail: 6 prompts in 4 slots; the bench exits non-zero when the engine's lengths differ from the drawn
+    ones."""
     row = bench("--long-tail", "--batch", "6", "--max-batch", "4", "--prompt-len", "8", "--new-tokens", "16",
                 "--tail-median", "6", "--reps", "1")[-1]
     assert row["what"] == "rollout_long_tail_vs_hf_generate" and row["max_batch"] == 4
