@@ -17,7 +17,9 @@ defaults: temperature 1, no top-k/top-p, loss_type dapo, eps 0.2, mu = 1, one mi
 over ``--steps`` steps after one warm-up step; tokens/s = completions * max_new_tokens / median step time (as the
 anchors count; neither side forces a length, and random weights rarely emit eos); the process CPU time per step
 is printed too (robust to other jobs sharing the cores, with --threads 1). Prints one JSON line each for
-the environment, our step, TRL's step and the ratio. TRL is skipped with a message when it is not installed.
+the environment, our step, TRL's step and the ratio. TRL runs first, in a process of its own (``trl_apart``);
+``--trl-keep-heap`` gives it our trainer's CPU heap options (``grpo.optim.keep_freed_heap``) as an extra row.
+TRL is skipped with a message when it is not installed.
 
 ``--new-tokens``, ``--prompt-len``, ``--prompts``, ``--group``, ``--micro-batch`` change the shape (defaults: the
 anchors'); ``--no-anchor`` (or ``--skip-trl``) leaves TRL out. ``--compare-chunked`` runs one rollout, then the
@@ -35,6 +37,7 @@ import argparse
 import ctypes
 import datetime
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -49,6 +52,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedToke
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo.loss import LossConfig  # noqa: E402
 from grpo.model import DeepseekV3Policy  # noqa: E402
+from grpo.optim import keep_freed_heap  # noqa: E402
 from grpo.reward_types import RewardScores  # noqa: E402
 from grpo.rollout import SamplingConfig, cpu_threads  # noqa: E402
 from grpo.trainer import GRPOTrainer, TrainerConfig  # noqa: E402
@@ -226,6 +230,24 @@ def trl(shape: dict, model: torch.nn.Module, tok, texts: list[str], device: str,
                 completion_tokens_per_s=round(n * shape["new"] / median, 1))
 
 
+def trl_apart(shape: dict, config, state: dict, texts: list[str], a: argparse.Namespace) -> dict | None:
+    """``trl`` in a fresh (spawned) process, run before our side: each side runs as its users run it, with no
+    state left by the other (our trainer's process-wide CPU heap options, ``grpo.optim.keep_freed_heap``; the
+    heap TRL's run leaves behind, after which our step measured ~15% slower in the same process)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_trl_child, (shape, config, state, texts, a.device, a.steps, a.threads, a.trl_keep_heap))
+
+
+def _trl_child(shape, config, state, texts, device, steps, threads, keep_heap) -> dict | None:
+    if threads:
+        torch.set_num_threads(threads)
+    if keep_heap:
+        keep_freed_heap()
+    model = DeepseekV3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model.load_state_dict(state)
+    return trl(shape, model.to(device), tokenizer(), texts, device, steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -239,6 +261,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=None, help="completions per forward (default: all)")
     parser.add_argument("--compare-chunked", action="store_true",
                         help="time the update with the output layer in blocks and plain instead of the step against TRL")
+    parser.add_argument("--trl-keep-heap", action="store_true",
+                        help="TRL's process with our CPU heap options (grpo.optim.keep_freed_heap)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing (ours)")
     a = parser.parse_args()
     if a.threads:
@@ -269,13 +293,11 @@ def main() -> None:
     if a.compare_chunked:
         compare_chunked(shape, policy, tok, texts, a.device, a.steps)
         return
+    theirs = None if a.skip_trl else trl_apart(shape, config, reference.state_dict(), texts, a)
     mine = ours(shape, policy, tok, texts, a.device, a.steps)
     emit(**mine)
-    if a.skip_trl:
-        return
-    theirs = trl(shape, reference.to(a.device), tok, texts, a.device, a.steps)
     if theirs is not None:
-        emit(**theirs)
+        emit(**theirs, keep_freed_heap=a.trl_keep_heap)
         emit(what="ratio", speedup=round(mine["completion_tokens_per_s"] / theirs["completion_tokens_per_s"], 2),
              cpu_time_speedup=round(theirs["median_step_cpu_s"] / mine["median_step_cpu_s"], 2),
              goal=5 if a.device == "cpu" else 10)

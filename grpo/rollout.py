@@ -24,7 +24,7 @@ same sampler and logprob semantics:
   moves into the hole), so a decode step runs on exactly the active sequences. On CUDA a decode step
   (forward + sampling) is replayed from a CUDA graph captured per (batch bucket, length bucket)
   (``grpo.engine.graphs``), and the host reads a step's tokens while the next step runs. On CPU the decode
-  drops to one intra-op thread when the machine is oversubscribed (``cpu_threads``).
+  runs on fewer intra-op threads while other processes keep cores busy (``grpo.engine.threads``).
 - any other Hugging Face causal LM: ``grpo.engine.generic``, the model's own forward with a DynamicCache,
   in waves of max_batch // G groups (within the same ``prefill_tokens`` budget; left-padded prompts
   prefilled once, cache rows repeated G times, finished rows dropped from the batch). No refill between
@@ -46,6 +46,7 @@ Randomness: a torch.Generator seeded with ``seed`` when the engine is built; the
 inputs give the same rollouts (per device type). One uniform per sampled token is drawn from it.
 """
 from grpo.engine.config import Rollout, SamplingConfig
-from grpo.engine.scheduler import RolloutEngine, auto_cpu_threads, cpu_threads
+from grpo.engine.scheduler import RolloutEngine
+from grpo.engine.threads import auto_cpu_threads, cpu_threads
 
 __all__ = ["Rollout", "RolloutEngine", "SamplingConfig", "auto_cpu_threads", "cpu_threads"]

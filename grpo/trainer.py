@@ -15,8 +15,9 @@ One step (what ``max_steps`` counts) on each process:
   4. mu passes over the B*G rows, each shuffled and split into ``minibatches`` optimizer steps accumulated
      over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; then one
      ``grpo.optim`` step (clip, AdamW on fp32 masters, LR schedule); ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
-     ``max_bad_steps`` in a row stop the run. On CPU the updates (like the engine's decoding) run on one
-     intra-op thread when the machine is oversubscribed, unless ``cpu_threads`` fixes the count.
+     ``max_bad_steps`` in a row stop the run. On CPU the updates (like the engine's decoding) run on fewer
+     intra-op threads while other processes keep cores busy (``grpo.engine.threads``), unless ``cpu_threads``
+     fixes the count.
   5. reference reset every ``ref_reset_every`` steps; metrics; checkpoint every ``save_every`` steps.
 
 Mismatch metrics (``mismatch/*``, grpo.loss.Mismatch): the gap between the engine's log-probs and the trainer's

@@ -2,8 +2,6 @@
 continuous-batching scheduler; see ``grpo.rollout`` for the semantics."""
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections import deque
 
@@ -17,39 +15,12 @@ from grpo.engine.generic import GenericDecoder
 from grpo.engine.graphs import CudaGraphStep, decode_step
 from grpo.engine.protocol import Decoder
 from grpo.engine.slots import Outputs, Slots, Step, to_device
+from grpo.engine.threads import cpu_threads
 from grpo.engine.speculative import Speculator, acceptance
 from grpo.engine.v3 import V3Decoder, is_v3, mtp_module
 from grpo.sampling import StopStrings, sample
 
 _compiled_sample = torch.compile(sample)  # one per process: every engine's graphs reuse its variants
-
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, fixed: int = 0):
-    """On CPU, torch's intra-op threads inside the block: ``fixed``, or ``auto_cpu_threads`` when 0; restored
-    afterwards. Yields the count used (None off the CPU)."""
-    if device.type != "cpu":
-        yield None
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(fixed or auto_cpu_threads(before))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
-
-
-def auto_cpu_threads(default: int) -> int:
-    """Intra-op threads for CPU work: ``default`` (torch's setting), or 1 when the machine is busy (1-minute
-    load average above the core count). A parallel region whose threads are descheduled waits at its
-    barrier: on a shared 2-core machine (load 2.6) two threads made a rollout 20x and a GRPO update 12x
-    slower than one thread; alone, one thread costs at most a factor of the core count. Used by the engine's
-    decoding and by ``grpo.trainer``'s updates. An explicit ``OMP_NUM_THREADS`` is a fixed choice and is kept
-    whatever the load: the thread count changes how reductions split, so a run that names it is reproducible
-    (``stages.pipeline``'s ``threads`` sets it for every step)."""
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
-        return default
-    return 1 if os.getloadavg()[0] > (os.cpu_count() or 1) else default
 
 
 def _any_rank(flags: list[bool], group) -> list[bool]:

@@ -410,15 +410,3 @@ def test_recorded_routing_equals_the_trainers_with_refill_and_stops():
 def test_record_routing_needs_a_v3_policy():
     with pytest.raises(ConfigError, match="record_routing"):
         RolloutEngine(llama_model(), None, SamplingConfig(record_routing=True, stop_token_ids=[1]))
-
-
-def test_auto_threads_drop_to_one_under_load_unless_the_count_was_named(monkeypatch):
-    from grpo.engine.scheduler import auto_cpu_threads
-    monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert auto_cpu_threads(2) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a named count is kept: the run stays reproducible
-    assert auto_cpu_threads(2) == 2
-    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert auto_cpu_threads(2) == 2
