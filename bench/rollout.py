@@ -23,7 +23,9 @@
         # fitted as above on its own samples of random prompts (fp32), then decoded in bf16; no stop tokens.
         # Its acceptance means nothing: the fit memorises its samples and does not generalise (H100,
         # 2026-12-06: MTP loss 0.78 on the fit's samples, 18.8 on held-out ones; acceptance 0.3% in fp32 and
-        # bf16 alike, the engine's p and q equal to teacher forcing); use a trained checkpoint (after SFT)
+        # bf16 alike, the engine's p and q equal to teacher forcing); use a trained checkpoint (after SFT).
+        # --fit-steps 0 leaves the MTP module random (made in bf16 on CUDA): it accepts ~nothing, so the
+        # ratio is 1 / (the cost of a round in plain decode steps), e.g. for --preset v3-16b
 
 The model configs are those of the anchor measurements (shared/anchors/{cpu,gpu}_anchor.py). Both sides
 sample at temperature 1 with top-k 50 (transformers' default for ``do_sample=True``) and generate exactly
@@ -385,14 +387,15 @@ def random_mtp_policy(args):
     """``--speculative mtp`` without a checkpoint: recipes/<--preset, default v3-mini>/model.yaml with one MTP
     module and random weights, the output layer scaled by ``--sharpen`` (next-token distributions about as
     sharp as a trained model's, as ``bench/mismatch.py``), made in fp32 on the device (the MTP fit runs in
-    fp32; decoding in bf16 on CUDA)."""
+    fp32; decoding in bf16 on CUDA), or in bf16 when there is no fit."""
     from grpo.model import DeepseekV3Policy, preset_config
 
     torch.manual_seed(0)
     config = preset_config(args.preset or "v3-mini", {"num_nextn_predict_layers": 1})
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 1, 1
+    bf16 = args.device == "cuda" and args.spec_dtype == "bfloat16" and not args.fit_steps  # nothing to fit in fp32
     with torch.device(args.device):
-        model = DeepseekV3Policy._from_config(config, dtype=torch.float32).eval()
+        model = DeepseekV3Policy._from_config(config, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(args.sharpen)
     return model
@@ -431,7 +434,7 @@ def speculative_rows(args) -> None:
         source = dict(preset=args.preset or "v3-mini", random_weights=True, sharpen=args.sharpen, prompt_len=length)
     print(json.dumps(dict(what="model", **source, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                           torch=torch.__version__, date=time.strftime("%Y-%m-%d"))), flush=True)
-    if not trained:
+    if not trained and args.fit_steps:
         print(json.dumps(fit_mtp(model, train, args.fit_steps, pad_id, stop_ids=stop_ids)), flush=True)
     if args.device == "cuda" and args.spec_dtype == "bfloat16":
         model = model.to(torch.bfloat16)
@@ -500,7 +503,7 @@ def main() -> None:
     ap.add_argument("--prompts", help="--speculative mtp: test prompts, JSON lines with a 'prompt' field")
     ap.add_argument("--rows", type=int, default=64, help="--speculative mtp: test prompts")
     ap.add_argument("--samples", type=int, default=1, help="--speculative mtp: completions per prompt")
-    ap.add_argument("--fit-steps", type=int, default=300, help="--speculative mtp: MTP fit steps (no MTP weights)")
+    ap.add_argument("--fit-steps", type=int, default=300, help="--speculative mtp: MTP fit steps (no MTP weights; 0: no fit)")
     ap.add_argument("--spec-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                     help="--speculative mtp on cuda: the dtype decoded in")
     ap.add_argument("--sharpen", type=float, default=8.0, help="--speculative mtp without --checkpoint: output "
