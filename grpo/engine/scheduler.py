@@ -15,8 +15,8 @@ from grpo.engine.generic import GenericDecoder
 from grpo.engine.graphs import CudaGraphStep, decode_step
 from grpo.engine.protocol import Decoder
 from grpo.engine.slots import Outputs, Slots, Step, to_device
-from grpo.engine.threads import cpu_threads
 from grpo.engine.speculative import Speculator, acceptance
+from grpo.engine.threads import cpu_threads
 from grpo.engine.v3 import V3Decoder, is_v3, mtp_module
 from grpo.sampling import StopStrings, sample
 

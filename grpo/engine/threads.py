@@ -4,9 +4,8 @@ process has its CPUs to itself, fewer when other processes keep some of them bus
 A parallel region whose threads are descheduled waits at its barrier: on a shared 2-core machine (load 2.6)
 two threads made a rollout 20x and a GRPO update 12x slower than one thread; alone, one thread costs at most a
 factor of the core count. What counts is the others' load, not this process's own: the 1-minute load average
-(the rule before) includes this process's threads, so a 2-core machine busy with nothing but this process's
-previous step (or, in ``bench/grpo_step.py``, the TRL run before it) read as oversubscribed and the next
-rollout ran on one thread.
+(the rule before: one thread above a load of the core count) includes this process's threads, which in a long
+run on two threads hold it near 2 by themselves, so on a 2-core machine any other small job tipped it.
 """
 from __future__ import annotations
 
