@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
@@ -101,7 +102,8 @@ class TrainerConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ep_size > 1 or zero_stage: DeepSpeed
     cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.cpu_threads)
     # the output layer and log-probs computed together in blocks of positions (grpo.loss.head_logprobs_and_entropy)
-    # when a micro-batch's fp32 logits [n, L, V] would exceed this many MiB (0: always): the update then never holds
+    # when a micro-batch's fp32 logits [tokens, V] (its completions' tokens, padding excluded) would exceed this many
+    # MiB (0: always): the update then never holds
     # them. Same values and gradients as the plain head, which is as fast or faster below the bound (three GEMMs, no
     # recompute: bench/grpo_step.py's CPU update on a 2-core EPYC, 1.68 vs 1.87 s at 64 tokens, 6.94 vs 6.88 s at 256,
     # 1,000 MiB of logits, where the tiles hold 1.5x less memory); float("inf"): never
@@ -432,18 +434,27 @@ class GRPOTrainer:
         replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
         P, L = batch.prompt_ids.shape[1], completion.shape[1]
         keep = torch.arange(P - 1, P + L - 1, device=dev)  # positions whose logits predict the completion
-        head = self._fused_head(len(idx) * L)
+        head, T = self._plain_head(), self.sampling.temperature
+        entropy_grad = grad and self.cfg.loss.entropy_coef > 0
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
-            if head is not None and not (grad and self.cfg.loss.entropy_coef > 0):  # no [n, L, V] logits
-                out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
-                            logits_to_keep=keep[:0], output_hidden_states=True)
-                logp, ent = head_logprobs_and_entropy(out.hidden_states[-1][:, keep], head, completion,
-                                                      self.sampling.temperature, entropy=entropy)
-            else:
+            if head is None:  # the model's own output layer, at every completion position
                 out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
                             logits_to_keep=keep)
-                logp, ent = logprobs_and_entropy(out.logits, completion, self.sampling.temperature, entropy=entropy,
-                                                 entropy_grad=self.cfg.loss.entropy_coef > 0, overwrite_logits=True)
+                logp, ent = logprobs_and_entropy(out.logits, completion, T, entropy=entropy, entropy_grad=entropy_grad,
+                                                 overwrite_logits=True)
+            else:  # the output layer at the completions' tokens only: the padding after each one's end is skipped
+                out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
+                            logits_to_keep=keep[:0], output_hidden_states=True)
+                where = batch.completion_mask[idx].flatten().nonzero().squeeze(1).to(dev)
+                h = out.hidden_states[-1][:, keep].flatten(0, 1).index_select(0, where)[None]  # [1, tokens, d]
+                y = completion.flatten().index_select(0, where)[None]
+                if 4 * len(where) * head.shape[0] > self.cfg.chunked_head_mb * 2**20 and not entropy_grad:
+                    logp, ent = head_logprobs_and_entropy(h, head, y, T, entropy=entropy)  # no [tokens, V] logits
+                else:
+                    logp, ent = logprobs_and_entropy(F.linear(h, head), y, T, entropy=entropy,
+                                                     entropy_grad=entropy_grad, overwrite_logits=True)
+                logp, ent = (None if t is None else t.new_zeros(len(idx) * L).index_copy(0, where, t[0])
+                             .view(len(idx), L) for t in (logp, ent))
         aux = getattr(out, "aux_loss", None)
         return logp, ent, (aux if aux is not None and grad else None)
 
@@ -469,14 +480,14 @@ class GRPOTrainer:
         m["mismatch/expert_flips"] = sum(f for f, _ in self._flips.values()) / max(sum(n for _, n in self._flips.values()), 1)
         return m
 
-    def _fused_head(self, positions: int) -> Tensor | None:
-        """The output layer's weight when the log-probs at ``positions`` positions are to be computed with it block
-        by block (their fp32 logits above ``chunked_head_mb``; a plain bias-free linear head, no logit
-        soft-capping), else None."""
+    def _plain_head(self) -> Tensor | None:
+        """The output layer's weight when it is a plain bias-free linear map of the final hidden states (no logit
+        soft-capping): ``_forward`` then applies it itself, at the completions' tokens only (in blocks, without
+        fp32 logits, above ``chunked_head_mb``); else None (the model's own head at every completion position)."""
         head = self.policy.get_output_embeddings()
         plain = (type(head) is torch.nn.Linear and head.bias is None
                  and getattr(self.policy.config, "final_logit_softcapping", None) is None)
-        return head.weight if plain and 4 * positions * head.weight.shape[0] > self.cfg.chunked_head_mb * 2**20 else None
+        return head.weight if plain else None
 
     def _autocast(self):
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import grpo.trainer
 from grpo.config import ConfigError
 from grpo.loss import LossConfig
 from grpo.model import ModelConfig, load_policy
@@ -308,13 +309,59 @@ def test_chunked_head_gives_the_same_step(tmp_path, arch):
         torch.testing.assert_close(w1[key], w0[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_output_layer_runs_in_blocks_only_above_the_bound(tmp_path):
-    """train.chunked_head_mb: the blocked output layer for a micro-batch whose fp32 logits exceed the bound (those
-    of 100 positions here), the plain head at or below it."""
-    vocab = make(tmp_path / "probe").policy.get_output_embeddings().weight.shape[0]
-    t = make(tmp_path / "run", chunked_head_mb=4 * vocab * 100 / 2**20)
-    assert t._fused_head(100) is None
-    assert t._fused_head(101) is t.policy.get_output_embeddings().weight
+def padded_batch(t):
+    """A rollout batch whose rows end at different lengths (row r keeps its first 1 + r % L tokens), as completions
+    that stop early leave padding after their end."""
+    samples = t._sample()[0]
+    batch = t._to_batch(samples, torch.linspace(-1, 1, len(samples.prompts)))
+    L = batch.completion_ids.shape[1]
+    batch.completion_mask = (torch.arange(L)[None] < 1 + torch.arange(len(batch))[:, None] % L).to(batch.completion_mask.dtype)
+    batch.loss_mask = batch.completion_mask.float()
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["v3", "llama"])
+@pytest.mark.parametrize("bound", [0.0, float("inf")])
+def test_output_layer_at_the_completion_tokens_only_gives_the_full_heads_values_and_gradients(tmp_path, arch, bound):
+    """The log-probs, entropies and parameter gradients of ``_forward`` (the output layer applied at the completions'
+    tokens only, blocked or plain) equal those of the model's own head at every position, on the tokens; 0 on the
+    padding (fp32)."""
+    t = make(tmp_path, arch=arch, chunked_head_mb=bound)
+    batch, idx = padded_batch(t), torch.arange(16)
+    mask = batch.completion_mask[idx].float()
+    weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    runs = []
+    for plain_head in (t._plain_head, lambda: None):  # the head at the tokens; the model's own head everywhere
+        t._plain_head = plain_head
+        logp, ent, _ = t._forward(t.model, batch, idx, grad=True)
+        t.model.zero_grad(set_to_none=True)
+        (logp * weight).sum().backward()
+        runs.append((logp.detach(), ent.detach(), {k: p.grad.clone() for k, p in t.policy.named_parameters()
+                                                   if p.grad is not None}))
+    (logp, ent, grads), (logp_full, ent_full, grads_full) = runs
+    torch.testing.assert_close(logp * mask, logp_full * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent * mask, ent_full * mask, rtol=1e-5, atol=1e-5)
+    assert (logp[mask == 0] == 0).all() and (ent[mask == 0] == 0).all() and (mask == 0).any()
+    assert grads.keys() == grads_full.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_full[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_output_layer_runs_in_blocks_only_above_the_bound_of_its_tokens(tmp_path, monkeypatch):
+    """train.chunked_head_mb: the blocked output layer once the fp32 logits of the completions' tokens (padding
+    excluded) exceed the bound, the plain head at or below it."""
+    t = make(tmp_path)
+    batch, idx = padded_batch(t), torch.arange(16)
+    tokens, vocab = int(batch.completion_mask[idx].sum()), t.policy.get_output_embeddings().weight.shape[0]
+    assert tokens < batch.completion_mask[idx].numel()
+    blocked = []
+    head = grpo.trainer.head_logprobs_and_entropy
+    monkeypatch.setattr(grpo.trainer, "head_logprobs_and_entropy", lambda h, w, y, *a, **k: (blocked.append(y.shape), head(h, w, y, *a, **k))[1])
+    for positions, expected in ((tokens, []), (tokens - 1, [(1, tokens)])):
+        blocked.clear()
+        t.cfg.chunked_head_mb = 4 * vocab * positions / 2**20
+        t._forward(t.model, batch, idx, grad=True)
+        assert blocked == expected
     with pytest.raises(ConfigError, match="chunked_head_mb"):
         TrainerConfig(chunked_head_mb=-1)
 
