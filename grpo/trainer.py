@@ -103,10 +103,10 @@ class TrainerConfig:
     cpu_threads: int = 0  # CPU only: intra-op threads for the updates; 0 = auto (grpo.rollout.cpu_threads)
     # the output layer and log-probs computed together in blocks of positions (grpo.loss.head_logprobs_and_entropy)
     # when a micro-batch's fp32 logits [tokens, V] (its completions' tokens, padding excluded) would exceed this many
-    # MiB (0: always): the update then never holds
-    # them. Same values and gradients as the plain head, which is as fast or faster below the bound (three GEMMs, no
-    # recompute: bench/grpo_step.py's CPU update on a 2-core EPYC, 1.68 vs 1.87 s at 64 tokens, 6.94 vs 6.88 s at 256,
-    # 1,000 MiB of logits, where the tiles hold 1.5x less memory); float("inf"): never
+    # MiB (0: always): the update then never holds them. Same values and gradients as the plain head, which is as
+    # fast or faster below the bound (three GEMMs, no recompute: bench/grpo_step.py's CPU update on a 2-core EPYC,
+    # 1.68 vs 1.87 s at 64 tokens, 6.94 vs 6.88 s at 256, 1,000 MiB of logits, where the tiles hold 1.5x less
+    # memory); float("inf"): never
     chunked_head_mb: float = 1024.0
 
     def __post_init__(self):
