@@ -426,14 +426,15 @@ class GRPOTrainer:
     def _forward(self, model, batch: RolloutBatch, idx: Tensor, *, grad: bool, entropy: bool = True):
         """log pi(o_t) [n, L] and entropy [n, L] (or None) of rows ``idx`` at the rollout temperature; the MoE
         aux loss; with ``routing`` set, experts are forced to pi_old's choices."""
-        dev = self.accelerator.device
-        completion = batch.completion_ids[idx].to(dev)
-        ids = torch.cat([batch.prompt_ids[idx].to(dev), completion], dim=1)
-        mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask[idx]], dim=1).to(dev)
+        dev, L = self.accelerator.device, batch.completion_ids.shape[1]
+        cols = self._columns(batch, idx)
+        ids = torch.cat([batch.prompt_ids[idx], batch.completion_ids[idx]], dim=1)[:, cols].to(dev)
+        mask = torch.cat([batch.prompt_mask[idx], batch.completion_mask[idx]], dim=1)[:, cols].to(dev)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        replay = {i: r[idx].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
-        P, L = batch.prompt_ids.shape[1], completion.shape[1]
-        keep = torch.arange(P - 1, P + L - 1, device=dev)  # positions whose logits predict the completion
+        replay = {i: r[idx][:, cols].to(dev) for i, r in batch.routing.items()} if batch.routing else {}
+        p, n = batch.prompt_ids.shape[1] - cols.start, len(idx)  # this micro-batch's prompt width, rows
+        completion, w = ids[:, p:], ids.shape[1] - p  # w: its completion width (<= L)
+        keep = torch.arange(p - 1, p + w - 1, device=dev)  # positions whose logits predict the completion
         head, T = self._plain_head(), self.sampling.temperature
         entropy_grad = grad and self.cfg.loss.entropy_coef > 0
         with torch.set_grad_enabled(grad), self._autocast(), force_routing(model, replay) if replay else contextlib.nullcontext():
@@ -445,7 +446,7 @@ class GRPOTrainer:
             else:  # the output layer at the completions' tokens only: the padding after each one's end is skipped
                 out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=False,
                             logits_to_keep=keep[:0], output_hidden_states=True)
-                where = batch.completion_mask[idx].flatten().nonzero().squeeze(1).to(dev)
+                where = batch.completion_mask[idx, :w].flatten().nonzero().squeeze(1).to(dev)
                 h = out.hidden_states[-1][:, keep].flatten(0, 1).index_select(0, where)[None]  # [1, tokens, d]
                 y = completion.flatten().index_select(0, where)[None]
                 if 4 * len(where) * head.shape[0] > self.cfg.chunked_head_mb * 2**20 and not entropy_grad:
@@ -453,10 +454,20 @@ class GRPOTrainer:
                 else:
                     logp, ent = logprobs_and_entropy(F.linear(h, head), y, T, entropy=entropy,
                                                      entropy_grad=entropy_grad, overwrite_logits=True)
-                logp, ent = (None if t is None else t.new_zeros(len(idx) * L).index_copy(0, where, t[0])
-                             .view(len(idx), L) for t in (logp, ent))
+                logp, ent = (None if t is None else t.new_zeros(n * w).index_copy(0, where, t[0]).view(n, w)
+                             for t in (logp, ent))
         aux = getattr(out, "aux_loss", None)
+        logp, ent = (None if t is None else F.pad(t, (0, L - w)) for t in (logp, ent))  # 0 past this micro-batch
         return logp, ent, (aux if aux is not None and grad else None)
+
+    @staticmethod
+    def _columns(batch: RolloutBatch, idx: Tensor) -> slice:
+        """The columns of the batch's [left-padded prompts | right-padded completions] layout that rows ``idx``
+        use: from their longest prompt's first token to their longest completion's last. A micro-batch's forward
+        runs on these only, so the padding that only other rows need costs nothing (same values: padding is
+        masked out of the attention, the routing loads and the balance loss)."""
+        P = batch.prompt_ids.shape[1]
+        return slice(P - int(batch.prompt_mask[idx].sum(1).max()), P + int(batch.completion_mask[idx].sum(1).max()))
 
     def _count_expert_flips(self, batch: RolloutBatch, idx: Tensor) -> None:
         """After a forward over rows ``idx`` that chose its own experts: per MoE layer, the tokens whose expert set
@@ -466,7 +477,7 @@ class GRPOTrainer:
         for layer, chosen in last_routing(self.policy).items():
             if layer not in batch.rollout_routing:
                 continue
-            engine = batch.rollout_routing[layer][idx]  # [n, P+L, K]
+            engine = batch.rollout_routing[layer][idx][:, self._columns(batch, idx)]  # [n, columns, K]
             seen = engine[..., 0] >= 0
             differ = chosen.view(engine.shape).cpu().sort(-1).values != engine.sort(-1).values
             counts = self._flips.setdefault(layer, [0, 0])
@@ -510,10 +521,13 @@ class GRPOTrainer:
             if old_routes or recompute:
                 olds.append(self._forward(self.model, batch, idx, grad=False, entropy=False)[0].float().cpu())
                 self._count_expert_flips(batch, idx)
-            if old_routes:
+            if old_routes:  # in the batch's layout; columns outside this micro-batch's: any valid experts
+                cols, width = self._columns(batch, idx), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
                 for layer, chosen in last_routing(self.policy).items():
                     if layer < n_main:
-                        routes.setdefault(layer, []).append(chosen.view(len(idx), -1, chosen.shape[-1]).cpu())
+                        full = torch.arange(chosen.shape[-1]).repeat(len(idx), width, 1)
+                        full[:, cols] = chosen.view(len(idx), -1, chosen.shape[-1]).cpu()
+                        routes.setdefault(layer, []).append(full)
         if refs:
             batch.ref_logprobs = torch.cat(refs)
         if old_routes:

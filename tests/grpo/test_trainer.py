@@ -347,6 +347,42 @@ def test_output_layer_at_the_completion_tokens_only_gives_the_full_heads_values_
         torch.testing.assert_close(grads[k], grads_full[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("routing_replay", ["off", "old"])
+def test_micro_batches_skip_the_padding_that_only_other_rows_need(tmp_path, monkeypatch, routing_replay):
+    """A micro-batch's forward runs on its own columns (longest prompt to longest completion): log-probs, entropies,
+    aux loss, gradients and (routing replay) pi_old's experts equal those of the forward over the batch's full
+    width on the tokens; 0 past the micro-batch's columns (fp32)."""
+    rows = [{"prompt": " ".join(f"t{3 + j}" for j in range(1 + i % 5))} for i in range(16)]
+    t = make(tmp_path, rows=rows, routing_replay=routing_replay)
+    batch, idx = padded_batch(t), torch.tensor([0, 9, 18, 27])  # one row of each group, completions of 1-4 tokens
+    width = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    cols = t._columns(batch, idx)
+    assert cols.stop - cols.start < width
+    valid = torch.cat([batch.prompt_mask[idx], batch.completion_mask[idx]], dim=1).bool()
+    mask = batch.completion_mask[idx].float()
+    weight = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+    t.model.train()
+    runs = []
+    for trimmed in (True, False):
+        if not trimmed:
+            monkeypatch.setattr(GRPOTrainer, "_columns", staticmethod(lambda b, i: slice(0, width)))
+        t._precompute(batch)
+        routes = {k: v[idx][valid] for k, v in batch.routing.items()} if routing_replay == "old" else {}
+        logp, ent, aux = t._forward(t.model, batch, idx, grad=True)
+        t.model.zero_grad(set_to_none=True)
+        ((logp * weight).sum() + aux).backward()
+        runs.append((logp.detach(), ent.detach(), float(aux.detach()), routes,
+                     {k: p.grad.clone() for k, p in t.policy.named_parameters() if p.grad is not None}))
+    (logp, ent, aux, routes, grads), (logp_full, ent_full, aux_full, routes_full, grads_full) = runs
+    torch.testing.assert_close(logp * mask, logp_full * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent * mask, ent_full * mask, rtol=1e-5, atol=1e-5)
+    assert (logp[:, cols.stop - batch.prompt_ids.shape[1]:] == 0).all()
+    assert aux == pytest.approx(aux_full, rel=1e-5, abs=1e-7)
+    assert routes.keys() == routes_full.keys() and all(torch.equal(routes[k], routes_full[k]) for k in routes)
+    for k in grads_full:
+        torch.testing.assert_close(grads[k], grads_full[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
 def test_output_layer_runs_in_blocks_only_above_the_bound_of_its_tokens(tmp_path, monkeypatch):
     """train.chunked_head_mb: the blocked output layer once the fp32 logits of the completions' tokens (padding
     excluded) exceed the bound, the plain head at or below it."""
