@@ -13,8 +13,9 @@ One step (what ``max_steps`` counts) on each process:
      picks under teacher forcing (replayed in every update forward, GSPO's Routing Replay); with
      ``loss.old_logprobs: recompute``, log pi_old by the trainer's forward and the TIS/MIS correction.
   4. mu passes over the B*G rows, each shuffled and split into ``minibatches`` optimizer steps accumulated
-     over micro-batches: loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; then one
-     ``grpo.optim`` step (clip, AdamW on fp32 masters, LR schedule); ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
+     over micro-batches (each forward on its rows' own columns, a plain output layer at their completion tokens
+     only): loss = grpo_loss (grpo.loss) + the policy's MoE aux_loss; then one ``grpo.optim`` step (clip, AdamW
+     on fp32 masters, LR schedule); ``update_router_bias``. A non-finite loss or gradient norm skips the optimizer step;
      ``max_bad_steps`` in a row stop the run. On CPU the updates (like the engine's decoding) run on fewer
      intra-op threads while other processes keep cores busy (``grpo.engine.threads``), unless ``cpu_threads``
      fixes the count.
