@@ -1,6 +1,7 @@
 """grpo.optim: fp32 master weights under bf16 parameters, on the local path and through the GRPO trainer."""
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_rollout_routing_replay_cuts_the_bf16_mismatch(tmp_path):
     assert r3["mismatch/max_abs"] < off["mismatch/max_abs"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_heap sets glibc's mallopt; no glibc here")
 def test_keep_freed_heap_reuses_large_blocks_without_page_faults():
     # a fresh process: the setting is process-wide, and every CPU LocalStep in this one has made it
     script = """
