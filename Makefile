@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 SIZE ?= tiny
 RUN ?= runs/$(SIZE)
 ARGS ?=
-# Idle OpenMP threads spin by default, which on a small CPU costs more than the work itself.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's wait policy stays the library's default (a short spin, then sleep) for every target: PASSIVE (sleep at
+# once) made a 32-row CPU rollout 2.2x slower (1.24 vs 0.57 s: waking the threads for each of its small ops) and
+# `bench/rollout.py` 4.51x instead of 5.58x (2-core EPYC, 2026-12-08). The tests set PASSIVE themselves
+# (conftest.py).
 # Debian packages the code sandbox needs (unshare and setpriv: namespaces, uid switch, rlimits).
 SYSTEM_PACKAGES := util-linux
 
