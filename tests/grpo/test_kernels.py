@@ -107,6 +107,17 @@ def test_fused_moe_equals_a_loop_over_pairs(n, shared):
         torch.testing.assert_close(slices, whole, **(TOL if DEVICE == "cuda" else dict(atol=1e-4, rtol=1e-4)))
 
 
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="needs Triton with CUDA")
+@pytest.mark.parametrize("vocab,k", [(163840, 50), (129280, 50), (32000, 50), (151936, 20)])
+def test_sampler_topk_through_the_kernel_equals_torch_topk(vocab, k):
+    from grpo.sampling import _topk
+
+    scores = torch.randn(7, vocab, device="cuda", generator=torch.Generator("cuda").manual_seed(vocab))
+    vals, idx = _topk(scores, k)
+    ref = scores.topk(k, dim=-1)
+    assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
+
+
 @needs_triton
 @pytest.mark.parametrize("cols,k", [(2000, 50), (800, 50), (17, 16), (4096, 1)])
 def test_topk_indices_equal_torch_topk(cols, k):
