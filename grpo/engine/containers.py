@@ -7,7 +7,7 @@ hold tensors (the model's parameters or stacked copies of them, never detached c
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -81,15 +81,27 @@ class Dense(NamedTuple):
     down: torch.Tensor
 
 
+class Stacked(NamedTuple):
+    """Every expert of a DeepSeekMoE block as two GEMMs (``grpo.engine.experts.moe_stacked``): up(x [T, D])
+    -> [T, 2 E I + 2 SI], each routed expert's gate then up columns, then the shared expert's gate and up;
+    down(x [T, E I + SI]) -> [T, D], the routed experts' down projections side by side, then the shared one's
+    (``grpo.engine.ops.cpu_linear`` over stacked copies of the weights)."""
+
+    up: Callable
+    down: Callable
+
+
 class Moe(NamedTuple):
     """A DeepSeekMoE block (transformers' fused expert layout): the shared expert (a ``Dense`` of
-    intermediate size SI), router [E, D], bias [E] (selection only), gate_up [E, 2I, D], down [E, D, I]."""
+    intermediate size SI), router [E, D], bias [E] (selection only), gate_up [E, 2I, D], down [E, D, I], and
+    where the op table runs every expert on every token, ``Stacked`` (else None)."""
 
     shared: Dense
     router: torch.Tensor
     bias: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    stacked: Optional[Stacked] = None
 
 
 class Layer(NamedTuple):

@@ -7,6 +7,8 @@ selection, group-limited top-k) and the routed experts, in the forms a ``LayerOp
 - ``routed_all``: every expert on every token as batched GEMMs (CUDA in fp32/fp16: the grouped kernel is
   bf16-only there and its fallback reads the offsets on the host, which a CUDA graph cannot capture).
 - ``moe_kernels``: routing, routed and shared experts through the Triton kernels of ``grpo.kernels``.
+- ``moe_stacked``: every routed expert on every token and the shared expert, two GEMMs in all (the CPU's
+  decode: ``grpo.engine.ops.stacks_experts``).
 - ``Foreign``: an MLP block that is not transformers' layout (e.g. DeepSpeed AutoEP's replacement), called as
   a module so that expert parallelism stays inside it.
 """
@@ -47,6 +49,22 @@ def moe_torch(h: torch.Tensor, m: Moe, d: Dims, ops: LayerOps, block: int) -> to
     """Routed (``ops.route``, ``ops.routed``) plus shared experts of h [T, D]."""
     weights, idx = ops.route(h, m, d.routing)
     return ops.routed(h, m, idx, weights, d.act, ops.order) + dense(h, m.shared, d.act)
+
+
+def moe_stacked(h: torch.Tensor, m: Moe, d: Dims, ops: LayerOps, block: int) -> torch.Tensor:
+    """Routed + shared experts of h [T, D] as two GEMMs over ``m.stacked``: the up GEMM gives every routed
+    expert's gate and up columns and the shared expert's, each routed expert's act(gate) * up is scaled by
+    its routing weight (0 where not chosen: E / K times the routed FLOPs), and the down GEMM sums over all
+    experts at once. ``moe_torch``'s values within fp32 rounding (the weight applied before the down
+    projection; the sum over experts in the GEMM's order)."""
+    weights, idx = ops.route(h, m, d.routing)
+    n, (n_experts, inter2, _) = h.shape[0], m.gate_up.shape
+    mix = h.new_zeros(n, n_experts).scatter_(1, idx, weights.to(h.dtype))
+    up = m.stacked.up(h)
+    g, u = up[:, : n_experts * inter2].unflatten(1, (n_experts, 2, inter2 // 2)).unbind(2)  # [T, E, I] each
+    shared_g, shared_u = up[:, n_experts * inter2:].chunk(2, dim=-1)
+    act = ACT2FN[d.act]
+    return m.stacked.down(torch.cat(((act(g) * u * mix[..., None]).flatten(1), act(shared_g) * shared_u), dim=1))
 
 
 def routed_grouped(h: torch.Tensor, m: Moe, idx: torch.Tensor, weights: torch.Tensor, act: str, order) -> torch.Tensor:

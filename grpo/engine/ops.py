@@ -3,7 +3,9 @@ that decides between the torch reference, the compiled layers and the Triton ker
 
 - ``eager``: the layer functions uncompiled. CPU; CUDA in fp32/fp16, while recording routes, or with a
   foreign MLP block. On CUDA the pair order is a compiled function (the routing is not: see ``eager``), and
-  outside bf16 the routed experts run as ``routed_all``.
+  outside bf16 the routed experts run as ``routed_all``. On the CPU in fp32 with few experts per choice
+  (``stacks_experts``) the decode's MoE blocks run every expert on every token as two GEMMs
+  (``moe_stacked``) on oneDNN-packed weights (``cpu_linear``).
 - ``compiled``: CUDA in bf16: each layer's decode and prefill are one ``torch.compile``d function, so inductor
   fuses the norms, RoPE, masking, softmax and routing around the GEMMs. With ``triton`` the decode's
   attention, routing and routed + shared experts are ``grpo.kernels``' Triton kernels (the prefill keeps the
@@ -12,14 +14,16 @@ that decides between the torch reference, the compiled layers and the Triton ker
 """
 from __future__ import annotations
 
+import platform
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from grpo import kernels
 from grpo.engine.containers import Layer, Moe
-from grpo.engine.experts import (Foreign, RecordingRoute, counting_order, moe_kernels, moe_torch, route_torch,
-                                 routed_all, routed_grouped, sorted_order)
+from grpo.engine.experts import (Foreign, RecordingRoute, counting_order, moe_kernels, moe_stacked, moe_torch,
+                                 route_torch, routed_all, routed_grouped, sorted_order)
 from grpo.engine.layer import LayerOps, attend, decode_layer, prefill_layer
 
 
@@ -43,8 +47,33 @@ _compiled_prefill = torch.compile(prefill_layer)
 _compiled_order = torch.compile(counting_order, dynamic=True)
 
 
-def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None) -> Ops:
-    """The uncompiled table (module docstring); with ``sink`` the routing appends its choices there."""
+# Every expert on every token costs E / K times the routed experts' FLOPs; on the CPU at decode's batch sizes
+# two large GEMMs still beat ~2E small ones up to this ratio (measured at E = 4 K: the bench's 20M model,
+# 32 rows: rollout 0.77 -> 0.58 s and 0.86 -> 0.735 s in two interleaved runs on a 2-core AMD EPYC).
+STACKED_MAX_RATIO = 4
+
+
+def stacks_experts(device: torch.device, dtype: torch.dtype, config) -> bool:
+    """Whether the decode's MoE blocks run as ``moe_stacked``: CPU, fp32, E <= STACKED_MAX_RATIO * K."""
+    return (device.type == "cpu" and dtype == torch.float32
+            and config.n_routed_experts <= STACKED_MAX_RATIO * config.num_experts_per_tok)
+
+
+def cpu_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x @ weight^T for a weight that stays fixed (the caller re-makes it after the weight changes). On
+    an x86 CPU with oneDNN in fp32: oneDNN's GEMM on a copy of the weight reordered once, here; F.linear's result within fp32 rounding (another summation order), 2-3x faster at
+    decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms; 32 x 256
+    -> 2,304: 0.13 vs 0.40 ms; other CPUs keep F.linear, unmeasured there). Elsewhere F.linear."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
+            or platform.machine().lower() not in ("x86_64", "amd64")):
+        return lambda x: F.linear(x, weight)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None, stacked: bool = False) -> Ops:
+    """The uncompiled table (module docstring); with ``sink`` the routing appends its choices there; with
+    ``stacked`` the decode's MoE blocks are ``moe_stacked`` (their ``Moe.stacked`` set)."""
     cuda = device.type == "cuda"
     # the routing runs uncompiled: the dynamic-shape compile of route_torch failed in inductor ("CantSplit: s75
     # not divisible by s75*s76") for v3-mini's group-limited routing in fp32 on an H100 (2026-12-06), prefill and
@@ -53,7 +82,7 @@ def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None) ->
     ops = LayerOps(attend=attend, moe=moe_torch, route=route,
                    routed=routed_all if cuda and dtype != torch.bfloat16 else routed_grouped,
                    order=_compiled_order if cuda else sorted_order)
-    return Ops(decode_layer, prefill_layer, ops, ops, kernels=False)
+    return Ops(decode_layer, prefill_layer, ops._replace(moe=moe_stacked) if stacked else ops, ops, kernels=False)
 
 
 def compiled(triton: bool) -> Ops:
@@ -68,7 +97,8 @@ def select(layers: list[Layer], device: torch.device, dtype: torch.dtype, act: s
     foreign; the Triton kernels when available and they fit (SiLU, row-major bf16 expert weights)."""
     foreign = any(isinstance(w.mlp, Foreign) for w in layers)
     if device.type != "cuda" or dtype != torch.bfloat16 or sink is not None or foreign:
-        return eager(device, dtype, sink)
+        moe = [w.mlp for w in layers if isinstance(w.mlp, Moe)]
+        return eager(device, dtype, sink, stacked=bool(moe) and all(m.stacked is not None for m in moe))
     return compiled(triton=kernels.AVAILABLE and act == "silu" and all(
         t.stride(-1) == 1 and t.dtype == torch.bfloat16
         for w in layers if isinstance(w.mlp, Moe) for t in (w.mlp.gate_up, w.mlp.down, w.mlp.shared.down)))

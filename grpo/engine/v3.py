@@ -24,8 +24,6 @@ positions not yet run (``grpo.engine.containers.Pending``).
 """
 from __future__ import annotations
 
-import platform
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +32,10 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Exper
 from grpo import kernels
 from grpo.config import ConfigError
 from grpo.engine.cache import LatentCache
-from grpo.engine.containers import Attention, Dense, Dims, Eps, Layer, Moe, Mtp, Pending, Projection, Routing
+from grpo.engine.containers import Attention, Dense, Dims, Eps, Layer, Moe, Mtp, Pending, Projection, Routing, Stacked
 from grpo.engine.experts import Foreign
 from grpo.engine.layer import mtp_input
-from grpo.engine.ops import select
+from grpo.engine.ops import cpu_linear, select, stacks_experts
 
 
 def is_v3(model) -> bool:
@@ -66,21 +64,6 @@ def _linear(module: nn.Module):
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
     return module
-
-
-def _packed_linear(module: nn.Module, rows: int):
-    """On an x86 CPU with oneDNN, an fp32 nn.Linear without bias as oneDNN's GEMM on a weight reordered once,
-    here, for up to ``rows`` input rows: F.linear's result within fp32 rounding (another summation order), 2-3x
-    faster at decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms;
-    other CPUs keep F.linear, unmeasured there). The packed copy does not follow later weight updates
-    (``V3Decoder.bind`` repacks). None when it does not apply."""
-    weight = module.weight
-    if (type(module) is not nn.Linear or module.bias is not None or weight.device.type != "cpu"
-            or weight.dtype != torch.float32 or platform.machine().lower() not in ("x86_64", "amd64")
-            or not torch.backends.mkldnn.is_available()):
-        return None
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -116,6 +99,15 @@ def _dense(mlp: nn.Module, buffers: dict) -> Dense:
     return Dense(_stacked(buffers, (mlp, "gate_up"), _weight(mlp.gate_proj), _weight(mlp.up_proj)), _weight(mlp.down_proj))
 
 
+def _stack_experts(experts: DeepseekV3Experts, shared: Dense) -> Stacked:
+    """``Stacked`` over copies of a block's routed experts (transformers' layout) and its shared expert."""
+    with torch.no_grad():
+        dim = experts.gate_up_proj.shape[-1]
+        up = torch.cat((experts.gate_up_proj.reshape(-1, dim), shared.gate_up))
+        down = torch.cat((experts.down_proj.transpose(0, 1).reshape(dim, -1), shared.down), dim=1)
+    return Stacked(cpu_linear(up), cpu_linear(down))
+
+
 def bind_layer(layer: nn.Module, next_norm: nn.Module, config, buffers: dict, sink: list | None) -> tuple[Layer, Dims]:
     """The containers of one transformers decoder layer (``next_norm``: the next layer's input norm, or the
     final norm); ``sink`` goes to a foreign MLP block (routing replay)."""
@@ -142,8 +134,10 @@ def bind_layer(layer: nn.Module, next_norm: nn.Module, config, buffers: dict, si
     attn = Attention(absorbed, plain, a.q_a_layernorm.weight if lora else None, a.kv_a_layernorm.weight, kv_b, w_uv_t,
                      _weight(a.o_proj))
     if native_moe:
-        mlp = Moe(_dense(block.shared_experts, buffers), block.gate.weight, block.gate.e_score_correction_bias,
-                  block.experts.gate_up_proj, block.experts.down_proj)
+        shared, experts = _dense(block.shared_experts, buffers), block.experts
+        stack = stacks_experts(experts.gate_up_proj.device, experts.gate_up_proj.dtype, config)
+        mlp = Moe(shared, block.gate.weight, block.gate.e_score_correction_bias, experts.gate_up_proj,
+                  experts.down_proj, _stack_experts(experts, shared) if stack else None)
     else:
         mlp = _dense(block, buffers) if isinstance(block, DeepseekV3MLP) else Foreign(block, sink)
     return Layer(attn, layer.post_attention_layernorm.weight, mlp, next_norm.weight), d
@@ -191,12 +185,14 @@ class V3Decoder:
 
     def bind(self) -> None:
         """(Re)read the model's modules and weights into the layer containers and pick the op table (the cache
-        is kept). On CPU the decode step's lm_head is a packed copy (``_packed_linear``) made here: call bind()
-        after changing the weights (``RolloutEngine.generate`` does)."""
+        is kept). On CPU the decode step's lm_head and stacked experts are packed copies
+        (``grpo.engine.ops.cpu_linear``) made here: call bind() after changing the weights
+        (``RolloutEngine.generate`` does)."""
         base = self.model.model
         modules = base.layers[: self.config.num_hidden_layers]
         self.embed, self.in_norm, self.lm_head = base.embed_tokens, modules[0].input_layernorm, _linear(self.model.lm_head)
-        self.decode_head = _packed_linear(self.model.lm_head, self.slots) or self.lm_head
+        head = self.model.lm_head
+        self.decode_head = cpu_linear(head.weight) if type(head) is nn.Linear and head.bias is None else self.lm_head
         norms = [m.input_layernorm for m in modules[1:]] + [base.norm]
         bound = [bind_layer(m, n, self.config, self._buffers, self.sink) for m, n in zip(modules, norms)]
         self.layers, self.dims = [w for w, _ in bound], [d for _, d in bound]

@@ -8,7 +8,7 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, L
 import grpo.engine.scheduler as rollout_mod
 from grpo.config import ConfigError
 from grpo.engine import ops as engine_ops
-from grpo.engine.experts import counting_order, routed_all, routed_grouped, sorted_order
+from grpo.engine.experts import counting_order, moe_stacked, routed_all, routed_grouped, sorted_order
 from grpo.engine.layer import decode_layer, prefill_layer
 from grpo.engine.v3 import V3Decoder, bind_layer
 from grpo.rollout import RolloutEngine, SamplingConfig
@@ -143,8 +143,9 @@ def test_yarn_unfused_query_and_half_split_rope_match_teacher_forcing():
         torch.testing.assert_close(ro.logprobs[r, : len(ref)], ref, atol=1e-4, rtol=0)
 
 
-def test_dense_and_grouped_experts_agree_with_transformers():
-    """The grouped GEMM (CPU, CUDA bf16) and the dense form (CUDA fp32) of the routed experts."""
+def test_dense_grouped_and_stacked_experts_agree_with_transformers():
+    """The grouped GEMM (CPU, CUDA bf16) and the dense form (CUDA fp32) of the routed experts; the whole block
+    as the stacked GEMMs (CPU decode), whose weights are copies that each bind re-makes."""
     model = v3_model()
     moe = model.model.layers[1].mlp
     layer, dims = bind_layer(model.model.layers[1], model.model.norm, model.config, {}, None)
@@ -157,9 +158,19 @@ def test_dense_and_grouped_experts_agree_with_transformers():
         dense = routed_all(h, layer.mlp, idx, weights, dims.act, sorted_order)
     torch.testing.assert_close(grouped, ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(dense, ref, atol=1e-6, rtol=1e-5)
+    ops = engine_ops.eager(torch.device("cpu"), torch.float32, stacked=True).decode_ops
+    assert layer.mlp.stacked is not None and V3Decoder(model, slots=2, max_len=16).ops.decode_ops.moe is moe_stacked
+    assert V3Decoder(v3_model(n_routed_experts=16), slots=2, max_len=16).ops.decode_ops.moe is not moe_stacked  # E > 4K
+    with torch.no_grad():
+        torch.testing.assert_close(moe_stacked(h, layer.mlp, dims, ops, 0), moe(h[None])[0], atol=1e-6, rtol=1e-5)
+        moe.experts.down_proj.mul_(2)
+        moe.shared_experts.gate_proj.weight.add_(0.1)
+        layer = bind_layer(model.model.layers[1], model.model.norm, model.config, {}, None)[0]
+        torch.testing.assert_close(moe_stacked(h, layer.mlp, dims, ops, 0), moe(h[None])[0], atol=1e-6, rtol=1e-5)
 
 
 TABLES = {"eager": lambda: engine_ops.eager(torch.device("cpu"), torch.float32),
+          "eager-stacked": lambda: engine_ops.eager(torch.device("cpu"), torch.float32, stacked=True),
           "compiled": lambda: uncompiled(engine_ops.compiled(triton=False))}
 
 
