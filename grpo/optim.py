@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from transformers import get_scheduler
 
 from grpo.config import ConfigError
+from grpo.onednn import linears
 from grpo.parallel import ParallelConfig, parallelize
 
 
@@ -174,15 +175,24 @@ class LocalStep:
             model = accelerator.prepare_model(model)
         self.model = model
         self.module = accelerator.unwrap_model(model) if accelerator is not None else model
-        if next(self.module.parameters()).device.type == "cpu":
+        self.cpu = next(self.module.parameters()).device.type == "cpu"
+        if self.cpu:
             keep_freed_heap()
         self.cfg = cfg
         self.optimizer = MasterAdamW([p for p in self.module.parameters() if p.requires_grad], cfg)
         self.scheduler = _scheduler(self.optimizer.adamw, cfg, total_steps)
 
     def micro_batch(self, last: bool) -> ContextManager:
+        """DDP's no_sync before the last micro-batch; on the CPU, fp32 linear layers through oneDNN
+        (``grpo.onednn.linears``) unless the model recomputes activations: the recomputation runs in the
+        backward pass, outside the context, and must save what the forward saved."""
         ddp = self.accelerator is not None and self.accelerator.num_processes > 1
-        return self.model.no_sync() if ddp and not last else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if ddp and not last:
+            stack.enter_context(self.model.no_sync())
+        if self.cpu and not getattr(self.module, "is_activation_checkpointing", False):
+            stack.enter_context(linears())
+        return stack
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()

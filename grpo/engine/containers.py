@@ -85,7 +85,7 @@ class Stacked(NamedTuple):
     """Every expert of a DeepSeekMoE block as two GEMMs (``grpo.engine.experts.moe_stacked``): up(x [T, D])
     -> [T, 2 E I + 2 SI], each routed expert's gate then up columns, then the shared expert's gate and up;
     down(x [T, E I + SI]) -> [T, D], the routed experts' down projections side by side, then the shared one's
-    (``grpo.engine.ops.cpu_linear`` over stacked copies of the weights)."""
+    (``grpo.onednn.packed_linear`` over stacked copies of the weights)."""
 
     up: Callable
     down: Callable

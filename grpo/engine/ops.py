@@ -5,7 +5,7 @@ that decides between the torch reference, the compiled layers and the Triton ker
   foreign MLP block. On CUDA the pair order is a compiled function (the routing is not: see ``eager``), and
   outside bf16 the routed experts run as ``routed_all``. On the CPU in fp32 with few experts per choice
   (``stacks_experts``) the decode's MoE blocks run every expert on every token as two GEMMs
-  (``moe_stacked``) on oneDNN-packed weights (``cpu_linear``).
+  (``moe_stacked``) on oneDNN-packed weights (``grpo.onednn.packed_linear``).
 - ``compiled``: CUDA in bf16: each layer's decode and prefill are one ``torch.compile``d function, so inductor
   fuses the norms, RoPE, masking, softmax and routing around the GEMMs. With ``triton`` the decode's
   attention, routing and routed + shared experts are ``grpo.kernels``' Triton kernels (the prefill keeps the
@@ -14,11 +14,9 @@ that decides between the torch reference, the compiled layers and the Triton ker
 """
 from __future__ import annotations
 
-import platform
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from grpo import kernels
 from grpo.engine.containers import Layer, Moe
@@ -57,18 +55,6 @@ def stacks_experts(device: torch.device, dtype: torch.dtype, config) -> bool:
     """Whether the decode's MoE blocks run as ``moe_stacked``: CPU, fp32, E <= STACKED_MAX_RATIO * K."""
     return (device.type == "cpu" and dtype == torch.float32
             and config.n_routed_experts <= STACKED_MAX_RATIO * config.num_experts_per_tok)
-
-
-def cpu_linear(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> x @ weight^T for a weight that stays fixed (the caller re-makes it after the weight changes). On
-    an x86 CPU with oneDNN in fp32: oneDNN's GEMM on a copy of the weight reordered once, here; F.linear's result within fp32 rounding (another summation order), 2-3x faster at
-    decode shapes than F.linear's MKL GEMM on a 2-core AMD EPYC (32 x 256 -> 32,000: 3.9 vs 9.4 ms; 32 x 256
-    -> 2,304: 0.13 vs 0.40 ms; other CPUs keep F.linear, unmeasured there). Elsewhere F.linear."""
-    if (weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available()
-            or platform.machine().lower() not in ("x86_64", "amd64")):
-        return lambda x: F.linear(x, weight)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def eager(device: torch.device, dtype: torch.dtype, sink: list | None = None, stacked: bool = False) -> Ops:

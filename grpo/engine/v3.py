@@ -30,12 +30,13 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MLP, DeepseekV3MoE
 
 from grpo import kernels
+from grpo.onednn import packed_linear
 from grpo.config import ConfigError
 from grpo.engine.cache import LatentCache
 from grpo.engine.containers import Attention, Dense, Dims, Eps, Layer, Moe, Mtp, Pending, Projection, Routing, Stacked
 from grpo.engine.experts import Foreign
 from grpo.engine.layer import mtp_input
-from grpo.engine.ops import cpu_linear, select, stacks_experts
+from grpo.engine.ops import select, stacks_experts
 
 
 def is_v3(model) -> bool:
@@ -105,7 +106,7 @@ def _stack_experts(experts: DeepseekV3Experts, shared: Dense) -> Stacked:
         dim = experts.gate_up_proj.shape[-1]
         up = torch.cat((experts.gate_up_proj.reshape(-1, dim), shared.gate_up))
         down = torch.cat((experts.down_proj.transpose(0, 1).reshape(dim, -1), shared.down), dim=1)
-    return Stacked(cpu_linear(up), cpu_linear(down))
+    return Stacked(packed_linear(up), packed_linear(down))
 
 
 def bind_layer(layer: nn.Module, next_norm: nn.Module, config, buffers: dict, sink: list | None) -> tuple[Layer, Dims]:
@@ -186,13 +187,14 @@ class V3Decoder:
     def bind(self) -> None:
         """(Re)read the model's modules and weights into the layer containers and pick the op table (the cache
         is kept). On CPU the decode step's lm_head and stacked experts are packed copies
-        (``grpo.engine.ops.cpu_linear``) made here: call bind() after changing the weights
+        (``grpo.onednn.packed_linear``) made here: call bind() after changing the weights
         (``RolloutEngine.generate`` does)."""
         base = self.model.model
         modules = base.layers[: self.config.num_hidden_layers]
         self.embed, self.in_norm, self.lm_head = base.embed_tokens, modules[0].input_layernorm, _linear(self.model.lm_head)
         head = self.model.lm_head
-        self.decode_head = cpu_linear(head.weight) if type(head) is nn.Linear and head.bias is None else self.lm_head
+        plain = type(head) is nn.Linear and head.bias is None
+        self.decode_head = packed_linear(head.weight) if plain else self.lm_head
         norms = [m.input_layernorm for m in modules[1:]] + [base.norm]
         bound = [bind_layer(m, n, self.config, self._buffers, self.sink) for m, n in zip(modules, norms)]
         self.layers, self.dims = [w for w, _ in bound], [d for _, d in bound]
