@@ -12,14 +12,15 @@ from grpo.optim import AdamWConfig, build_step
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="oneDNN's GEMMs are used on x86 CPUs only")
 
 
+@pytest.mark.parametrize("out", [96, 48])  # dW both ways (N > K, N <= K)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(37, 64), (3, 29, 64)])
-def test_linear_equals_f_linear_in_values_and_gradients(shape, bias):
+def test_linear_equals_f_linear_in_values_and_gradients(shape, bias, out):
     torch.manual_seed(0)
-    x, w = torch.randn(*shape, requires_grad=True), torch.randn(96, 64, requires_grad=True)
-    b = torch.randn(96, requires_grad=True) if bias else None
+    x, w = torch.randn(*shape, requires_grad=True), torch.randn(out, 64, requires_grad=True)
+    b = torch.randn(out, requires_grad=True) if bias else None
     leaves = [t for t in (x, w, b) if t is not None]
-    dy = torch.randn(*shape[:-1], 96)
+    dy = torch.randn(*shape[:-1], out)
     grads = {}
     for name, ctx in (("torch", contextlib.nullcontext()), ("onednn", onednn.linears())):
         with ctx:
