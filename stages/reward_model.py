@@ -216,9 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     with StopOnSignal() as stop:  # SIGINT/SIGTERM: finish this step, checkpoint, exit 130/143
         while step < tc.max_steps:
             epoch, index, idx = next(stream)
-            chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
-            loss = bradley_terry_loss(chosen, rejected)
-            optim.backward(loss)
+            with optim.micro_batch(last=True):
+                chosen, rejected = scores(model, pair_batch(tokenizer, [pairs[i] for i in idx], tc.max_length))
+                loss = bradley_terry_loss(chosen, rejected)
+                optim.backward(loss)
             grad_norm = optim.step().grad_norm
             step, window = step + 1, window + 1
             chosen, rejected = chosen.detach(), rejected.detach()
