@@ -46,8 +46,8 @@ _compiled_order = torch.compile(counting_order, dynamic=True)
 
 
 # Every expert on every token costs E / K times the routed experts' FLOPs; on the CPU at decode's batch sizes
-# two large GEMMs still beat ~2E small ones up to this ratio (measured at E = 4 K: the bench's 20M model,
-# 32 rows: rollout 0.77 -> 0.58 s and 0.86 -> 0.735 s in two interleaved runs on a 2-core AMD EPYC).
+# two large GEMMs still beat ~2E small ones up to this ratio (measured at E = 4 K only: bench/grpo_step.py's
+# 20M model, its 32-row rollout 0.705 -> 0.594 s, medians of twelve interleaved pairs, 2-core AMD EPYC).
 STACKED_MAX_RATIO = 4
 
 

@@ -30,13 +30,13 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3MLP, DeepseekV3MoE
 
 from grpo import kernels
-from grpo.onednn import packed_linear
 from grpo.config import ConfigError
 from grpo.engine.cache import LatentCache
 from grpo.engine.containers import Attention, Dense, Dims, Eps, Layer, Moe, Mtp, Pending, Projection, Routing, Stacked
 from grpo.engine.experts import Foreign
 from grpo.engine.layer import mtp_input
 from grpo.engine.ops import select, stacks_experts
+from grpo.onednn import packed_linear
 
 
 def is_v3(model) -> bool:
