@@ -83,8 +83,8 @@ def select(layers: list[Layer], device: torch.device, dtype: torch.dtype, act: s
     foreign; the Triton kernels when available and they fit (SiLU, row-major bf16 expert weights)."""
     foreign = any(isinstance(w.mlp, Foreign) for w in layers)
     if device.type != "cuda" or dtype != torch.bfloat16 or sink is not None or foreign:
-        moe = [w.mlp for w in layers if isinstance(w.mlp, Moe)]
-        return eager(device, dtype, sink, stacked=bool(moe) and all(m.stacked is not None for m in moe))
+        stacked = all(w.mlp.stacked is not None for w in layers if isinstance(w.mlp, Moe))
+        return eager(device, dtype, sink, stacked=stacked)
     return compiled(triton=kernels.AVAILABLE and act == "silu" and all(
         t.stride(-1) == 1 and t.dtype == torch.bfloat16
         for w in layers if isinstance(w.mlp, Moe) for t in (w.mlp.gate_up, w.mlp.down, w.mlp.shared.down)))
